@@ -1,0 +1,148 @@
+"""Model names -> builders, in one place.
+
+Each variant is one :class:`ModelSpec`: the builder, a small dict of model arguments, and the
+metadata that travels with it (default input size, mean/std, its dense twin). The same record
+feeds ``num_classes`` and, later, the ONNX metadata.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from zoo.models.densenet import DenseNet
+from zoo.models.resnext import ResNet
+from zoo.nn.norm import NORMS, get_norm_layer
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str  # "resnext" or "densenet"
+    model_args: dict[str, Any]
+    input_size: tuple[int, int, int] = (3, 224, 224)  # (C, H, W)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    dense_twin: str | None = None  # for a depthwise variant: the model it is measured against
+    description: str = ""
+
+    @property
+    def builder(self) -> Callable[..., nn.Module]:
+        return {"resnext": ResNet, "densenet": DenseNet}[self.family]
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+ALIASES = {"resnext50": "resnext50_32x4d", "resnext101": "resnext101_32x8d"}
+
+
+def _register(spec: ModelSpec) -> None:
+    assert spec.name not in _REGISTRY, spec.name
+    _REGISTRY[spec.name] = spec
+
+
+_R50 = dict(layers=(3, 4, 6, 3))
+_R101 = dict(layers=(3, 4, 23, 3))
+# CIFAR-style small nets for 32x32 inputs: 3x3 stem, no max pool, three stages (32 -> 16 -> 8).
+_RMINI = dict(layers=(1, 1, 1), planes=(32, 64, 128), groups=8, width_per_group=8,
+              stem="cifar", stem_width=32)
+_DMINI = dict(growth_rate=12, block_config=(6, 12, 12), num_init_features=24, stem="cifar")
+_MINI_IN = (3, 32, 32)
+
+for spec in [
+    ModelSpec("resnet50", "resnext", dict(_R50), description="ResNet-50, cardinality 1 (seed §3.1.4 baseline)"),
+    ModelSpec("resnext50_32x4d", "resnext", dict(_R50, groups=32, width_per_group=4), description="ResNeXt-50 32x4d"),
+    ModelSpec("resnext101_32x8d", "resnext", dict(_R101, groups=32, width_per_group=8), description="ResNeXt-101 32x8d"),
+    ModelSpec("resnext101_64x4d", "resnext", dict(_R101, groups=64, width_per_group=4), description="ResNeXt-101 64x4d"),
+    ModelSpec("resnext50_dw", "resnext", dict(_R50, groups=32, width_per_group=4, depthwise=True),
+              dense_twin="resnext50_32x4d", description="ResNeXt-50 with depthwise 3x3 convs"),
+    ModelSpec("resnext_mini", "resnext", dict(_RMINI), input_size=_MINI_IN, description="small ResNeXt for 32x32"),
+    ModelSpec("resnext_mini_dw", "resnext", dict(_RMINI, depthwise=True), input_size=_MINI_IN,
+              dense_twin="resnext_mini", description="resnext_mini with depthwise 3x3 convs"),
+    ModelSpec("densenet121", "densenet", dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64),
+              description="DenseNet-121"),
+    ModelSpec("densenet161", "densenet", dict(growth_rate=48, block_config=(6, 12, 36, 24), num_init_features=96),
+              description="DenseNet-161"),
+    ModelSpec("densenet169", "densenet", dict(growth_rate=32, block_config=(6, 12, 32, 32), num_init_features=64),
+              description="DenseNet-169"),
+    ModelSpec("densenet201", "densenet", dict(growth_rate=32, block_config=(6, 12, 48, 32), num_init_features=64),
+              description="DenseNet-201"),
+    ModelSpec("densenet121_dw", "densenet",
+              dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, depthwise=True),
+              dense_twin="densenet121", description="DenseNet-121, depthwise 3x3 + pointwise 1x1"),
+    ModelSpec("densenet_mini", "densenet", dict(_DMINI), input_size=_MINI_IN, description="small DenseNet-BC for 32x32"),
+    ModelSpec("densenet_mini_dw", "densenet", dict(_DMINI, depthwise=True), input_size=_MINI_IN,
+              dense_twin="densenet_mini", description="densenet_mini, depthwise 3x3 + pointwise 1x1"),
+]:
+    _register(spec)
+
+
+def list_models() -> list[str]:
+    """Every registered model name (aliases not included), sorted."""
+    return sorted(_REGISTRY)
+
+
+def resolve_name(name: str) -> str:
+    """The canonical name for ``name`` or an alias; ValueError with close matches otherwise."""
+    if name in _REGISTRY:
+        return name
+    if name in ALIASES:
+        return ALIASES[name]
+    choices = list(_REGISTRY) + list(ALIASES)
+    close = difflib.get_close_matches(name, choices, n=4, cutoff=0.5)
+    hint = f"did you mean: {', '.join(close)}?" if close else f"choose one of: {', '.join(list_models())}"
+    raise ValueError(f"Unknown model {name!r}; {hint}")
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    return _REGISTRY[resolve_name(name)]
+
+
+# Arguments create_model sets from its own parameters; a caller may not pass them again.
+_RESERVED = {"num_classes", "in_chans", "norm_layer"}
+
+
+def create_model(
+    name: str,
+    num_classes: int = 1000,
+    norm: str = "bn",
+    gn_groups: int = 32,
+    in_chans: int = 3,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: a name from :func:`list_models` or an alias (``resnext50``, ``resnext101``).
+        num_classes: size of the classifier.
+        norm: one of ``bn``, ``gn``, ``ln``, ``in`` (see :mod:`zoo.nn.norm`).
+        gn_groups: groups for ``gn`` (largest divisor of the channel count <= this).
+        in_chans: input channels (3 for RGB, 1 for grayscale).
+        **kwargs: overrides of the variant's model arguments, e.g. ``memory_efficient=True``
+            for DenseNet or ``zero_init_residual=True`` for ResNeXt. Overriding an argument the
+            variant fixes (``groups``, ``depthwise``, ...) to a different value is an error.
+    """
+    spec = get_model_spec(name)
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"Invalid num_classes: {num_classes!r}")
+    if not isinstance(in_chans, int) or in_chans < 1:
+        raise ValueError(f"Invalid in_chans: {in_chans!r}")
+    if norm not in NORMS:
+        raise ValueError(f"Unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
+    bad = _RESERVED & kwargs.keys()
+    if bad:
+        raise ValueError(f"Pass {', '.join(sorted(bad))} as create_model's own argument, not in kwargs")
+    for key, value in kwargs.items():
+        if key in spec.model_args and spec.model_args[key] != value:
+            raise ValueError(f"{spec.name} fixes {key}={spec.model_args[key]!r}; got {key}={value!r}")
+    args = dict(spec.model_args, **kwargs)
+    return spec.builder(num_classes=num_classes, in_chans=in_chans,
+                        norm_layer=get_norm_layer(norm, gn_groups), **args)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
