@@ -135,7 +135,8 @@ def create_model(
         raise ValueError(f"Unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
     bad = _RESERVED & kwargs.keys()
     if bad:
-        raise ValueError(f"Pass {', '.join(sorted(bad))} as create_model's own argument, not in kwargs")
+        raise ValueError(f"{', '.join(sorted(bad))} is set by create_model itself: use its num_classes, "
+                         "in_chans and norm arguments")
     for key, value in kwargs.items():
         if key in spec.model_args and spec.model_args[key] != value:
             raise ValueError(f"{spec.name} fixes {key}={spec.model_args[key]!r}; got {key}={value!r}")

@@ -1,0 +1,483 @@
+"""Datasets for training, resolved from one spec string by :func:`build_datasets`.
+
+- ``digits``: scikit-learn's bundled 1,797 8x8 handwritten digits (no download). Pixels 0..16
+  are scaled to 0..1, upsampled bilinearly to the model's H x W and replicated to 3 channels
+  for RGB models. mean/std are measured on the *train* split at the model's resolution, so the
+  val split is normalised with statistics it did not contribute to.
+- ``synthetic``: a small generated set for smoke tests: per class, a grating of its own
+  orientation and brightness (and tint, for RGB) plus noise. Deterministic for a seed and easy
+  to learn.
+- ``folder:PATH``: one subfolder of PATH per class (sorted names are the class labels), JPEG or
+  PNG files of any size. Train: random resized crop + horizontal flip; val:
+  :func:`val_transform`. ImageNet mean/std.
+
+``digits`` and ``synthetic`` are held as tensors (the model never waits on decoding); train
+items get a random shift of up to 1/16 of the image. Every split is stratified and
+deterministic for a seed (:func:`stratified_split`).
+
+Datasets hold only tensors, paths and plain settings, so they pickle into DataLoader workers
+and work under a ``DistributedSampler``. Train-time randomness comes from torch's global RNG,
+which the DataLoader seeds differently in each worker.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from zoo.registry import IMAGENET_MEAN, IMAGENET_STD
+
+DATA_SPECS = ("digits", "synthetic", "folder:PATH")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+# Val/serving: resize the shorter side to size / CROP_PCT, then center-crop size (the
+# ImageNet convention: 224 <- 256).
+CROP_PCT = 0.875
+# Train on folders: torchvision's RandomResizedCrop defaults (Szegedy et al. 2015).
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+# Train on tensors: random shift of up to this fraction of the side (1/16 of 32 px = 2 px,
+# a quarter of one original digit pixel at 8 -> 32).
+SHIFT_FRACTION = 1.0 / 16.0
+# Synthetic set: classes, images per class, and the largest side it is generated at (then
+# upsampled like the digits).
+SYNTHETIC_CLASSES = 4
+SYNTHETIC_PER_CLASS = 64
+SYNTHETIC_SIDE = 32
+# Tensor sets are upsampled once up front when the result fits in this many bytes; beyond it
+# (digits at 224 x 224 would be ~1 GB) each item is upsampled when it is read.
+PRECOMPUTE_MAX_BYTES = 256 * 2**20
+
+
+class DataError(ValueError):
+    """A problem with the data the user pointed at; the message is one line meant for them."""
+
+
+@dataclass
+class DataBundle:
+    """What the trainer needs: datasets, labels and the normalisation to export with the model."""
+
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_size: tuple[int, int, int]
+    name: str
+    skipped: list[str] = field(default_factory=list)  # "path (reason)" of unreadable images
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# --------------------------------------------------------------------------- image decoding
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode encoded image bytes (JPEG, PNG, ...) into a loaded PIL image.
+
+    EXIF orientation is applied (phone photos store it there). The image keeps its own mode;
+    :func:`val_transform` converts it.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return ImageOps.exif_transpose(image)  # a loaded copy, rotated if EXIF says so
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's decode errors are OSError subclasses
+        raise DataError(f"not a readable image: {e}") from None
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """:func:`decode_image` of the file at ``path``."""
+    try:
+        return decode_image(Path(path).read_bytes())
+    except (DataError, OSError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+
+
+def _unreadable(path: str) -> str | None:
+    """Why ``path`` is not a usable image, or None. Checks the header and structure only."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as e:  # PIL raises many types here (OSError, SyntaxError, struct.error, ...)
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def _image_mode(channels: int) -> str:
+    if channels not in (1, 3):
+        raise DataError(f"Unsupported channel count {channels}: images are 1 (L) or 3 (RGB) channels")
+    return "L" if channels == 1 else "RGB"
+
+
+def _to_chw(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    array = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def val_transform(image: Image.Image, input_size: Sequence[int], mean: Sequence[float],
+                  std: Sequence[float]) -> np.ndarray:
+    """The eval/serving transform in numpy + Pillow only, so a torch-free server can mirror it.
+
+    Steps, exactly:
+
+    1. ``image.convert("L")`` for a 1-channel model, ``image.convert("RGB")`` for 3 channels.
+    2. Resize so the shorter side is ``S = round(size / 0.875)`` (Python ``round``) with
+       ``Image.BILINEAR``; the longer side becomes ``int(S * long / short)`` (truncated, as
+       torchvision computes it).
+    3. Center-crop ``size x size`` at ``top = int(round((new_h - size) / 2.0))`` and the same
+       for ``left`` (Python ``round`` rounds halves to even, as torchvision's center_crop does).
+    4. ``float32 / 255``, then ``(x - mean) / std`` per channel in float32, then HWC -> CHW.
+
+    Args:
+        image: a decoded PIL image of any mode and size.
+        input_size: ``(C, H, W)`` of the model, square (``H == W``).
+        mean, std: one value per channel, on the 0..1 scale.
+
+    Returns:
+        float32 array of shape ``(C, H, W)``.
+    """
+    channels, height, width = (int(v) for v in input_size)
+    if height != width:
+        raise DataError(f"val_transform needs a square input size, got {height}x{width}")
+    if len(mean) != channels or len(std) != channels:
+        raise DataError(f"mean/std need {channels} values each, got {len(mean)} and {len(std)}")
+    size = height
+    image = image.convert(_image_mode(channels))
+    resize = round(size / CROP_PCT)
+    w, h = image.size
+    short, long = min(w, h), max(w, h)
+    new_short, new_long = resize, int(resize * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    image = image.resize((new_w, new_h), Image.BILINEAR)
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size))
+    return _to_chw(image, mean, std)
+
+
+def random_resized_crop_box(width: int, height: int, scale: tuple[float, float] = RRC_SCALE,
+                            ratio: tuple[float, float] = RRC_RATIO) -> tuple[int, int, int, int]:
+    """A random ``(left, top, right, bottom)`` box covering a ``scale`` fraction of the area
+    with aspect ratio in ``ratio`` (torchvision's RandomResizedCrop.get_params, on torch's RNG).
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).item())
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,)).item())
+            left = int(torch.randint(0, width - w + 1, (1,)).item())
+            return left, top, left + w, top + h
+    # Fallback: the whole image, cropped to the nearest allowed aspect ratio.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
+
+
+def train_transform(image: Image.Image, input_size: Sequence[int], mean: Sequence[float],
+                    std: Sequence[float]) -> np.ndarray:
+    """Random resized crop to ``H x W`` (bilinear) and a horizontal flip with probability 1/2."""
+    channels, height, width = (int(v) for v in input_size)
+    image = image.convert(_image_mode(channels))
+    box = random_resized_crop_box(*image.size)
+    image = image.resize((width, height), Image.BILINEAR, box=box)
+    if torch.rand(()).item() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return _to_chw(image, mean, std)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class ImageFolderDataset(Dataset):
+    """Images on disk: ``samples`` is a list of ``(path, class_index)``."""
+
+    def __init__(self, samples: list[tuple[str, int]], input_size: Sequence[int],
+                 mean: Sequence[float], std: Sequence[float], train: bool) -> None:
+        self.samples = list(samples)
+        self.targets = [t for _, t in self.samples]
+        self.input_size = tuple(int(v) for v in input_size)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.train = train
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        path, target = self.samples[index]
+        transform = train_transform if self.train else val_transform
+        return torch.from_numpy(transform(load_image(path), self.input_size, self.mean, self.std)), target
+
+
+class TensorImageDataset(Dataset):
+    """Images held as a float tensor ``(N, C0, h, w)`` in 0..1 (C0 is 1 or the model's C).
+
+    Items are upsampled to the model's H x W if stored smaller, replicated to C channels,
+    shifted at random by up to ``shift`` pixels (zero fill) when ``shift > 0``, and normalised.
+    """
+
+    def __init__(self, images: Tensor, targets: Sequence[int], input_size: Sequence[int],
+                 mean: Sequence[float], std: Sequence[float], shift: int = 0) -> None:
+        self.input_size = tuple(int(v) for v in input_size)
+        assert images.dim() == 4 and images.shape[1] in (1, self.input_size[0]), images.shape
+        self.images = images
+        self.targets = [int(t) for t in targets]
+        self.shift = int(shift)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        channels, height, width = self.input_size
+        x = self.images[index]
+        if x.shape[-2:] != (height, width):
+            x = _upsample(x[None], (height, width))[0]
+        if self.shift:
+            x = _random_shift(x, self.shift)
+        x = (x.expand(channels, -1, -1) - self.mean) / self.std
+        return x, self.targets[index]
+
+
+def _upsample(images: Tensor, size: tuple[int, int]) -> Tensor:
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+
+
+def _upsampled_chunks(images: Tensor, size: tuple[int, int], chunk: int = 256) -> Iterator[Tensor]:
+    for start in range(0, images.shape[0], chunk):
+        part = images[start:start + chunk]
+        yield part if part.shape[-2:] == size else _upsample(part, size)
+
+
+def _random_shift(x: Tensor, pad: int) -> Tensor:
+    dy, dx = torch.randint(-pad, pad + 1, (2,)).tolist()
+    h, w = x.shape[-2:]
+    out = torch.zeros_like(x)
+    out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        x[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def stratified_split(targets: Sequence[int], val_fraction: float, seed: int = 0,
+                     classes: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ``(train_indices, val_indices)``, the same for the same seed.
+
+    Each class puts ``round(n * val_fraction)`` of its ``n`` items into val, but at least one
+    and never all of them, so every class is in both splits even in a small folder (where
+    scikit-learn's ``train_test_split(stratify=...)`` would refuse or leave a class out).
+    """
+    targets = np.asarray(targets)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(targets):
+        idx = np.flatnonzero(targets == c)
+        if len(idx) < 2:
+            name = classes[c] if classes is not None else str(c)
+            raise DataError(f"class {name!r} has only {len(idx)} image(s); each class needs at "
+                            f"least 2 (one for training, one for validation)")
+        idx = rng.permutation(idx)
+        n_val = min(max(int(round(len(idx) * val_fraction)), 1), len(idx) - 1)
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _tensor_bundle(name: str, images: Tensor, targets: np.ndarray, classes: list[str],
+                   input_size: tuple[int, int, int], seed: int, val_fraction: float) -> DataBundle:
+    channels, height, width = input_size
+    size = (height, width)
+    train_idx, val_idx = stratified_split(targets, val_fraction, seed, classes)
+    upsampled_bytes = images.shape[0] * images.shape[1] * height * width * images.element_size()
+    if images.shape[-2:] != size and upsampled_bytes <= PRECOMPUTE_MAX_BYTES:
+        images = torch.cat(list(_upsampled_chunks(images, size)))
+    train_images = images[torch.from_numpy(train_idx)]
+    # Per-channel mean/std of the train split at the model's resolution, accumulated in float64.
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    count = 0
+    for part in _upsampled_chunks(train_images, size):
+        part = part.double()
+        total += part.sum(dim=(0, 2, 3))
+        total_sq += (part * part).sum(dim=(0, 2, 3))
+        count += part.shape[0] * height * width
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+    if images.shape[1] == 1 and channels > 1:
+        mean, std = mean.expand(channels), std.expand(channels)
+    mean_t, std_t = tuple(mean.tolist()), tuple(std.tolist())
+    shift = max(1, round(max(height, width) * SHIFT_FRACTION))
+    return DataBundle(
+        train=TensorImageDataset(train_images, targets[train_idx], input_size, mean_t, std_t, shift=shift),
+        val=TensorImageDataset(images[torch.from_numpy(val_idx)], targets[val_idx], input_size, mean_t, std_t),
+        classes=classes, mean=mean_t, std=std_t, input_size=input_size, name=name)
+
+
+def _digits(input_size: tuple[int, int, int], seed: int, val_fraction: float) -> DataBundle:
+    from sklearn.datasets import load_digits  # imported here: sklearn is slow to import
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images.astype(np.float32) / np.float32(16.0)).unsqueeze(1)
+    classes = [str(i) for i in range(10)]
+    return _tensor_bundle("digits", images, digits.target.astype(np.int64), classes, input_size,
+                          seed, val_fraction)
+
+
+def synthetic_images(input_size: Sequence[int], seed: int = 0) -> tuple[Tensor, np.ndarray]:
+    """The synthetic set before splitting: images ``(N, C, h, w)`` in 0..1 and their targets.
+
+    Class ``k`` of ``K``: brightness ``0.25 + 0.5 k / (K - 1)``, a sine grating at angle
+    ``pi k / K`` with 3 periods across the image and a random phase, a per-class tint for RGB,
+    and Gaussian noise (sigma 0.1). Generated at most ``SYNTHETIC_SIDE`` pixels a side.
+    """
+    channels, height, width = (int(v) for v in input_size)
+    h, w = min(height, SYNTHETIC_SIDE), min(width, SYNTHETIC_SIDE)
+    k_count, per_class = SYNTHETIC_CLASSES, SYNTHETIC_PER_CLASS
+    rng = np.random.default_rng(seed)
+    targets = np.repeat(np.arange(k_count), per_class)
+    k = targets[:, None, None, None].astype(np.float64)
+    yy, xx = np.meshgrid(np.arange(h) / h, np.arange(w) / w, indexing="ij")
+    theta = np.pi * k / k_count
+    phase = rng.uniform(0.0, 2.0 * np.pi, size=(len(targets), 1, 1, 1))
+    grating = 0.2 * np.sin(2.0 * np.pi * 3.0 * (xx * np.cos(theta) + yy * np.sin(theta)) + phase)
+    brightness = 0.25 + 0.5 * k / (k_count - 1)
+    tint = 1.0 + 0.2 * np.cos(2.0 * np.pi * (k / k_count + np.arange(channels)[None, :, None, None] / 3.0))
+    tint = tint if channels > 1 else np.ones_like(tint)
+    noise = rng.normal(0.0, 0.1, size=(len(targets), channels, h, w))
+    images = np.clip(brightness * tint + grating + noise, 0.0, 1.0).astype(np.float32)
+    return torch.from_numpy(images), targets
+
+
+def _synthetic(input_size: tuple[int, int, int], seed: int, val_fraction: float) -> DataBundle:
+    images, targets = synthetic_images(input_size, seed)
+    classes = [f"pattern{k}" for k in range(SYNTHETIC_CLASSES)]
+    return _tensor_bundle("synthetic", images, targets, classes, input_size, seed, val_fraction)
+
+
+def scan_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]], list[str]]:
+    """``(classes, samples, skipped)`` for a folder with one subfolder per class.
+
+    Subfolders are searched recursively for :data:`IMAGE_EXTENSIONS` (any case); hidden files
+    and folders (``.ipynb_checkpoints``, ``.DS_Store``) are ignored. Files that do not open as
+    images are left out and listed in ``skipped`` as ``"path (reason)"``.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"data folder is not a directory: {root}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"data folder {root} has no class subfolders "
+                        f"(expected one subfolder per class, e.g. {root / 'cat' / '1.jpg'})")
+    if len(classes) < 2:
+        raise DataError(f"data folder {root} has one class ({classes[0]}); at least two are needed")
+    samples: list[tuple[str, int]] = []
+    skipped: list[str] = []
+    for index, name in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for filename in sorted(filenames):
+                if filename.startswith(".") or not filename.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                path = os.path.join(dirpath, filename)
+                reason = _unreadable(path)
+                if reason is None:
+                    samples.append((path, index))
+                else:
+                    skipped.append(f"{path} ({reason})")
+    if not samples:
+        raise DataError(f"data folder {root} has no readable images "
+                        f"({', '.join(IMAGE_EXTENSIONS)}) in its class subfolders")
+    counts = np.bincount([t for _, t in samples], minlength=len(classes))
+    empty = [c for c, n in zip(classes, counts) if n == 0]
+    if empty:
+        raise DataError(f"class folder(s) with no readable images in {root}: {', '.join(empty)}")
+    return classes, samples, skipped
+
+
+def _folder(spec: str, path: str, input_size: tuple[int, int, int], seed: int,
+            val_fraction: float) -> DataBundle:
+    channels, height, width = input_size
+    if height != width:
+        raise DataError(f"folder data needs a square input size, got {height}x{width}")
+    classes, samples, skipped = scan_folder(path)
+    if skipped:
+        shown = "; ".join(skipped[:3]) + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s): {shown}", stacklevel=3)
+    train_idx, val_idx = stratified_split([t for _, t in samples], val_fraction, seed, classes)
+    if channels == 3:
+        mean, std = tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
+    else:  # grayscale: the ImageNet statistics averaged over the three channels
+        mean, std = (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
+    return DataBundle(
+        train=ImageFolderDataset([samples[i] for i in train_idx], input_size, mean, std, train=True),
+        val=ImageFolderDataset([samples[i] for i in val_idx], input_size, mean, std, train=False),
+        classes=classes, mean=mean, std=std, input_size=input_size, name=spec, skipped=skipped)
+
+
+def build_datasets(spec: str, input_size: Sequence[int], seed: int = 0,
+                   val_fraction: float = 0.2) -> DataBundle:
+    """Train and val datasets for ``spec``: ``digits``, ``synthetic`` or ``folder:PATH``.
+
+    Args:
+        spec: which data (see the module docstring).
+        input_size: the model's ``(C, H, W)``; C is 1 or 3.
+        seed: fixes the split (and the synthetic images).
+        val_fraction: share of each class held out for validation, in (0, 1).
+
+    Raises:
+        DataError: a one-line message for an unknown spec, a missing or empty folder, fewer
+            than two classes, or a class with fewer than two images. Unreadable images are
+            skipped with a warning and listed in ``DataBundle.skipped``.
+    """
+    if len(input_size) != 3 or not all(isinstance(v, int) and v > 0 for v in input_size):
+        raise DataError(f"Invalid input_size: {tuple(input_size)!r} (expected positive (C, H, W))")
+    size = (int(input_size[0]), int(input_size[1]), int(input_size[2]))
+    _image_mode(size[0])
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"Invalid val_fraction: {val_fraction} (must be in (0, 1))")
+    if spec == "digits":
+        return _digits(size, seed, val_fraction)
+    if spec == "synthetic":
+        return _synthetic(size, seed, val_fraction)
+    if spec.startswith("folder:"):
+        path = spec[len("folder:"):]
+        if not path:
+            raise DataError("folder: needs a path, e.g. folder:data/flowers")
+        return _folder(spec, path, size, seed, val_fraction)
+    raise DataError(f"Unknown data {spec!r}; choose one of: {', '.join(DATA_SPECS)}")

@@ -1,0 +1,115 @@
+"""Classification losses resolved from a string, in one place: cross-entropy and focal loss.
+
+- ``ce``: softmax cross-entropy with optional label smoothing (Szegedy et al. 2016,
+  https://arxiv.org/abs/1512.00567): the target is ``(1 - eps) * onehot + eps / C``, so
+  ``loss = (1 - eps) * (-log p_y) + eps * mean_c(-log p_c)``. This is torch's
+  ``F.cross_entropy(label_smoothing=eps)``.
+- ``focal``: multi-class focal loss (Lin et al. 2017, https://arxiv.org/abs/1708.02002),
+  ``FL = -alpha_t * (1 - p_t) ** gamma * log(p_t)`` with ``p_t`` the softmax probability of the
+  true class, averaged over the batch. ``gamma = 0, alpha = 1`` is plain cross-entropy.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LOSSES = ("ce", "focal")
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+class FocalLoss(nn.Module):
+    """Softmax focal loss for ``C`` classes.
+
+    Departures from the paper's detection setting: the paper applies a sigmoid per class and
+    uses ``alpha = 0.25`` for the foreground class; here the probabilities come from a softmax
+    over the classes, so the neutral ``alpha = 1`` is the default. A per-class ``alpha`` weights
+    each sample by ``alpha[target]`` and the mean is over samples (it is *not* renormalised by
+    the sum of the weights, unlike ``F.cross_entropy(weight=...)``).
+
+    Args:
+        gamma: focusing parameter, ``>= 0``.
+        alpha: a positive scalar, or one non-negative weight per class.
+        reduction: ``mean`` (default), ``sum`` or ``none``.
+    """
+
+    alpha: Tensor
+
+    def __init__(self, gamma: float = 2.0, alpha: float | Sequence[float] | Tensor = 1.0,
+                 reduction: str = "mean") -> None:
+        super().__init__()
+        if not gamma >= 0.0:
+            raise ValueError(f"Invalid focal gamma: {gamma} (must be >= 0)")
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"Invalid reduction {reduction!r}; choose one of: {', '.join(_REDUCTIONS)}")
+        alpha_t = torch.as_tensor(alpha, dtype=torch.float32)
+        if alpha_t.dim() > 1 or alpha_t.numel() == 0:
+            raise ValueError(f"Invalid focal alpha: {alpha!r} (a scalar or one weight per class)")
+        if alpha_t.dim() == 0 and not alpha_t > 0:
+            raise ValueError(f"Invalid focal alpha: {float(alpha_t)} (must be > 0)")
+        if alpha_t.dim() == 1 and not bool((alpha_t >= 0).all()):
+            raise ValueError(f"Invalid focal alpha: {alpha_t.tolist()} (weights must be >= 0)")
+        self.gamma = float(gamma)
+        self.reduction = reduction
+        # A buffer, so .to(device) moves it and it is saved with the module.
+        self.register_buffer("alpha", alpha_t)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """``logits``: (N, C, ...) unnormalised scores; ``target``: (N, ...) class indices."""
+        if self.alpha.dim() == 1 and self.alpha.numel() != logits.shape[1]:
+            raise ValueError(f"focal alpha has {self.alpha.numel()} weights but the logits have "
+                             f"{logits.shape[1]} classes")
+        logp = F.log_softmax(logits, dim=1)
+        logpt = logp.gather(1, target.unsqueeze(1)).squeeze(1)
+        # 1 - p_t as -expm1(log p_t): exact near p_t = 1 where 1 - exp() cancels. The clamp keeps
+        # (1 - p_t) ** gamma differentiable for gamma < 1 when p_t rounds to exactly 1 (the
+        # derivative of x ** gamma is infinite at 0; there the loss term is 0 * log 1 anyway).
+        one_minus_pt = (-torch.expm1(logpt)).clamp_min(torch.finfo(logp.dtype).tiny)
+        loss = -one_minus_pt.pow(self.gamma) * logpt
+        alpha = self.alpha.to(logp.dtype)
+        loss = loss * (alpha[target] if alpha.dim() == 1 else alpha)
+        if self.reduction == "mean":
+            return loss.mean()
+        if self.reduction == "sum":
+            return loss.sum()
+        return loss
+
+    def extra_repr(self) -> str:
+        alpha = self.alpha.tolist()
+        return f"gamma={self.gamma}, alpha={alpha}, reduction={self.reduction!r}"
+
+
+def create_loss(
+    name: str,
+    num_classes: int | None = None,
+    label_smoothing: float = 0.0,
+    gamma: float = 2.0,
+    alpha: float | Sequence[float] | Tensor = 1.0,
+) -> nn.Module:
+    """Build the loss ``name`` (one of :data:`LOSSES`), called as ``loss(logits, target)``.
+
+    Args:
+        name: ``ce`` or ``focal``.
+        num_classes: when given, a per-class ``alpha`` must have this many entries.
+        label_smoothing: ``eps`` in ``[0, 1)``; ``ce`` only (``focal`` with ``eps > 0`` is an
+            error rather than a silently ignored setting).
+        gamma: focal focusing parameter (ignored by ``ce``).
+        alpha: focal class weight, a scalar or one per class (ignored by ``ce``).
+    """
+    if name not in LOSSES:
+        raise ValueError(f"Unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"Invalid label_smoothing: {label_smoothing} (must be in [0, 1))")
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"Invalid num_classes: {num_classes!r}")
+    if name == "ce":
+        return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    if label_smoothing > 0.0:
+        raise ValueError(f"label_smoothing={label_smoothing} is only supported by 'ce', not 'focal'")
+    loss = FocalLoss(gamma=gamma, alpha=alpha)
+    if num_classes is not None and loss.alpha.dim() == 1 and loss.alpha.numel() != num_classes:
+        raise ValueError(f"focal alpha has {loss.alpha.numel()} weights; expected one per class "
+                         f"({num_classes})")
+    return loss

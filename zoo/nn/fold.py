@@ -1,0 +1,110 @@
+"""Fold BatchNorm into the layers around it for inference.
+
+In eval mode BatchNorm is the affine map y = gamma * (x - mean) / sqrt(var + eps) + beta with
+fixed statistics (seed §2.1.1, test phase). After a conv it merges into the conv:
+
+    W' = W * gamma / sqrt(var + eps)          b' = (b - mean) * gamma / sqrt(var + eps) + beta
+
+A BN with no conv right before it (DenseNet's pre-activation norms, transitions, ``norm5``)
+becomes a per-channel :class:`ScaleShift`. GN/LN/IN normalize with the statistics of the
+sample at hand, which exist only at test time, so they cannot be folded into weights.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+
+class ScaleShift(nn.Module):
+    """y = x * scale + shift, per channel: an eval-mode BatchNorm with its statistics folded in."""
+
+    def __init__(self, scale: Tensor, shift: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("shift", shift.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(self.shift.view(shape), x, self.scale.view(shape))
+
+
+def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    var = bn.running_var.double()
+    mean = bn.running_mean.double()
+    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    return scale, beta - mean * scale
+
+
+@torch.no_grad()
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A new conv equal to ``bn(conv(x))`` in eval mode (computed in float64, stored in conv's dtype)."""
+    scale, shift = _bn_scale_shift(bn)
+    fused = copy.deepcopy(conv)
+    w = conv.weight.double() * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+    b = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+    fused.weight = nn.Parameter(w.to(conv.weight.dtype))
+    fused.bias = nn.Parameter((b * scale + shift).to(conv.weight.dtype))
+    return fused
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    parent_name, _, child = target.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Return an eval-mode copy of ``model`` with every BatchNorm folded away.
+
+    Conv->BN pairs (the conv's only user is the BN) become one conv with a bias; any other
+    BatchNorm becomes a :class:`ScaleShift`. The model's own forward code is kept: modules are
+    swapped in place (the BN of a pair becomes ``nn.Identity``), so checkpoints' module names
+    still describe the folded model. Models with GN/LN/IN and no BatchNorm are returned
+    (as an eval copy) unchanged, with a warning.
+
+    Raises:
+        RuntimeError: if ``model`` is in training mode (its BNs would use batch statistics).
+    """
+    if model.training:
+        raise RuntimeError("fold_batchnorm needs an eval-mode model (call model.eval() first): "
+                           "in training mode BatchNorm uses batch statistics, which cannot be folded")
+    folded = copy.deepcopy(model).eval()
+    if not _has_batchnorm(folded):
+        warnings.warn(
+            f"{type(model).__name__} has no BatchNorm to fold: GroupNorm/LayerNorm/InstanceNorm "
+            "normalize with statistics of the input itself at test time, so they stay as they are",
+            stacklevel=2,
+        )
+        return folded
+
+    # Trace the graph to find which BN reads only the output of a conv that nothing else reads.
+    graph = torch.fx.symbolic_trace(folded).graph
+    modules = dict(folded.named_modules())
+    paired: set[str] = set()
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm):
+            continue
+        src = node.args[0]
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                and isinstance(modules[src.target], nn.Conv2d) and len(src.users) == 1
+                and src.target not in paired):
+            _set_submodule(folded, src.target, fold_conv_bn(modules[src.target], modules[node.target]))
+            _set_submodule(folded, node.target, nn.Identity())
+            paired.add(src.target)
+
+    # What is left has no conv to merge into.
+    for name, m in list(folded.named_modules()):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            scale, shift = _bn_scale_shift(m)
+            dtype = m.running_mean.dtype
+            _set_submodule(folded, name, ScaleShift(scale.to(dtype), shift.to(dtype)))
+    return folded.eval()

@@ -1,0 +1,83 @@
+"""Learning-rate schedules by name: ``none``, ``step``, ``cosine``, each with optional linear warmup.
+
+The scheduler is a per-step :class:`torch.optim.lr_scheduler.LambdaLR`: call
+``scheduler.step()`` after every ``optimizer.step()``. To step it once per epoch instead, pass
+``steps_per_epoch=1``.
+"""
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+SCHEDULERS = ("none", "step", "cosine")
+
+
+def create_scheduler(
+    name: str,
+    optimizer: Optimizer,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: int = 0,
+    *,
+    warmup_start_factor: float = 0.1,
+    decay_epochs: int = 30,
+    decay_rate: float = 0.1,
+    min_lr_factor: float = 0.0,
+) -> LambdaLR:
+    """Scale each group's initial lr by a factor of the step ``s`` (0-based, counted in steps).
+
+    With ``W = warmup_epochs * steps_per_epoch`` and ``T = epochs * steps_per_epoch``:
+
+    - warmup, ``s < W``: ``warmup_start_factor + (1 - warmup_start_factor) * s / W``, linear
+      up to 1 (as ``torch.optim.lr_scheduler.LinearLR``);
+    - ``none``: 1;
+    - ``step``: ``decay_rate ** (s // (decay_epochs * steps_per_epoch))``, i.e. milestones at
+      epochs ``decay_epochs, 2 * decay_epochs, ...`` counted from the start of training;
+    - ``cosine``: ``min_lr_factor + (1 - min_lr_factor) * (1 + cos(pi * (s - W) / (T - W))) / 2``,
+      from 1 right after warmup down to ``min_lr_factor`` at the end of training.
+
+    Args:
+        name: one of :data:`SCHEDULERS`.
+        optimizer: the optimizer whose groups' ``lr`` is scheduled.
+        epochs: length of training.
+        steps_per_epoch: optimizer steps per epoch (1 for a per-epoch schedule).
+        warmup_epochs: epochs of linear warmup before the schedule (``< epochs``).
+        warmup_start_factor: factor of the first warmup step, in (0, 1].
+        decay_epochs: ``step`` only: epochs between decays.
+        decay_rate: ``step`` only: factor applied at each decay.
+        min_lr_factor: ``cosine`` only: final factor.
+    """
+    if name not in SCHEDULERS:
+        raise ValueError(f"Unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    if not (isinstance(epochs, int) and epochs >= 1):
+        raise ValueError(f"Invalid epochs: {epochs!r}")
+    if not (isinstance(steps_per_epoch, int) and steps_per_epoch >= 1):
+        raise ValueError(f"Invalid steps_per_epoch: {steps_per_epoch!r}")
+    if not (isinstance(warmup_epochs, int) and 0 <= warmup_epochs < epochs):
+        raise ValueError(f"Invalid warmup_epochs: {warmup_epochs!r} (an int in [0, epochs))")
+    if not 0.0 < warmup_start_factor <= 1.0:
+        raise ValueError(f"Invalid warmup_start_factor: {warmup_start_factor}")
+    if not (isinstance(decay_epochs, int) and decay_epochs >= 1):
+        raise ValueError(f"Invalid decay_epochs: {decay_epochs!r}")
+    if not 0.0 < decay_rate <= 1.0:
+        raise ValueError(f"Invalid decay_rate: {decay_rate}")
+    if not 0.0 <= min_lr_factor <= 1.0:
+        raise ValueError(f"Invalid min_lr_factor: {min_lr_factor}")
+
+    warmup = warmup_epochs * steps_per_epoch
+    total = epochs * steps_per_epoch
+    decay_every = decay_epochs * steps_per_epoch
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return warmup_start_factor + (1 - warmup_start_factor) * s / warmup
+        if name == "step":
+            return decay_rate ** (s // decay_every)
+        if name == "cosine":
+            progress = min(s - warmup, total - warmup) / (total - warmup)
+            return min_lr_factor + (1 - min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return LambdaLR(optimizer, factor)

@@ -1,0 +1,63 @@
+"""Loading weights safely: our training checkpoints or torchvision state_dict files."""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be read or does not fit the model; the message says why."""
+
+
+def read_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    """The model state_dict inside ``path``: a zoo checkpoint (its ``model`` entry), a
+    ``{"state_dict": ...}`` file, or a bare state_dict such as torchvision's ``.pth`` files.
+
+    Loads with ``weights_only=True``: the file cannot run code.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: no such file")
+    try:
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, or not a torch file at all
+        raise WeightsError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: holds no state_dict of tensors")
+    # DistributedDataParallel saves parameters under "module.".
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def describe_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], limit: int = 5) -> str | None:
+    """One line naming missing, unexpected and wrongly shaped keys, or None when ``state`` fits."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch (file vs model)", shapes)):
+        if keys:
+            more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+            parts.append(f"{len(keys)} {label}: {', '.join(keys[:limit])}{more}")
+    return "; ".join(parts) or None
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load ``path`` into ``model`` strictly; a mismatch raises :class:`WeightsError` naming the keys."""
+    state = read_state_dict(path)
+    problem = describe_mismatch(model, state)
+    if problem:
+        raise WeightsError(f"{os.fspath(path)} does not fit {type(model).__name__}: {problem}")
+    model.load_state_dict(state, strict=True)
+    return model
