@@ -1,3 +1,4 @@
+import os
 import pickle
 import warnings
 
@@ -70,7 +71,7 @@ def test_digits_split_is_stratified(digits):
     np.testing.assert_array_equal(val, np.round(total * 0.2).astype(int))
 
 
-def test_digits_are_sklearn_digits_scaled_to_unit(tmp_path):
+def test_digits_are_sklearn_digits_scaled_to_unit():
     from sklearn.datasets import load_digits
 
     bundle = build_datasets("digits", (1, 8, 8), seed=3)  # no resize at 8x8
@@ -371,6 +372,6 @@ def test_stratified_split_small_classes():
 def test_scan_folder_ignores_hidden_and_other_files(folder):
     classes, samples, skipped = scan_folder(folder)
     assert classes == ["bird", "cat", "dog"] and skipped == []
-    names = sorted(p.split("/")[-1] for p, _ in samples)
+    names = sorted(os.path.basename(p) for p, _ in samples)
     assert "notes.txt" not in names and ".hidden.png" not in names and "d.PNG" in names
     assert len(samples) == 11

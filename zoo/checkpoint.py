@@ -1,0 +1,103 @@
+"""Training checkpoints: written atomically, checksummed, rebuilt without the training code.
+
+A checkpoint is a dict saved with ``torch.save`` holding only tensors and plain Python values
+(so ``torch.load(weights_only=True)`` reads it):
+
+    model          the model's state_dict (unwrapped from DistributedDataParallel)
+    model_name     registry name, e.g. "resnext_mini"
+    model_args     {"num_classes", "norm", "gn_groups", "in_chans"}: what create_model needs
+    classes        class labels, index order
+    input_size     [C, H, W] the val transform produces
+    mean, std      per-channel normalization the val transform applies
+    data           the --data spec it was trained on
+    epoch, best_metric, config, optimizer, scheduler, rng
+    checksum       sha256 of the model tensors (names, dtypes, shapes and bytes)
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from zoo.registry import create_model
+from zoo.weights import WeightsError, describe_mismatch
+
+REQUIRED_KEYS = ("model", "model_name", "model_args", "classes", "input_size", "mean", "std", "checksum")
+
+
+class CheckpointError(WeightsError):
+    """A checkpoint that is missing, unreadable, corrupt or incomplete; the message names the file."""
+
+
+def state_checksum(state: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of one."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    # fsync the directory so the rename itself survives a crash
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
+    """Add the checksum and write ``checkpoint`` atomically (temp file, fsync, rename)."""
+    checkpoint = dict(checkpoint, checksum=state_checksum(checkpoint["model"]))
+    buf = io.BytesIO()
+    torch.save(checkpoint, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and verify a zoo checkpoint; :class:`CheckpointError` with the file's name otherwise."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:160]})") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        raise CheckpointError(f"{path}: not a zoo training checkpoint (missing {', '.join(missing)})")
+    if state_checksum(ckpt["model"]) != ckpt["checksum"]:
+        raise CheckpointError(f"{path}: checksum mismatch, the weights are corrupt")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: Mapping[str, Any], path: str = "checkpoint") -> nn.Module:
+    """Rebuild the trained model from the checkpoint's own model arguments and load its weights."""
+    model = create_model(ckpt["model_name"], **ckpt["model_args"])
+    problem = describe_mismatch(model, ckpt["model"])
+    if problem:
+        raise CheckpointError(f"{path}: weights do not fit {ckpt['model_name']}: {problem}")
+    model.load_state_dict(ckpt["model"])
+    return model
