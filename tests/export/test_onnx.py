@@ -1,0 +1,422 @@
+"""python -m export.onnx: fold, export, check, verify, metadata, Triton repository, bad input.
+
+Most tests call ``main(argv)`` in-process (torch is imported once) with ``--threads 1``: on this
+shared 2-core machine one thread is several times faster than two competing with other work.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import datetime
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+
+import export.onnx as exp
+from export.metadata import decode_metadata, read_metadata
+from tests.conftest import MINI_MODELS, randomize_bn_stats
+from zoo.checkpoint import save_checkpoint
+from zoo.data import build_datasets
+from zoo.registry import create_model, get_model_spec
+
+NORMS = ("bn", "gn", "ln", "in")
+FAST = ["--threads", "1", "--latency-runs", "2", "--no-progress"]
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = exp.main([*argv, *FAST])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def make_checkpoint(path, model, name: str, norm: str = "bn", data: str | None = "synthetic",
+                    input_size=None, classes=None, mean=None, std=None) -> str:
+    spec = get_model_spec(name)
+    input_size = list(input_size or spec.input_size)
+    head = model.fc if hasattr(model, "fc") else model.classifier
+    classes = classes or [f"pattern{i}" for i in range(head.out_features)]
+    save_checkpoint(path, dict(
+        model=model.state_dict(), model_name=name,
+        model_args=dict(num_classes=len(classes), norm=norm, gn_groups=32, in_chans=input_size[0]),
+        classes=list(classes), input_size=input_size, mean=list(mean or spec.mean), std=list(std or spec.std),
+        data=data, epoch=1, config=dict(seed=0, val_fraction=0.2)))
+    return str(path)
+
+
+def summary(out: str) -> dict[str, str]:
+    """The CLI's summary table as {row name: value}."""
+    rows = {}
+    for line in out.splitlines():
+        key, sep, value = line.partition("  ")
+        if sep and key.strip():
+            rows[key.strip()] = value.strip()
+    return rows
+
+
+def onnx_files(root) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def logits(session, x: np.ndarray) -> np.ndarray:
+    return session.run(["logits"], {"input": x.astype(np.float32)})[0]
+
+
+def rel_diff(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+
+# --------------------------------------------------------------------------- every mini model x norm
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("name", MINI_MODELS)
+def test_mini_models_export_and_verify(tmp_path, capsys, name, norm):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=4, norm=norm).eval()
+    randomize_bn_stats(model)
+    ckpt = make_checkpoint(tmp_path / "c.pt", model, name, norm=norm)
+    code, out, err = run(capsys, name, "--checkpoint", ckpt, "--out", str(tmp_path / "m"), "--val-samples", "16")
+    assert code == 0, err
+    path = tmp_path / "m" / name / "1" / "model.onnx"
+    graph = onnx.load(str(path))
+    bn_nodes = sum(n.op_type == "BatchNormalization" for n in graph.graph.node)
+    meta = read_metadata(path)
+    assert bn_nodes == 0
+    assert meta["folded"] is (norm == "bn")
+    if norm != "bn":  # GN/LN/IN stay as they are: they normalize with each input's own statistics
+        assert any(n.op_type == "InstanceNormalization" for n in graph.graph.node)
+        assert "nothing to fold" in err
+    rows = summary(out)
+    assert "parity val (16)" in rows and rows["BatchNormalization nodes"].startswith("0")
+
+    # Dynamic batch: batch 5 and five batches of 1 give the same per-sample logits, and both
+    # match the unfolded eager model.
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, *get_model_spec(name).input_size)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    five = logits(session, x.numpy())
+    ones = np.concatenate([logits(session, x[i:i + 1].numpy()) for i in range(5)])
+    assert np.abs(five - ones).max() <= 1e-5 * np.abs(ref).max()
+    assert rel_diff(five, ref) < 1e-4
+
+
+# --------------------------------------------------------------------------- a trained model: fp16, int8, Triton
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """resnext_mini trained ~10 s on digits at 16x16 (~90% val top-1): logits with real margins."""
+    size = (3, 16, 16)
+    bundle = build_datasets("digits", size)
+    x = torch.stack([bundle.train[i][0] for i in range(len(bundle.train))])
+    y = torch.tensor([bundle.train[i][1] for i in range(len(bundle.train))])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = create_model("resnext_mini", num_classes=10)
+        steps = 30
+        opt = torch.optim.Adam(model.parameters(), 1e-2)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-2, total_steps=steps, pct_start=0.25)
+        g = torch.Generator().manual_seed(0)
+        model.train()
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (64,), generator=g)
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    root = tmp_path_factory.mktemp("trained")
+    path = make_checkpoint(root / "digits.pt", model, "resnext_mini", data="digits", input_size=size,
+                           classes=bundle.classes, mean=bundle.mean, std=bundle.std)
+    return dict(path=path, model=model, bundle=bundle, root=root)
+
+
+@pytest.fixture(scope="module")
+def trained_fp32(trained):
+    out = trained["root"] / "repo"
+    assert exp.main(["--checkpoint", trained["path"], "--out", str(out), "--triton", *FAST]) == 0
+    return out / "resnext_mini"
+
+
+def val_agreement(trained, path) -> tuple[float, float, float]:
+    """(top-1 agreement with eager fp32, eager accuracy, onnx accuracy) on the whole val split."""
+    val = trained["bundle"].val
+    x = torch.stack([val[i][0] for i in range(len(val))])
+    y = np.array([val[i][1] for i in range(len(val))])
+    with torch.no_grad():
+        ref = trained["model"](x).numpy()
+    out = logits(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), x.numpy())
+    return float((out.argmax(1) == ref.argmax(1)).mean()), float((ref.argmax(1) == y).mean()), \
+        float((out.argmax(1) == y).mean())
+
+
+def test_trained_fp32_reports_val_accuracy(trained, trained_fp32):
+    agree, acc_eager, acc_onnx = val_agreement(trained, trained_fp32 / "1" / "model.onnx")
+    assert agree == 1.0 and acc_eager == acc_onnx
+    assert acc_eager > 0.7  # the fixture really learned something, so margins mean something
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_low_precision_agrees(trained, trained_fp32, capsys, precision):
+    out_dir = trained["root"] / f"repo-{precision}"
+    code, out, err = run(capsys, "--checkpoint", trained["path"], "--out", str(out_dir), "--precision", precision)
+    assert code == 0, err
+    path = out_dir / "resnext_mini" / "1" / "model.onnx"
+    agree, acc_eager, acc_onnx = val_agreement(trained, path)
+    assert agree >= 0.99, (precision, agree)
+    rows = summary(out)
+    assert rows["precision"].startswith(precision) and "accuracy fp32 eager" in rows["parity val (359)"]
+    assert read_metadata(path)["precision"] == precision
+    graph = onnx.load(str(path)).graph
+    # fp32 in and out whatever the precision inside
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    init_type = {t.name: t.data_type for t in graph.initializer}
+    ratio = os.path.getsize(trained_fp32 / "1" / "model.onnx") / os.path.getsize(path)
+    if precision == "int8":
+        assert ratio >= 3.0
+        dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in init_type]
+        # int8 weights (per channel), int32 biases
+        assert {init_type[n.input[0]] for n in dq} == {onnx.TensorProto.INT8, onnx.TensorProto.INT32}
+        assert all(init_type[n.input[1]] == onnx.TensorProto.INT8 for n in graph.node
+                   if n.op_type == "Conv" and n.input[1] in init_type) is True
+        assert any(n.op_type == "QuantizeLinear" for n in graph.node)
+    else:
+        weights = {init_type[n.input[1]] for n in graph.node if n.op_type == "Conv"}
+        assert weights == {onnx.TensorProto.FLOAT16} and ratio > 1.8
+
+
+def test_metadata_round_trip(trained, trained_fp32):
+    path = trained_fp32 / "1" / "model.onnx"
+    meta = read_metadata(path)
+    bundle = trained["bundle"]
+    assert meta["model"] == "resnext_mini" and meta["version"] == 1
+    assert meta["labels"] == list(bundle.classes)
+    assert meta["input_size"] == [3, 16, 16]
+    assert meta["mean"] == pytest.approx(list(bundle.mean)) and meta["std"] == pytest.approx(list(bundle.std))
+    assert meta["norm"] == "bn" and meta["folded"] is True and meta["precision"] == "fp32"
+    import hashlib
+    digest = hashlib.sha256(open(trained["path"], "rb").read()).hexdigest()
+    assert meta["source"] == f"checkpoint:{os.path.abspath(trained['path'])} sha256:{digest}"
+    assert datetime.fromisoformat(meta["created"]).tzinfo is not None
+    assert meta["data"] == "digits"
+    # what a torch-free server sees through onnxruntime alone
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert decode_metadata(session.get_modelmeta().custom_metadata_map) == meta
+    assert onnx.load(str(path)).model_version == 1
+    assert (trained_fp32 / "labels.txt").read_text().splitlines() == list(bundle.classes)
+
+
+def test_metadata_reader_is_torch_free():
+    code = "import sys, export.metadata; assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def _triton_model_config_class():
+    """The part of Triton's ModelConfig (common/protobuf/model_config.proto) the export writes.
+
+    Same field names, numbers and enum values as the real file, so text_format rejects anything
+    Triton's own parser would reject among these fields (unknown fields, wrong types, bad enums).
+    """
+    f = descriptor_pb2.FileDescriptorProto(name="zoo_test_model_config.proto", package="inference", syntax="proto3")
+    dt = f.enum_type.add(name="DataType")
+    for i, n in enumerate(["TYPE_INVALID", "TYPE_BOOL", "TYPE_UINT8", "TYPE_UINT16", "TYPE_UINT32", "TYPE_UINT64",
+                           "TYPE_INT8", "TYPE_INT16", "TYPE_INT32", "TYPE_INT64", "TYPE_FP16", "TYPE_FP32",
+                           "TYPE_FP64", "TYPE_STRING", "TYPE_BF16"]):
+        dt.value.add(name=n, number=i)
+    T = descriptor_pb2.FieldDescriptorProto
+
+    def msg(name, fields):
+        m = f.message_type.add(name=name)
+        for fname, number, ftype, label, type_name in fields:
+            m.field.add(name=fname, number=number, type=ftype, label=label, type_name=type_name)
+        return m
+
+    opt, rep = T.LABEL_OPTIONAL, T.LABEL_REPEATED
+    name, dtype = ("name", 1, T.TYPE_STRING, opt, None), ("data_type", 2, T.TYPE_ENUM, opt, ".inference.DataType")
+    model_input = msg("ModelInput", [name, dtype, ("format", 3, T.TYPE_ENUM, opt, ".inference.ModelInput.Format"),
+                                     ("dims", 4, T.TYPE_INT64, rep, None)])
+    fmt = model_input.enum_type.add(name="Format")
+    for i, n in enumerate(["FORMAT_NONE", "FORMAT_NHWC", "FORMAT_NCHW"]):
+        fmt.value.add(name=n, number=i)
+    msg("ModelOutput", [name, dtype, ("dims", 3, T.TYPE_INT64, rep, None),
+                        ("label_filename", 4, T.TYPE_STRING, opt, None)])
+    msg("ModelDynamicBatching", [("preferred_batch_size", 1, T.TYPE_INT32, rep, None),
+                                 ("max_queue_delay_microseconds", 2, T.TYPE_UINT64, opt, None)])
+    msg("ModelConfig", [name, ("platform", 2, T.TYPE_STRING, opt, None),
+                        ("max_batch_size", 4, T.TYPE_INT32, opt, None),
+                        ("input", 5, T.TYPE_MESSAGE, rep, ".inference.ModelInput"),
+                        ("output", 6, T.TYPE_MESSAGE, rep, ".inference.ModelOutput"),
+                        ("dynamic_batching", 11, T.TYPE_MESSAGE, opt, ".inference.ModelDynamicBatching")])
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(f)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("inference.ModelConfig"))
+
+
+def test_triton_config_parses(trained_fp32):
+    ModelConfig = _triton_model_config_class()
+    config = text_format.Parse((trained_fp32 / "config.pbtxt").read_text(), ModelConfig())
+    assert config.name == "resnext_mini" == trained_fp32.name  # Triton wants the directory's name
+    assert config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size >= 1 and config.HasField("dynamic_batching")
+    fp32 = ModelConfig.DESCRIPTOR.file.enum_types_by_name["DataType"].values_by_name["TYPE_FP32"].number
+    (inp,), (out,) = config.input, config.output
+    assert (inp.name, inp.data_type, list(inp.dims)) == ("input", fp32, [3, 16, 16])  # no batch dim
+    assert (out.name, out.data_type, list(out.dims)) == ("logits", fp32, [10])
+    assert out.label_filename == "labels.txt" and (trained_fp32 / "labels.txt").is_file()
+    with pytest.raises(text_format.ParseError):  # the message really checks: a typo is caught
+        text_format.Parse('name: "x"\nmax_batch: 3\n', ModelConfig())
+
+
+def test_next_free_version(trained, trained_fp32, capsys):
+    code, out, err = run(capsys, "--checkpoint", trained["path"], "--out", str(trained_fp32.parent),
+                         "--val-samples", "0")
+    assert code == 0, err
+    assert read_metadata(trained_fp32 / "2" / "model.onnx")["version"] == 2
+    code, _, err = run(capsys, "--checkpoint", trained["path"], "--out", str(trained_fp32.parent), "--version", "1")
+    assert code == 2 and "already exists" in err
+
+
+# --------------------------------------------------------------------------- torchvision layout, no-fold, dynamo
+
+
+def test_torchvision_state_dict(tmp_path, capsys):
+    model = randomize_bn_stats(create_model("densenet_mini", num_classes=7)).eval()
+    # torchvision's published DenseNet files use the old "norm.1" names; both layouts must load
+    state = {k.replace("norm1.", "norm.1.").replace("conv2.", "conv.2."): v for k, v in model.state_dict().items()}
+    torch.save(state, tmp_path / "tv.pth")
+    code, out, err = run(capsys, "densenet_mini", "--torchvision-weights", str(tmp_path / "tv.pth"),
+                         "--out", str(tmp_path / "m"))
+    assert code == 0, err
+    path = tmp_path / "m" / "densenet_mini" / "1" / "model.onnx"
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert rel_diff(logits(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), x.numpy()), ref) < 1e-4
+    meta = read_metadata(path)
+    assert meta["source"].startswith("torchvision:") and len(meta["labels"]) == 7
+    assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_no_fold_keeps_densenet_preactivation_bn(tmp_path, capsys):
+    # The exporter folds Conv->BN by itself, but DenseNet's BN->ReLU->Conv norms stay as
+    # BatchNormalization nodes unless zoo folds them (BENCHMARKING.md, "Traps").
+    code, out, err = run(capsys, "densenet_mini", "--no-fold", "--out", str(tmp_path / "m"), "--num-classes", "5",
+                         "--input-size", "24", "40")
+    assert code == 0, err
+    path = tmp_path / "m" / "densenet_mini" / "1" / "model.onnx"
+    assert sum(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node) > 0
+    meta = read_metadata(path)
+    assert meta["folded"] is False and meta["input_size"] == [3, 24, 40]
+    assert "RANDOM initialisation" in err
+
+
+def test_dynamo_exporter(tmp_path, capsys):
+    code, out, err = run(capsys, "resnext_mini", "--exporter", "dynamo", "--out", str(tmp_path / "m"),
+                         "--num-classes", "3", "--norm", "gn")
+    assert code == 0, err
+    assert summary(out)["opset / exporter"] == "18 / dynamo"
+
+
+@pytest.mark.slow
+def test_resnext50_full_size(tmp_path, capsys):
+    code, out, err = run(capsys, "resnext50", "--out", str(tmp_path / "m"))
+    assert code == 0, err
+    path = tmp_path / "m" / "resnext50_32x4d" / "1" / "model.onnx"
+    assert path.is_file() and read_metadata(path)["labels"][999] == "class_999"
+    rows = summary(out)
+    assert rows["parameters"] == "25,028,904" and rows["BatchNormalization nodes"] == "0 (folded 53 BatchNorm2d)"
+
+
+# --------------------------------------------------------------------------- bad input and failed verification
+
+
+@pytest.fixture(scope="module")
+def densenet_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    model = create_model("densenet_mini", num_classes=4)
+    path = make_checkpoint(root / "dense.pt", model, "densenet_mini")
+    (root / "corrupt.pt").write_bytes(open(path, "rb").read()[:5000])
+    torch.save(create_model("resnext_mini", num_classes=4).state_dict(), root / "resnext_tv.pth")
+    return root
+
+
+BAD = {
+    "unknown model": (["resnext5000"], "Unknown model 'resnext5000'"),
+    "missing checkpoint": (["resnext_mini", "--checkpoint", "{root}/nope.pt"], "no such checkpoint file"),
+    "corrupt checkpoint": (["resnext_mini", "--checkpoint", "{root}/corrupt.pt"], "corrupt or truncated"),
+    "other architecture": (["resnext_mini", "--checkpoint", "{root}/dense.pt"],
+                           "holds a densenet_mini checkpoint, not resnext_mini"),
+    "torchvision mismatch": (["densenet_mini", "--torchvision-weights", "{root}/resnext_tv.pth"],
+                             "does not fit densenet_mini"),
+    "int8 without data": (["resnext_mini", "--precision", "int8"], "needs calibration images"),
+    "unknown data": (["resnext_mini", "--calib-data", "imagenet"], "Unknown data 'imagenet'"),
+    "bad opset": (["resnext_mini", "--opset", "5"], "Invalid --opset 5"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input(densenet_ckpt, tmp_path, capsys, case):
+    argv, message = BAD[case]
+    out_dir = tmp_path / "m"
+    code, out, err = run(capsys, *[a.format(root=densenet_ckpt) for a in argv], "--out", str(out_dir))
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out_dir.exists()
+
+
+def test_bad_input_from_the_shell(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "export.onnx", "resnext5000", "--out", str(tmp_path / "m")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("python -m export.onnx: error: Unknown model 'resnext5000'")
+    assert not (tmp_path / "m").exists()
+
+
+class _CorruptSession:
+    """An onnxruntime session whose logits are off by 1% of their scale."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def run(self, names, feeds):
+        (y,) = self.session.run(names, feeds)
+        return [y + 0.01 * np.abs(y).max()]
+
+
+def test_failed_verification_leaves_no_model(tmp_path, capsys, monkeypatch):
+    out_dir = tmp_path / "m"
+    code, _, err = run(capsys, "resnext_mini", "--out", str(out_dir), "--num-classes", "4")
+    assert code == 0, err
+    before = onnx_files(out_dir)
+    real = exp.ort_session
+    monkeypatch.setattr(exp, "ort_session", lambda path, threads=0: _CorruptSession(real(path, threads)))
+    code, out, err = run(capsys, "resnext_mini", "--out", str(out_dir), "--num-classes", "4", "--triton")
+    assert code == 1
+    assert "verification failed" in err and "max|diff|/scale" in err and "VERIFICATION FAILED" in out
+    assert onnx_files(out_dir) == before  # no version 2, no temp file, no config.pbtxt
+    assert not (out_dir / "resnext_mini" / "2").exists()
+
+
+def test_failed_verification_in_empty_repo_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(exp, "FP32_RTOL", 0.0)
+    monkeypatch.setattr(exp, "compare_logits", lambda ref, out: (1e-6, np.ones(len(ref), dtype=bool)))
+    code, out, err = run(capsys, "resnext_mini", "--out", str(tmp_path / "m"), "--num-classes", "4")
+    assert code == 1 and "1.00e-06 > 0e+00" in err
+    assert not (tmp_path / "m").exists()
