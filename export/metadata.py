@@ -16,6 +16,8 @@ Keys in the model's ``metadata_props`` (all values are strings; JSON where marke
     zoo.folded      "true" when BatchNorm was folded away, else "false"
     zoo.precision   "fp32", "fp16" or "int8" (inputs and outputs are float32 in all three)
     zoo.source      "random-init", or "checkpoint:PATH sha256:HEX" / "torchvision:PATH sha256:HEX"
+    zoo.crop_pct    float: image -> resize shorter side to round(H / crop_pct) (bilinear) ->
+                    center crop H x W, as zoo.data.val_transform (1.0 for digits/synthetic)
     zoo.created     ISO 8601 UTC time of the export
 
 Optional (informational): zoo.data (the dataset spec it was trained on), zoo.opset,
@@ -45,6 +47,7 @@ FIELDS: dict[str, str] = {
     "folded": "bool",
     "precision": "str",
     "source": "str",
+    "crop_pct": "float",
     "created": "str",
 }
 REQUIRED = tuple(FIELDS)
@@ -97,6 +100,8 @@ def decode_metadata(props: Mapping[str, str]) -> dict[str, Any]:
                 value: Any = json.loads(text)
             elif kind == "int":
                 value = int(text)
+            elif kind == "float":
+                value = float(text)
             elif kind == "bool":
                 if text not in ("true", "false"):
                     raise ValueError(f"expected true or false, got {text!r}")
@@ -125,6 +130,8 @@ def _validate(meta: dict[str, Any]) -> None:
         meta[key] = [float(x) for x in v]
     if any(s <= 0 for s in meta["std"]):
         raise MetadataError(f"bad metadata zoo.std: must be positive, got {meta['std']!r}")
+    if not 0.0 < meta["crop_pct"] <= 1.0:
+        raise MetadataError(f"bad metadata zoo.crop_pct: must be in (0, 1], got {meta['crop_pct']!r}")
     if meta["precision"] not in PRECISIONS:
         raise MetadataError(f"bad metadata zoo.precision: {meta['precision']!r}")
 

@@ -160,6 +160,7 @@ class Plan:
     mean: list[float]
     std: list[float]
     source: str
+    crop_pct: float  # the val transform's resize/crop ratio (zoo.data.val_transform)
     data_spec: str | None
     data_is_training_set: bool  # labels of the data are the model's classes
     data_seed: int = 0
@@ -211,6 +212,7 @@ def _read_labels(path: str) -> list[str]:
 
 def resolve_plan(args: argparse.Namespace) -> Plan:
     """Check every argument and load the weights; UserError names the first problem."""
+    from zoo.data import CROP_PCT
     from zoo.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
     from zoo.registry import create_model, get_model_spec, resolve_name
     from zoo.weights import WeightsError, describe_mismatch, read_state_dict
@@ -253,6 +255,7 @@ def resolve_plan(args: argparse.Namespace) -> Plan:
                 raise UserError(f"{args.checkpoint} fixes {flag} {fixed}; got {flag} {given}")
         input_size = tuple(int(v) for v in ckpt["input_size"])
         mean, std = [float(v) for v in ckpt["mean"]], [float(v) for v in ckpt["std"]]
+        crop_pct = float(ckpt.get("crop_pct", CROP_PCT))
         data_spec = ckpt.get("data") or None
         config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
         if isinstance(config.get("seed"), int):
@@ -304,6 +307,7 @@ def resolve_plan(args: argparse.Namespace) -> Plan:
         mean, std = list(spec.mean), list(spec.std)
         if in_chans != len(mean):  # a 1-channel model: one mean/std, the average of the RGB ones
             mean, std = [float(np.mean(mean))] * in_chans, [float(np.mean(std))] * in_chans
+        crop_pct = CROP_PCT
         data_spec = None
 
     if args.input_size is not None:
@@ -319,7 +323,8 @@ def resolve_plan(args: argparse.Namespace) -> Plan:
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", dir_name):
         raise UserError(f"Invalid --name {dir_name!r}: letters, digits, '_', '.', '-' only")
     return Plan(name=name, dir_name=dir_name, model=model.eval(), norm=norm, labels=labels,
-                input_size=tuple(input_size), mean=mean, std=std, source=source, data_spec=data_spec,
+                input_size=tuple(input_size), mean=mean, std=std, source=source, crop_pct=crop_pct,
+                data_spec=data_spec,
                 data_is_training_set=bool(args.checkpoint) and args.calib_data in (None, extra.get("data")),
                 data_seed=data_seed, val_fraction=val_fraction, extra_meta=extra)
 
@@ -895,7 +900,7 @@ def _export(args: argparse.Namespace) -> int:
 
     meta = encode_metadata(
         model=plan.name, version=version, labels=plan.labels, input_size=list(c), mean=plan.mean, std=plan.std,
-        norm=plan.norm, folded=folded, precision=args.precision, source=plan.source,
+        norm=plan.norm, folded=folded, precision=args.precision, source=plan.source, crop_pct=plan.crop_pct,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         opset=opset, exporter=f"torch {torch.__version__.split('+')[0]} {args.exporter}", **plan.extra_meta)
     del onnx_model.metadata_props[:]

@@ -9,6 +9,7 @@ A checkpoint is a dict saved with ``torch.save`` holding only tensors and plain 
     classes        class labels, index order
     input_size     [C, H, W] the val transform produces
     mean, std      per-channel normalization the val transform applies
+    crop_pct       the val transform's resize/crop ratio (zoo.data.val_transform)
     data           the --data spec it was trained on
     epoch, best_metric, config, optimizer, scheduler, rng
     checksum       sha256 of the model tensors (names, dtypes, shapes and bytes)

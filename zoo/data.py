@@ -76,6 +76,9 @@ class DataBundle:
     input_size: tuple[int, int, int]
     name: str
     skipped: list[str] = field(default_factory=list)  # "path (reason)" of unreadable images
+    # val_transform's crop_pct that reproduces this val set from an image file (1.0 for the
+    # tensor sets: their images are upsampled whole; CROP_PCT for folders).
+    crop_pct: float = 1.0
 
     @property
     def num_classes(self) -> int:
@@ -134,13 +137,13 @@ def _to_chw(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> 
 
 
 def val_transform(image: Image.Image, input_size: Sequence[int], mean: Sequence[float],
-                  std: Sequence[float]) -> np.ndarray:
+                  std: Sequence[float], crop_pct: float = CROP_PCT) -> np.ndarray:
     """The eval/serving transform in numpy + Pillow only, so a torch-free server can mirror it.
 
     Steps, exactly:
 
     1. ``image.convert("L")`` for a 1-channel model, ``image.convert("RGB")`` for 3 channels.
-    2. Resize so the shorter side is ``S = round(size / 0.875)`` (Python ``round``) with
+    2. Resize so the shorter side is ``S = round(size / crop_pct)`` (Python ``round``) with
        ``Image.BILINEAR``; the longer side becomes ``int(S * long / short)`` (truncated, as
        torchvision computes it).
     3. Center-crop ``size x size`` at ``top = int(round((new_h - size) / 2.0))`` and the same
@@ -151,6 +154,9 @@ def val_transform(image: Image.Image, input_size: Sequence[int], mean: Sequence[
         image: a decoded PIL image of any mode and size.
         input_size: ``(C, H, W)`` of the model, square (``H == W``).
         mean, std: one value per channel, on the 0..1 scale.
+        crop_pct: share of the resized shorter side kept by the crop: 0.875 for photos (the
+            ImageNet convention, 224 from 256); 1.0 resizes straight to the input size, which is
+            what ``digits`` and ``synthetic`` models saw in training (bilinear upsampling).
 
     Returns:
         float32 array of shape ``(C, H, W)``.
@@ -162,7 +168,9 @@ def val_transform(image: Image.Image, input_size: Sequence[int], mean: Sequence[
         raise DataError(f"mean/std need {channels} values each, got {len(mean)} and {len(std)}")
     size = height
     image = image.convert(_image_mode(channels))
-    resize = round(size / CROP_PCT)
+    if not 0.0 < crop_pct <= 1.0:
+        raise DataError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    resize = round(size / crop_pct)
     w, h = image.size
     short, long = min(w, h), max(w, h)
     new_short, new_long = resize, int(resize * long / short)
@@ -447,7 +455,8 @@ def _folder(spec: str, path: str, input_size: tuple[int, int, int], seed: int,
     return DataBundle(
         train=ImageFolderDataset([samples[i] for i in train_idx], input_size, mean, std, train=True),
         val=ImageFolderDataset([samples[i] for i in val_idx], input_size, mean, std, train=False),
-        classes=classes, mean=mean, std=std, input_size=input_size, name=spec, skipped=skipped)
+        classes=classes, mean=mean, std=std, input_size=input_size, name=spec, skipped=skipped,
+        crop_pct=CROP_PCT)
 
 
 def build_datasets(spec: str, input_size: Sequence[int], seed: int = 0,

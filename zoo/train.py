@@ -387,7 +387,7 @@ def _train(args: argparse.Namespace, device: torch.device, ddp: Dist,
             ckpt = dict(
                 model=model.state_dict(), model_name=args.model, model_args=model_args,
                 classes=list(data.classes), input_size=list(input_size), mean=list(data.mean),
-                std=list(data.std), data=data.name, epoch=epoch + 1, best_metric=best_acc,
+                std=list(data.std), crop_pct=data.crop_pct, data=data.name, epoch=epoch + 1, best_metric=best_acc,
                 val_acc=val_acc, config=config, optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if use_cuda_amp else {},
                 rng=rng_state(),
