@@ -1,0 +1,184 @@
+"""``python -m bench.export``: what folding and compression buy at inference time.
+
+For each model: export (random init) folded fp32, unfolded fp32, fp16 and int8 with
+``export.onnx``, then time, interleaved in rounds (A B C ... A B C ...), at each batch size:
+
+- onnxruntime on the folded and the unfolded export, each with graph optimisations off and on
+  (onnxruntime fuses Conv+BN itself at its basic level, and the TorchScript exporter already
+  folds Conv->BN in eval mode, so only the BN nodes that follow no conv (DenseNet's
+  pre-activation norms) separate the two exports);
+- onnxruntime fp16 and int8;
+- PyTorch eager, unfolded and folded.
+
+Prints medians (ms) and ratios against the folded fp32 export measured in the same run, export
+times and file sizes. Numbers, not assertions: this machine is shared and noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+# PyTorch eager at larger batches otherwise pays for page faults on every call (mmap'ed
+# activation buffers are unmapped and faulted in again): pin glibc's thresholds. Set before
+# torch allocates anything; only effective when this module runs as the main program.
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432")
+os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "1073741824")
+
+VARIANTS = ("folded", "unfolded", "fp16", "int8")
+
+
+def export_variant(name: str, variant: str, out: str, threads: int) -> tuple[str, float]:
+    """Export ``name`` as ``variant`` into ``out``; return (model path, seconds)."""
+    from export.onnx import main as export_main
+
+    argv = [name, "--out", out, "--name", f"{name}-{variant}", "--version", "1", "--no-progress",
+            "--threads", str(threads), "--latency-runs", "0"]
+    if variant == "unfolded":
+        argv.append("--no-fold")
+    elif variant in ("fp16", "int8"):
+        argv += ["--precision", variant]
+    if variant == "int8":
+        argv += ["--calib-data", "synthetic", "--calib-samples", "32"]
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        code = export_main(argv)
+    if code != 0:
+        raise RuntimeError(f"export of {name} ({variant}) failed: {err.getvalue().strip()[-500:]}")
+    return os.path.join(out, f"{name}-{variant}", "1", "model.onnx"), time.perf_counter() - t0
+
+
+def ort_runner(path: str, threads: int, optimize: bool) -> Callable[[np.ndarray], Any]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(["logits"], {"input": x})
+
+
+def eager_runner(model: Any) -> Callable[[np.ndarray], Any]:
+    import torch
+
+    def run(x: np.ndarray) -> Any:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x))
+    return run
+
+
+def interleaved(runners: dict[str, Callable], x: np.ndarray, runs: int, warmup: int = 2) -> dict[str, dict]:
+    """Median and p90 ms per runner, plus minor page faults per call, timed in A B C rounds."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run(x)
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    faults: dict[str, int] = {k: 0 for k in runners}
+    for _ in range(runs):
+        for key, run in runners.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t0 = time.perf_counter()
+            run(x)
+            times[key].append(1000 * (time.perf_counter() - t0))
+            faults[key] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    return {k: dict(median_ms=float(np.median(v)), p90_ms=float(np.percentile(v, 90)),
+                    faults_per_call=faults[k] / runs) for k, v in times.items()}
+
+
+def bench_model(name: str, batches: list[int], runs: int, threads: int, workdir: str) -> list[dict]:
+    import onnx
+    import torch
+
+    from export.onnx import count_ops
+    from zoo.nn import fold_batchnorm
+    from zoo.registry import create_model, get_model_spec
+
+    torch.set_num_threads(threads)
+    paths, export_s, sizes, bn_nodes = {}, {}, {}, {}
+    for variant in VARIANTS:
+        print(f"  exporting {name} {variant} ...", flush=True)
+        paths[variant], export_s[variant] = export_variant(name, variant, workdir, threads)
+        sizes[variant] = os.path.getsize(paths[variant])
+        bn_nodes[variant] = count_ops(onnx.load(paths[variant]), "BatchNormalization")
+
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    runners = {
+        "ort folded": ort_runner(paths["folded"], threads, True),
+        "ort unfolded": ort_runner(paths["unfolded"], threads, True),
+        "ort folded, opt off": ort_runner(paths["folded"], threads, False),
+        "ort unfolded, opt off": ort_runner(paths["unfolded"], threads, False),
+        "ort fp16": ort_runner(paths["fp16"], threads, True),
+        "ort int8": ort_runner(paths["int8"], threads, True),
+        "eager unfolded": eager_runner(model),
+        "eager folded": eager_runner(fold_batchnorm(model)),
+    }
+    rows = []
+    input_size = get_model_spec(name).input_size
+    for batch in batches:
+        x = np.random.default_rng(0).standard_normal((batch, *input_size), dtype=np.float32)
+        print(f"  timing {name} batch {batch} ({runs} interleaved rounds) ...", flush=True)
+        stats = interleaved(runners, x, runs)
+        base = stats["ort folded"]["median_ms"]
+        for key, s in stats.items():
+            rows.append(dict(model=name, batch=batch, runner=key, ratio_vs_folded=s["median_ms"] / base, **s))
+    for variant in VARIANTS:
+        rows.append(dict(model=name, variant=variant, export_s=export_s[variant], file_bytes=sizes[variant],
+                         bn_nodes=bn_nodes[variant]))
+    return rows
+
+
+def print_report(rows: list[dict], threads: int) -> None:
+    timing = [r for r in rows if "runner" in r]
+    files = [r for r in rows if "variant" in r]
+    print(f"\nlatency, median of interleaved rounds, {threads} thread(s); ratio = / 'ort folded' in the same run")
+    print(f"{'model':<18} {'batch':>5} {'runner':<22} {'median ms':>10} {'p90 ms':>9} {'ratio':>7} {'faults/call':>12}")
+    for r in timing:
+        print(f"{r['model']:<18} {r['batch']:>5} {r['runner']:<22} {r['median_ms']:>10.2f} {r['p90_ms']:>9.2f} "
+              f"{r['ratio_vs_folded']:>7.2f} {r['faults_per_call']:>12.0f}")
+    print(f"\n{'model':<18} {'variant':<9} {'export s':>9} {'file MiB':>9} {'BN nodes':>9}")
+    for r in files:
+        print(f"{r['model']:<18} {r['variant']:<9} {r['export_s']:>9.1f} {r['file_bytes'] / 2**20:>9.2f} {r['bn_nodes']:>9}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.export", description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="resnext50_32x4d,densenet121")
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--runs", type=int, default=20, help="interleaved rounds (median of this many)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    args = p.parse_args(argv)
+    try:
+        from zoo.registry import get_model_spec
+        names = [get_model_spec(n).name for n in args.models.split(",") if n]
+        batches = [int(b) for b in args.batch.split(",") if b]
+    except ValueError as e:
+        p.exit(2, f"error: {e}\n")
+    if args.runs < 1 or not batches or min(batches) < 1:
+        p.exit(2, "error: --runs and --batch must be positive\n")
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="bench-export-") as work:
+        for name in names:
+            rows += bench_model(name, batches, args.runs, args.threads, work)
+    print_report(rows, args.threads)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
