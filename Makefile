@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo venv clean
+.PHONY: test demo reliability venv clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The full reliability suite (make test runs its quick subset).
+reliability: $(STAMP)
+	ZOO_RELIABILITY=full $(PY) -m pytest -q tests/reliability
 
 demo: $(STAMP)
 	$(PY) -m zoo list
