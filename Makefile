@@ -27,7 +27,17 @@ reliability: $(STAMP)
 	ZOO_RELIABILITY=full $(PY) -m pytest -q tests/reliability
 
 demo: $(STAMP)
-	$(PY) -m zoo list
+	$(PY) -m bench.demo
+
+# The gRPC stubs in serve/_proto, from protos/ (needs grpcio-tools, in .[dev]). They are checked
+# in, so a fresh clone needs no step; rerun after editing a .proto (tests/serve diffs them).
+# -Iserve/_proto=protos makes the generated imports package-qualified (serve._proto.zoo...).
+PROTO_OUT ?= .
+PROTOS := protos/zoo/serving/v1/classifier.proto
+.PHONY: protos
+protos:
+	$(PY) -m grpc_tools.protoc -Iserve/_proto=protos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+		--grpc_python_out=$(PROTO_OUT) $(PROTOS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

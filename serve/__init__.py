@@ -1,0 +1,13 @@
+"""Serve exported ONNX models over gRPC on onnxruntime: ``python -m serve --model-dir DIR``.
+
+- :mod:`serve.runtime`: the model repository, onnxruntime sessions and providers
+- :mod:`serve.preprocess`: image decoding and training's val transform, numpy + Pillow only
+- :mod:`serve.batching`: the dynamic batcher
+- :mod:`serve.server`: the ``zoo.serving.v1.Classifier`` servicer, health, reflection, auth
+- :mod:`serve.metrics`: Prometheus series and the latency report
+- :mod:`serve.client`: a Python client and ``python -m serve.client IMAGE...``
+
+The API is ``protos/zoo/serving/v1/classifier.proto``; its generated stubs live in
+``serve._proto``. Nothing here imports torch or ``zoo``: the contract with the exporter is the
+ONNX file and its metadata (:mod:`export.metadata`).
+"""

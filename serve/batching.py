@@ -1,0 +1,186 @@
+"""Dynamic batching: gather concurrent requests for one model into one onnxruntime call.
+
+One worker thread per model takes the oldest waiting request, then gathers more until the batch
+holds ``max_batch`` or ``timeout_s`` has passed since that oldest request *arrived* (so a lone
+request never waits longer than the timeout, and one that already queued behind a running batch
+waits no extra). Requests whose deadline has passed, or whose caller went away, are dropped
+before the batch runs. The queue is bounded: a full queue is refused, never grown. While one
+batch runs, the next one gathers in the queue, which is what makes batching pay off under load.
+``max_batch=1`` turns batching off (each request runs alone, at once).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The model's queue is at capacity."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed (or its caller cancelled) before it ran."""
+
+
+class ShuttingDown(Exception):
+    """The batcher was closed before the request ran."""
+
+
+@dataclass
+class BatchResult:
+    logits: np.ndarray  # this request's row, [classes]
+    batch_size: int
+    queue_s: float  # arrival -> its batch started running
+    inference_s: float  # the batch's onnxruntime call
+
+
+class Pending:
+    """A submitted request: :meth:`wait` returns its :class:`BatchResult` or raises."""
+
+    __slots__ = ("x", "deadline", "is_active", "enqueued", "_done", "_result", "_error", "abandoned")
+
+    def __init__(self, x: np.ndarray, deadline: float | None, is_active: Callable[[], bool] | None) -> None:
+        self.x = x
+        self.deadline = deadline  # time.monotonic() seconds, or None
+        self.is_active = is_active
+        self.enqueued = time.monotonic()
+        self._done = threading.Event()
+        self._result: BatchResult | None = None
+        self._error: BaseException | None = None
+        self.abandoned = False  # the waiter gave up: skip it
+
+    def expired(self, now: float) -> bool:
+        if self.abandoned or (self.deadline is not None and now >= self.deadline):
+            return True
+        return self.is_active is not None and not self.is_active()
+
+    def _finish(self, result: BatchResult | None = None, error: BaseException | None = None) -> None:
+        self._result, self._error = result, error
+        self._done.set()
+
+    def wait(self, timeout: float | None = None) -> BatchResult:
+        """Block until the batch ran. Raises DeadlineExceeded when ``timeout`` passes first."""
+        if not self._done.wait(timeout):
+            self.abandoned = True
+            raise DeadlineExceeded("deadline exceeded while waiting in the batch queue")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+
+_STOP = object()
+
+
+class Batcher:
+    """Runs ``run(batch [N, ...]) -> [N, classes]`` on one worker thread for submitted items.
+
+    Args:
+        run: the model call (one onnxruntime ``session.run``).
+        max_batch: largest batch; 1 disables batching.
+        timeout_s: longest wait for a batch to fill, counted from its oldest request's arrival.
+        max_queue: requests that may wait at once; beyond it :meth:`submit` raises QueueFull.
+        on_batch: called with each batch's size after it ran (metrics).
+        name: for the thread name and logs.
+    """
+
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int = 16, timeout_s: float = 0.002,
+                 max_queue: int = 1024, on_batch: Callable[[int], None] | None = None, name: str = "model") -> None:
+        if max_batch < 1:
+            raise ValueError(f"Invalid max_batch: {max_batch} (at least 1)")
+        if timeout_s < 0:
+            raise ValueError(f"Invalid timeout_s: {timeout_s} (at least 0)")
+        self.run, self.max_batch, self.timeout_s = run, max_batch, timeout_s
+        self.on_batch = on_batch
+        self.name = name
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, x: np.ndarray, deadline: float | None = None,
+               is_active: Callable[[], bool] | None = None) -> Pending:
+        """Queue one input (no batch axis). ``deadline`` is a ``time.monotonic()`` time."""
+        if self._closed:
+            raise ShuttingDown("server is shutting down")
+        item = Pending(x, deadline, is_active)
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            raise QueueFull(f"{self.name}: {self._queue.maxsize} requests already waiting") from None
+        return item
+
+    def close(self, timeout: float | None = None) -> None:
+        """Run what is queued, then stop the worker; later submits raise ShuttingDown."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ worker
+
+    def _gather(self, first: Pending) -> tuple[list[Pending], bool]:
+        batch, stop = [first], False
+        until = first.enqueued + self.timeout_s
+        while len(batch) < self.max_batch:
+            remaining = until - time.monotonic()
+            try:
+                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                stop = True
+                break
+            batch.append(item)
+        return batch, stop
+
+    def _loop(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch, stop = self._gather(first)
+            now = time.monotonic()
+            live = []
+            for item in batch:
+                if item.expired(now):
+                    item._finish(error=DeadlineExceeded("deadline exceeded while waiting in the batch queue"))
+                else:
+                    live.append(item)
+            if live:
+                self._run(live)
+        # Closed: nothing new arrives (submit refuses), fail whatever slipped in.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                item._finish(error=ShuttingDown("server is shutting down"))
+
+    def _run(self, items: list[Pending]) -> None:
+        start = time.monotonic()
+        try:
+            x = items[0].x[None] if len(items) == 1 else np.stack([it.x for it in items])
+            logits = self.run(x)
+        except Exception as e:  # the model failed: every caller of this batch hears about it
+            log.exception("%s: batch of %d failed", self.name, len(items))
+            for item in items:
+                item._finish(error=e)
+            return
+        elapsed = time.monotonic() - start
+        if self.on_batch is not None:
+            self.on_batch(len(items))
+        for i, item in enumerate(items):
+            item._finish(BatchResult(logits=logits[i], batch_size=len(items),
+                                     queue_s=start - item.enqueued, inference_s=elapsed))

@@ -1,0 +1,257 @@
+"""A small client for ``python -m serve``: a Python API and ``python -m serve.client IMAGE...``.
+
+    from serve.client import Classifier
+    with Classifier("127.0.0.1:50051") as c:
+        result = c.classify("cat.jpg", top_k=3)          # a path, encoded bytes or an ndarray
+        print(result.top.label, result.top.score, result.timing)
+        results = c.classify_many(["a.jpg", "b.png"])    # one pipelined ClassifyStream
+
+An ndarray is sent as a tensor: ``uint8`` as raw ``[H, W, C]`` pixels (the server preprocesses
+them like a decoded image), float as a model-ready ``[C, H, W]`` or ``[1, C, H, W]``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence, Union
+
+import grpc
+import numpy as np
+
+from serve._proto.zoo.serving.v1 import classifier_pb2 as pb
+from serve._proto.zoo.serving.v1 import classifier_pb2_grpc as pb_grpc
+
+PROG = "python -m serve.client"
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TIMEOUT_S = 30.0
+MAX_MESSAGE_BYTES = 64 * 2**20  # the server sets the real limit; the client only must not be the tighter one
+
+Input = Union[str, os.PathLike, bytes, np.ndarray]
+
+
+class ClientError(Exception):
+    """A failed call: ``code`` (grpc.StatusCode) and the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code, self.message = code, message
+
+
+@dataclass
+class Prediction:
+    index: int
+    label: str
+    score: float
+
+
+@dataclass
+class Result:
+    """One answer: ``classes`` best first, server-side ``timing`` in microseconds."""
+
+    classes: list[Prediction]
+    model: str
+    version: int
+    provider: str
+    batch_size: int
+    timing: dict[str, int]
+    request_id: str = ""
+    logits: list[float] | None = None
+
+    @property
+    def top(self) -> Prediction:
+        return self.classes[0]
+
+    @classmethod
+    def from_proto(cls, r: Any) -> "Result":
+        t = r.timing
+        return cls(classes=[Prediction(c.index, c.label, c.score) for c in r.classes], model=r.model,
+                   version=r.version, provider=r.provider, batch_size=r.batch_size, request_id=r.request_id,
+                   timing=dict(decode=t.decode_us, preprocess=t.preprocess_us, queue=t.queue_us,
+                               inference=t.inference_us, total=t.total_us),
+                   logits=list(r.logits) if len(r.logits) else None)
+
+
+_DTYPES = {np.dtype(np.uint8): "uint8", np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}
+_CODES = {c.value[0]: c for c in grpc.StatusCode}  # ItemError.code number -> StatusCode
+
+
+def make_request(x: Input, model: str = "", top_k: int = 0, version: int = 0, request_id: str = "",
+                 return_logits: bool = False) -> Any:
+    """A ``ClassifyRequest`` for a path, encoded image bytes or an ndarray."""
+    request = pb.ClassifyRequest(model=model, version=version, top_k=top_k, request_id=request_id,
+                                 return_logits=return_logits)
+    if isinstance(x, np.ndarray):
+        array = x if x.dtype in _DTYPES else x.astype(np.float32)
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        request.tensor.CopyFrom(pb.Tensor(shape=list(array.shape), dtype=_DTYPES[np.dtype(array.dtype.name)],
+                                          data=array.tobytes()))
+    elif isinstance(x, (bytes, bytearray, memoryview)):
+        request.image = bytes(x)
+    else:
+        with open(x, "rb") as f:
+            request.image = f.read()
+    return request
+
+
+def _error(e: grpc.RpcError) -> ClientError:
+    return ClientError(e.code(), e.details() or "")
+
+
+class Classifier:
+    """A connection to a ``zoo.serving.v1.Classifier`` server.
+
+    Args:
+        target: ``HOST:PORT``.
+        token: sent as ``authorization: Bearer TOKEN``.
+        tls_ca: PEM bytes or a file path of the CA that signed the server's certificate; turns TLS on.
+        tls: TLS with the system's CAs (when ``tls_ca`` is not given).
+        timeout: default seconds per call.
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
+                 tls_ca: bytes | str | os.PathLike | None = None, tls: bool = False,
+                 timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        if tls_ca is not None or tls:
+            ca = tls_ca
+            if ca is not None and not isinstance(ca, bytes):
+                with open(ca, "rb") as f:
+                    ca = f.read()
+            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca), options)
+        else:
+            self.channel = grpc.insecure_channel(target, options)
+        self.target, self.timeout = target, timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self.stub = pb_grpc.ClassifierStub(self.channel)
+
+    def __enter__(self) -> "Classifier":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def classify(self, x: Input, model: str = "", top_k: int = 5, version: int = 0, request_id: str = "",
+                 return_logits: bool = False, timeout: float | None = None) -> Result:
+        """Classify one image (path or encoded bytes) or ndarray. Raises :class:`ClientError`."""
+        request = make_request(x, model, top_k, version, request_id, return_logits)
+        try:
+            response = self.stub.Classify(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        return Result.from_proto(response)
+
+    def classify_many(self, inputs: Iterable[Input], model: str = "", top_k: int = 5, version: int = 0,
+                      return_logits: bool = False, timeout: float | None = None,
+                      raise_on_error: bool = True) -> list[Result | ClientError]:
+        """Classify many inputs over one pipelined ClassifyStream; results in input order.
+
+        With ``raise_on_error=False`` a failed item is returned as its :class:`ClientError`
+        (the others still succeed); otherwise the first failure is raised.
+        """
+        requests = (make_request(x, model, top_k, version, str(i), return_logits) for i, x in enumerate(inputs))
+        out: list[Result | ClientError] = []
+        try:
+            for item in self.stub.ClassifyStream(requests, timeout=timeout or self.timeout, metadata=self._metadata):
+                if item.WhichOneof("result") == "error":
+                    err = ClientError(_CODES.get(item.error.code, grpc.StatusCode.UNKNOWN), item.error.message)
+                    if raise_on_error:
+                        raise err
+                    out.append(err)
+                else:
+                    out.append(Result.from_proto(item.response))
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        return out
+
+    def list_models(self, timeout: float | None = None) -> Any:
+        """The server's ``ListModelsResponse``."""
+        try:
+            return self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
+    def latency_report(self, model: str = "", timeout: float | None = None) -> Any:
+        """The server's ``LatencyReportResponse``."""
+        try:
+            return self.stub.GetLatencyReport(pb.LatencyReportRequest(model=model), timeout=timeout or self.timeout,
+                                              metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Classify images with a python -m serve server.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, BMP or WebP files")
+    p.add_argument("--model", default="", help="model name (default: the server's default model)")
+    p.add_argument("--top-k", type=int, default=5, help="classes shown per image")
+    p.add_argument("--server", default=DEFAULT_TARGET, metavar="HOST:PORT")
+    p.add_argument("--token-file", metavar="FILE", help="bearer token for a server started with --auth-token-file")
+    p.add_argument("--tls-ca", metavar="PEM", help="CA certificate that signed the server's (turns TLS on)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds for the whole run")
+    return p
+
+
+def format_result(name: str, r: Result) -> str:
+    width = max([len("label")] + [len(c.label) for c in r.classes])
+    lines = [f"{name}  ({r.model} v{r.version}, {r.provider}, batch {r.batch_size})",
+             f"  {'label'.ljust(width)}  score"]
+    lines += [f"  {c.label.ljust(width)}  {c.score:.4f}" for c in r.classes]
+    lines.append("  timing (us): " + "  ".join(f"{k} {v}" for k, v in r.timing.items()))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error(f"Invalid --top-k: {args.top_k} (at least 1)")
+    token = None
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as e:
+            parser.error(f"--token-file {args.token_file}: {e.strerror or e}")
+    if args.tls_ca and not os.path.isfile(args.tls_ca):
+        parser.error(f"--tls-ca {args.tls_ca}: no such file")
+    images = []
+    for path in args.images:
+        try:
+            with open(path, "rb") as f:
+                images.append(f.read())
+        except OSError as e:
+            print(f"{PROG}: error: cannot read {path}: {e.strerror or e}", file=sys.stderr)
+            return 2
+    try:
+        with Classifier(args.server, token=token, tls_ca=args.tls_ca, timeout=args.timeout) as client:
+            if len(images) == 1:
+                results: list[Result | ClientError] = [client.classify(images[0], args.model, args.top_k)]
+            else:
+                results = client.classify_many(images, args.model, args.top_k, raise_on_error=False)
+    except ClientError as e:
+        where = f"server {args.server}: " if e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else ""
+        print(f"{PROG}: error: {where}{e.code.name}: {e.message.splitlines()[0] if e.message else ''}", file=sys.stderr)
+        return 1
+    failed = 0
+    for path, r in zip(args.images, results):
+        if isinstance(r, ClientError):
+            failed += 1
+            print(f"{path}: error: {r.code.name}: {r.message}", file=sys.stderr)
+        else:
+            print(format_result(path, r))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

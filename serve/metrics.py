@@ -1,0 +1,105 @@
+"""Request metrics: Prometheus series and a bounded window of recent latencies per model.
+
+One call, :meth:`Metrics.observe`, feeds both the Prometheus histograms (scraped on
+``--metrics-port``) and the window ``GetLatencyReport`` computes p50/p90/p99 from, so the two
+always describe the same requests. Each server owns its own registry (tests run several).
+"""
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+# Recent successful requests kept per model for GetLatencyReport.
+LATENCY_WINDOW = 2048
+# Seconds: 100 us .. 10 s, dense where small models on a CPU live (0.5 - 20 ms).
+LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 1e-2, 1.5e-2, 2e-2, 3e-2, 5e-2,
+                   7.5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+# The model label of requests that named no served model (keeps the label set bounded: model
+# names come from clients).
+UNKNOWN_MODEL = "unknown"
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass
+class _Sample:
+    total_s: float
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+class Metrics:
+    """Prometheus series for one server, plus latency windows."""
+
+    def __init__(self, window: int = LATENCY_WINDOW) -> None:
+        self.registry = CollectorRegistry()
+        self.window = window
+        self.requests = Counter("zoo_serve_requests", "Classify requests by model and gRPC status code",
+                                ["model", "code"], registry=self.registry)
+        self.total = Histogram("zoo_serve_request_latency_seconds", "Server-side latency of successful requests",
+                               ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.queue = Histogram("zoo_serve_queue_latency_seconds", "Time a request waited for its batch to run",
+                               ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.inference = Histogram("zoo_serve_inference_latency_seconds",
+                                   "onnxruntime time of the batch a request ran in", ["model"],
+                                   buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram("zoo_serve_batch_size", "Requests per onnxruntime call", ["model"],
+                                    buckets=BATCH_BUCKETS, registry=self.registry)
+        self._lock = threading.Lock()
+        self._windows: dict[str, collections.deque[_Sample]] = {}
+        self._counts: dict[str, int] = collections.Counter()
+        self._http: Any = None
+
+    def count(self, model: str, code: str) -> None:
+        """One finished request with status ``code`` (e.g. ``"OK"``, ``"INVALID_ARGUMENT"``)."""
+        self.requests.labels(model or UNKNOWN_MODEL, code).inc()
+
+    def observe(self, model: str, total_s: float, queue_s: float, inference_s: float, batch_size: int) -> None:
+        """One successful request: counted, into the histograms and the model's window."""
+        self.count(model, "OK")
+        self.total.labels(model).observe(total_s)
+        self.queue.labels(model).observe(queue_s)
+        self.inference.labels(model).observe(inference_s)
+        with self._lock:
+            win = self._windows.get(model)
+            if win is None:
+                win = self._windows[model] = collections.deque(maxlen=self.window)
+            win.append(_Sample(total_s, queue_s, inference_s, batch_size))
+            self._counts[model] += 1
+
+    def observe_batch(self, model: str, size: int) -> None:
+        self.batch_size.labels(model).observe(size)
+
+    def report(self, model: str) -> dict[str, Any]:
+        """``{"count", "total_requests", "total"|"queue"|"inference": {p50, p90, p99} in us,
+        "mean_batch_size"}`` over the model's window (zeros when it is empty)."""
+        with self._lock:
+            samples = list(self._windows.get(model, ()))
+            served = self._counts.get(model, 0)
+        out: dict[str, Any] = {"count": len(samples), "total_requests": served}
+        for key in ("total", "queue", "inference"):
+            if samples:
+                values = np.array([getattr(s, f"{key}_s") for s in samples]) * 1e6
+                out[key] = dict(zip(PERCENTILES, np.percentile(values, PERCENTILES).tolist()))
+            else:
+                out[key] = dict.fromkeys(PERCENTILES, 0.0)
+        out["mean_batch_size"] = float(np.mean([s.batch_size for s in samples])) if samples else 0.0
+        return out
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Expose ``/metrics`` on ``host:port`` (0: a free port); returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

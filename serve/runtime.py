@@ -1,0 +1,239 @@
+"""The model repository and its onnxruntime sessions.
+
+A repository is the layout ``python -m export.onnx`` writes (Triton's)::
+
+    DIR/NAME/VERSION/model.onnx     VERSION is a positive integer directory
+    DIR/NAME/labels.txt             informational: the labels served come from the ONNX metadata
+
+By default the newest version of every name is loaded; ``--model NAME[:VERSION]`` (repeatable)
+picks names and pins versions. Every file is read into memory and the session is built from
+those bytes, so a file deleted or replaced while serving changes nothing until a restart.
+Everything the server needs (labels, input size, mean/std, crop_pct) comes from the metadata of
+:mod:`export.metadata`: the only contract between ``export`` and ``serve``.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from export.metadata import INPUT_NAME, OUTPUT_NAME, MetadataError, decode_metadata
+
+MODEL_FILE = "model.onnx"
+PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+# The names export.onnx writes; anything else in the repository root is ignored.
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# onnxruntime's own log: errors only (its warnings about unused initializers are noise here).
+ORT_LOG_SEVERITY = 3
+
+
+class RepositoryError(Exception):
+    """The repository cannot be served; the message is one line naming the file or option."""
+
+
+@dataclass
+class Model:
+    """One loaded model version: its session and the metadata serving needs."""
+
+    name: str
+    version: int
+    path: str
+    session: Any  # onnxruntime.InferenceSession
+    meta: dict[str, Any]
+    provider: str
+
+    @property
+    def labels(self) -> list[str]:
+        return self.meta["labels"]
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return tuple(self.meta["input_size"])  # type: ignore[return-value]
+
+    @property
+    def mean(self) -> list[float]:
+        return self.meta["mean"]
+
+    @property
+    def std(self) -> list[float]:
+        return self.meta["std"]
+
+    @property
+    def crop_pct(self) -> float:
+        return self.meta["crop_pct"]
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits ``[N, classes]`` for a float32 batch ``[N, C, H, W]``."""
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+
+@dataclass
+class Repository:
+    """Loaded models by name and version; names are looked up here only, never on disk."""
+
+    root: str
+    models: dict[str, dict[int, Model]] = field(default_factory=dict)
+
+    def names(self) -> list[str]:
+        return sorted(self.models)
+
+    def all(self) -> list[Model]:
+        return [self.models[n][v] for n in self.names() for v in sorted(self.models[n])]
+
+    def get(self, name: str, version: int = 0) -> Model | None:
+        """The model ``name`` at ``version`` (0: the newest loaded), or None."""
+        versions = self.models.get(name)
+        if not versions:
+            return None
+        return versions[max(versions)] if version == 0 else versions.get(version)
+
+    def describe(self) -> str:
+        return ", ".join(f"{m.name}:{m.version}" for m in self.all())
+
+
+def resolve_providers(choice: str) -> list[str]:
+    """The onnxruntime provider list for ``--providers``.
+
+    ``auto`` takes CUDA when this onnxruntime build has it (onnxruntime-gpu), else the CPU;
+    ``cuda`` without it raises :class:`RepositoryError`.
+    """
+    if choice not in PROVIDER_CHOICES:
+        raise RepositoryError(f"unknown --providers {choice!r}; choose from {', '.join(PROVIDER_CHOICES)}")
+    available = ort.get_available_providers()
+    if choice == "cpu":
+        return [CPU]
+    if choice == "cuda" and CUDA not in available:
+        raise RepositoryError(
+            f"--providers cuda: this onnxruntime {ort.__version__} has no {CUDA} (available: "
+            f"{', '.join(available)}); install onnxruntime-gpu (pip install -e '.[gpu]') on a machine with a GPU")
+    return [CUDA, CPU] if CUDA in available else [CPU]
+
+
+def session_options(threads: int) -> Any:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads  # 0: onnxruntime's default (one per core)
+    opts.inter_op_num_threads = 1  # a classifier graph is a chain: no parallel branches worth threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = ORT_LOG_SEVERITY
+    return opts
+
+
+def _versions(model_dir: str) -> list[int]:
+    return sorted(int(d) for d in os.listdir(model_dir)
+                  if d.isdigit() and int(d) > 0 and os.path.isdir(os.path.join(model_dir, d)))
+
+
+def parse_model_specs(specs: Sequence[str]) -> dict[str, set[int]]:
+    """``["a", "b:2", "b:3"]`` -> ``{"a": set(), "b": {2, 3}}`` (empty set: the newest version)."""
+    wanted: dict[str, set[int]] = {}
+    for spec in specs:
+        name, sep, version = spec.partition(":")
+        if not NAME_RE.fullmatch(name) or (sep and not (version.isdigit() and int(version) > 0)):
+            raise RepositoryError(f"invalid --model {spec!r}: expected NAME or NAME:VERSION (VERSION a positive integer)")
+        wanted.setdefault(name, set())
+        if sep:
+            wanted[name].add(int(version))
+    return wanted
+
+
+def load_model(path: str, name: str, version: int, providers: Sequence[str], threads: int,
+               require: str | None = None) -> Model:
+    """Read ``path`` into memory and build its session; RepositoryError names the file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise RepositoryError(f"cannot read model file {path}: {e.strerror or e}") from None
+    if not data:
+        raise RepositoryError(f"model file {path} is empty")
+    try:
+        session = ort.InferenceSession(data, session_options(threads), providers=list(providers))
+    except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RepositoryError(f"corrupt or truncated model file {path}: {first}") from None
+    try:
+        meta = decode_metadata(session.get_modelmeta().custom_metadata_map)
+    except MetadataError as e:
+        raise RepositoryError(f"model file {path}: {e}") from None
+    _check_graph(session, meta, path)
+    provider = session.get_providers()[0]
+    if require is not None and provider != require:
+        raise RepositoryError(f"--providers cuda: onnxruntime fell back to {provider} for {path} "
+                              "(no usable GPU or CUDA libraries)")
+    model = Model(name=name, version=version, path=path, session=session, meta=meta, provider=provider)
+    # One run now: the first request does not pay onnxruntime's first-run setup, and a model
+    # that loads but cannot run stops the start instead of failing every request.
+    try:
+        out = model.run(np.zeros((1, *model.input_size), np.float32))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RepositoryError(f"model file {path} loads but does not run: {first}") from None
+    if out.shape != (1, len(model.labels)):
+        raise RepositoryError(f"model file {path}: logits of shape {list(out.shape)} for {len(model.labels)} labels")
+    return model
+
+
+def _check_graph(session: Any, meta: dict[str, Any], path: str) -> None:
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    names_in, names_out = [i.name for i in inputs], [o.name for o in outputs]
+    if INPUT_NAME not in names_in or OUTPUT_NAME not in names_out:
+        raise RepositoryError(f"model file {path}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, "
+                              f"got inputs {names_in} and outputs {names_out}")
+    shape = inputs[names_in.index(INPUT_NAME)].shape
+    static = [d for d in shape[1:]]
+    if len(shape) != 4 or any(isinstance(d, int) and d != want for d, want in zip(static, meta["input_size"])):
+        raise RepositoryError(f"model file {path}: graph input {shape} does not fit metadata input_size "
+                              f"{meta['input_size']}")
+    out = outputs[names_out.index(OUTPUT_NAME)].shape
+    if len(out) != 2 or (isinstance(out[1], int) and out[1] != len(meta["labels"])):
+        raise RepositoryError(f"model file {path}: graph output {out} does not fit {len(meta['labels'])} labels")
+
+
+def load_repository(root: str, providers: str = "auto", threads: int = 0,
+                    models: Sequence[str] = ()) -> Repository:
+    """Load the newest version of every model under ``root`` (or the ``models`` specs).
+
+    Args:
+        root: the model repository directory.
+        providers: ``auto``, ``cpu`` or ``cuda`` (see :func:`resolve_providers`).
+        threads: onnxruntime intra-op threads per session (0: onnxruntime's default).
+        models: ``NAME`` or ``NAME:VERSION`` specs; empty loads everything.
+
+    Raises:
+        RepositoryError: one line naming the directory, file or option at fault.
+    """
+    provider_list = resolve_providers(providers)
+    require = CUDA if providers == "cuda" else None
+    if not os.path.isdir(root):
+        raise RepositoryError(f"--model-dir {root}: no such directory")
+    wanted = parse_model_specs(models)
+    if wanted:
+        names = sorted(wanted)
+        for name in names:
+            if not os.path.isdir(os.path.join(root, name)):
+                raise RepositoryError(f"--model {name}: no directory {os.path.join(root, name)}")
+    else:
+        names = sorted(d for d in os.listdir(root) if NAME_RE.fullmatch(d) and os.path.isdir(os.path.join(root, d))
+                       and _versions(os.path.join(root, d)))
+    if not names:
+        raise RepositoryError(f"--model-dir {root}: no models (expected {root}/NAME/VERSION/{MODEL_FILE})")
+    repo = Repository(root=root)
+    for name in names:
+        model_dir = os.path.join(root, name)
+        available = _versions(model_dir)
+        versions = sorted(wanted.get(name) or ([available[-1]] if available else []))
+        if not versions:
+            raise RepositoryError(f"{model_dir}: no version directories (expected {model_dir}/1/{MODEL_FILE})")
+        for version in versions:
+            path = os.path.join(model_dir, str(version), MODEL_FILE)
+            if not os.path.isfile(path):
+                raise RepositoryError(f"missing model file {path}")
+            model = load_model(path, name, version, provider_list, threads, require)
+            repo.models.setdefault(name, {})[version] = model
+    return repo

@@ -1,0 +1,246 @@
+"""python -m serve and python -m serve.client: start-up, failures, SIGTERM drain, the client CLI,
+and the rule that serving never imports torch or zoo."""
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import serve.__main__ as serve_main
+import serve.client as client
+from serve._proto.zoo.serving.v1 import classifier_pb2_grpc as pb_grpc
+from serve.runtime import RepositoryError, load_repository
+from tests.serve.conftest import INPUT_SIZE, REPO_ROOT, png_bytes, random_image, running, tensor_request
+
+READY = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = serve_main.main(list(argv))
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def start_serve(*argv: str) -> tuple[subprocess.Popen, int, str]:
+    """``python -m serve ARGV`` in a subprocess, after its ready line: (process, port, line)."""
+    proc = subprocess.Popen([sys.executable, "-m", "serve", *argv], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    match = READY.search(line)
+    if not match:
+        proc.kill()
+        raise AssertionError(f"no ready line: {line!r} {proc.stderr.read()}")
+    return proc, int(match.group(1)), line
+
+
+def test_serving_never_imports_torch_or_zoo():
+    code = ("import sys, serve, serve.server, serve.runtime, serve.batching, serve.preprocess, serve.metrics, "
+            "serve.client, serve.__main__\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'zoo'))\n"
+            "print(bad)\nsys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------- a real process
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(exported):
+    proc, port, line = start_serve("--model-dir", exported.root, "--port", "0", "--threads", "1",
+                                   "--metrics-port", "0", "--grace", "20")
+    try:
+        assert "resnext_mini:1" in line and "densenet_mini:1" in line and "CPUExecutionProvider" in line
+        assert "metrics http://127.0.0.1:" in line
+        x = np.zeros(INPUT_SIZE, np.float32)
+        resume = threading.Event()
+
+        def requests():  # half before SIGTERM, half after the server began stopping
+            for i in range(20):
+                if i == 10:
+                    assert resume.wait(30)
+                yield tensor_request(x, model="resnext_mini", request_id=str(i))
+
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ClassifierStub(channel)
+            stream = stub.ClassifyStream(requests(), timeout=60)
+            answers = [next(stream) for _ in range(10)]
+            proc.send_signal(signal.SIGTERM)
+            assert "stopping" in proc.stdout.readline()
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as fresh:  # new calls are refused
+                with pytest.raises(grpc.RpcError) as info:
+                    pb_grpc.ClassifierStub(fresh).Classify(tensor_request(x, model="resnext_mini"), timeout=10)
+                # grpc core's answer during shutdown: UNAVAILABLE, or CANCELLED when the call
+                # reached the server's listener just before it closed
+                assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+            resume.set()  # ... while the in-flight stream still gets every answer
+            answers += list(stream)
+        assert [a.request_id for a in answers] == [str(i) for i in range(20)]
+        assert all(a.WhichOneof("result") == "response" for a in answers)
+        assert proc.wait(timeout=30) == 0
+        assert "stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_corrupt_model_file_stops_start_with_exit_1(exported, tmp_path):
+    root = tmp_path / "models"
+    shutil.copytree(exported.root, root)
+    path = root / "resnext_mini" / "1" / "model.onnx"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated
+    result = subprocess.run([sys.executable, "-m", "serve", "--model-dir", str(root), "--port", "0"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and "corrupt or truncated" in lines[0], result.stderr
+    assert result.stdout == ""
+
+
+# --------------------------------------------------------------------------- start-up failures in-process
+
+
+@pytest.fixture
+def copy_repo(exported, tmp_path):
+    root = tmp_path / "models"
+    shutil.copytree(exported.root, root)
+    return root
+
+
+def test_garbage_and_missing_model_files(capsys, copy_repo):
+    bad = copy_repo / "densenet_mini" / "1" / "model.onnx"
+    bad.write_bytes(b"this is not an onnx file")
+    code, out, err = run_main(capsys, "--model-dir", str(copy_repo), "--port", "0")
+    assert code == 1 and str(bad) in err and "corrupt or truncated" in err and len(err.strip().splitlines()) == 1
+    bad.unlink()  # a version directory without its file
+    code, out, err = run_main(capsys, "--model-dir", str(copy_repo), "--port", "0")
+    assert code == 1 and f"missing model file {bad}" in err
+    bad.write_bytes(b"")
+    code, out, err = run_main(capsys, "--model-dir", str(copy_repo), "--port", "0")
+    assert code == 1 and f"model file {bad} is empty" in err
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="this onnxruntime has CUDA")
+def test_providers_cuda_without_gpu(capsys, exported):
+    code, out, err = run_main(capsys, "--model-dir", exported.root, "--port", "0", "--providers", "cuda")
+    assert code == 1 and "--providers cuda" in err and "CUDAExecutionProvider" in err and "onnxruntime-gpu" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv,code,message", [
+    (["--model-dir", "/nonexistent/models"], 1, "no such directory"),
+    (["--max-batch", "0"], 2, "Invalid --max-batch: 0"),
+    (["--port", "-1"], 2, "Invalid --port: -1"),
+    (["--tls-cert", "cert.pem"], 2, "--tls-cert and --tls-key go together"),
+    (["--auth-token-file", "/nonexistent/token"], 2, "--auth-token-file /nonexistent/token"),
+    (["--default-model", "nope"], 1, "default model 'nope' is not served"),
+    (["--model", "nope"], 1, "--model nope: no directory"),
+    (["--model", "resnext_mini:x"], 1, "invalid --model 'resnext_mini:x'"),
+    (["--providers", "tpu"], 2, "invalid choice: 'tpu'"),
+])
+def test_bad_options(capsys, exported, argv, code, message):
+    if "--model-dir" not in argv:
+        argv = ["--model-dir", exported.root, "--port", "0", *argv]
+    got, out, err = run_main(capsys, *argv)
+    assert got == code and message in err and "Traceback" not in err
+
+
+def test_empty_repository(capsys, tmp_path):
+    code, _, err = run_main(capsys, "--model-dir", str(tmp_path), "--port", "0")
+    assert code == 1 and "no models" in err
+
+
+def test_port_in_use(capsys, repo, exported):
+    with running(repo) as (_, port):
+        code, _, err = run_main(capsys, "--model-dir", exported.root, "--port", str(port))
+    assert code == 1 and f"cannot listen on 127.0.0.1:{port}" in err
+
+
+def test_versions_newest_by_default_or_pinned(copy_repo):
+    shutil.copytree(copy_repo / "resnext_mini" / "1", copy_repo / "resnext_mini" / "3")
+    (copy_repo / "resnext_mini" / "tmp-in-progress").mkdir()  # not a version: ignored
+    assert {(m.name, m.version) for m in load_repository(str(copy_repo), "cpu", 1).all()} == {
+        ("densenet_mini", 1), ("resnext_mini", 3)}
+    repo = load_repository(str(copy_repo), "cpu", 1, models=["resnext_mini:1", "resnext_mini:3"])
+    assert [(m.name, m.version) for m in repo.all()] == [("resnext_mini", 1), ("resnext_mini", 3)]
+    with running(repo) as (_, port), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        x = tensor_request(np.zeros(INPUT_SIZE, np.float32))
+        assert stub.Classify(x).version == 3  # the only name is the default; its newest version
+        x.version = 1
+        assert stub.Classify(x).version == 1
+    with pytest.raises(RepositoryError, match="missing model file .*resnext_mini/2/model.onnx"):
+        load_repository(str(copy_repo), "cpu", 1, models=["resnext_mini:2"])
+
+
+# --------------------------------------------------------------------------- the client
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, fmt in enumerate(("PNG", "JPEG", "BMP", "WEBP")):
+        p = d / f"img{i}.{fmt.lower()}"
+        p.write_bytes(png_bytes(random_image(i), fmt))
+        paths.append(str(p))
+    junk = d / "junk.png"
+    junk.write_bytes(b"not an image")
+    return paths, str(junk)
+
+
+def test_client_cli(capsys, server, images):
+    paths, junk = images
+    target = f"127.0.0.1:{server[1]}"
+    code = client.main([paths[0], "--server", target, "--model", "resnext_mini", "--top-k", "3"])
+    out = capsys.readouterr().out
+    assert code == 0 and paths[0] in out and "resnext_mini v1" in out and "timing (us): decode" in out
+    assert len(re.findall(r"^  digit\d\s+0\.\d{4}$", out, re.M)) == 3
+    code = client.main([*paths, "--server", target, "--model", "densenet_mini"])  # pipelined over one stream
+    out = capsys.readouterr().out
+    assert code == 0 and all(p in out for p in paths) and len(re.findall(r"^  digit\d", out, re.M)) == 5 * len(paths)
+    code = client.main([paths[0], junk, "--server", target, "--model", "densenet_mini"])
+    captured = capsys.readouterr()
+    assert code == 1 and paths[0] in captured.out and f"{junk}: error: INVALID_ARGUMENT" in captured.err
+
+
+@pytest.mark.parametrize("make_argv,code,message", [
+    (lambda p, t: [p, "--server", "127.0.0.1:1", "--timeout", "5"], 1, "server 127.0.0.1:1: UNAVAILABLE"),
+    (lambda p, t: ["/nonexistent.jpg", "--server", t], 2, "cannot read /nonexistent.jpg"),
+    (lambda p, t: [p, "--server", t, "--model", "nope"], 1, "NOT_FOUND: unknown model 'nope'"),
+])
+def test_client_cli_errors(capsys, server, images, make_argv, code, message):
+    got = client.main(make_argv(images[0][0], f"127.0.0.1:{server[1]}"))
+    err = capsys.readouterr().err
+    assert got == code and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_client_api(server, repo):
+    with client.Classifier(f"127.0.0.1:{server[1]}") as c:
+        x = np.random.default_rng(0).standard_normal(INPUT_SIZE).astype(np.float32)
+        r = c.classify(x, model="resnext_mini", top_k=2, return_logits=True)
+        want = repo.get("resnext_mini").session.run(["logits"], {"input": x[None]})[0][0]
+        np.testing.assert_allclose(r.logits, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        assert len(r.classes) == 2 and r.top.score >= r.classes[1].score and r.provider == "CPUExecutionProvider"
+        pixels = random_image(3)
+        by_pixels, by_png = c.classify(pixels, model="resnext_mini"), c.classify(png_bytes(pixels), model="resnext_mini")
+        assert [p.index for p in by_pixels.classes] == [p.index for p in by_png.classes]
+        many = c.classify_many([x, png_bytes(pixels), b"junk"], model="resnext_mini", raise_on_error=False)
+        assert isinstance(many[0], client.Result) and isinstance(many[2], client.ClientError)
+        assert many[2].code == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(client.ClientError, match="INVALID_ARGUMENT"):
+            c.classify_many([x, b"junk"], model="resnext_mini")
+        assert [m.name for m in c.list_models().models] == ["densenet_mini", "resnext_mini"]
+        assert c.latency_report("resnext_mini").models[0].count >= 1
