@@ -33,7 +33,7 @@ demo: $(STAMP)
 # in, so a fresh clone needs no step; rerun after editing a .proto (tests/serve diffs them).
 # -Iserve/_proto=protos makes the generated imports package-qualified (serve._proto.zoo...).
 PROTO_OUT ?= .
-PROTOS := protos/zoo/serving/v1/classifier.proto
+PROTOS := protos/zoo/serving/v1/classifier.proto protos/inference/grpc_predict_v2.proto
 .PHONY: protos
 protos:
 	$(PY) -m grpc_tools.protoc -Iserve/_proto=protos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \

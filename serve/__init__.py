@@ -4,10 +4,11 @@
 - :mod:`serve.preprocess`: image decoding and training's val transform, numpy + Pillow only
 - :mod:`serve.batching`: the dynamic batcher
 - :mod:`serve.server`: the ``zoo.serving.v1.Classifier`` servicer, health, reflection, auth
+- :mod:`serve.kserve`: the Open Inference Protocol (KServe v2 / Triton) ``GRPCInferenceService``
 - :mod:`serve.metrics`: Prometheus series and the latency report
 - :mod:`serve.client`: a Python client and ``python -m serve.client IMAGE...``
 
-The API is ``protos/zoo/serving/v1/classifier.proto``; its generated stubs live in
+The APIs are ``protos/zoo/serving/v1/classifier.proto`` and ``protos/inference/grpc_predict_v2.proto``; its generated stubs live in
 ``serve._proto``. Nothing here imports torch or ``zoo``: the contract with the exporter is the
 ONNX file and its metadata (:mod:`export.metadata`).
 """

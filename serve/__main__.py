@@ -4,12 +4,22 @@ Prints one line when ready (address, models, provider) so scripts can wait for i
 SIGINT stop accepting calls, let in-flight ones finish within ``--grace`` seconds and exit 0.
 Exit status: 0 after a clean stop, 1 when the models or the address cannot be served (one line
 naming the file or option), 2 for bad options.
+
+``--workers N`` (N > 1) runs N server processes on one port: this process starts each as
+``python -m serve ... --reuse-port`` (a fresh interpreter: it never forks a process that holds
+gRPC or onnxruntime threads, and builds no server itself), forwards their output prefixed with
+``[worker I pid P]``, prints one ready line once all of them are, forwards SIGTERM/SIGINT and
+exits 0 when they all stopped cleanly. The kernel (SO_REUSEPORT) spreads new *connections* over
+the workers; a worker that dies stops the others and exits 1, for the supervisor to restart.
 """
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import warnings
@@ -26,6 +36,11 @@ PROG = "python -m serve"
 DEFAULT_HOST = "127.0.0.1"  # loopback: exposing the server is an explicit choice
 DEFAULT_PORT = 50051
 DEFAULT_GRACE_S = 10.0
+# Set in each --workers child: the pid of the process that started it (a worker whose parent
+# died stops itself instead of serving on as an orphan).
+PARENT_ENV = "ZOO_SERVE_PARENT_PID"
+# Seconds a worker gets beyond --grace before the parent kills it.
+WORKER_KILL_AFTER_S = 30.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,12 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (0.0.0.0: every interface)")
     n.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (0: pick a free one and print it)")
     n.add_argument("--max-concurrency", type=int, default=DEFAULT_MAX_CONCURRENCY,
-                   help="Classify calls + ClassifyStream streams in flight; beyond it RESOURCE_EXHAUSTED")
+                   help="Classify and ModelInfer calls + ClassifyStream streams in flight; "
+                        "beyond it RESOURCE_EXHAUSTED")
     n.add_argument("--max-message-mb", type=float, default=MAX_MESSAGE_BYTES / 2**20, help="largest request message")
     n.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics on this port of --host (0: a free one); default off")
     n.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
                    help="seconds in-flight calls get to finish on SIGTERM/SIGINT")
+    w = p.add_argument_group("scale-out on one machine")
+    w.add_argument("--workers", type=int, default=1,
+                   help="server processes sharing --port (SO_REUSEPORT); the kernel spreads connections over them. "
+                        "--threads 0 then gives each worker cores/N threads; worker I serves metrics on "
+                        "--metrics-port + I (or a free port each with 0)")
+    w.add_argument("--reuse-port", action="store_true",
+                   help="share --port with other servers started with this flag (--workers sets it)")
     b = p.add_argument_group("dynamic batching")
     b.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="requests per onnxruntime call (1: off)")
     b.add_argument("--batch-timeout-ms", type=float, default=DEFAULT_BATCH_TIMEOUT_MS,
@@ -97,12 +120,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("ports are 0..65535")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
+    if args.workers < 1:
+        parser.error(f"Invalid --workers: {args.workers} (at least 1)")
+    if args.workers > 1 and args.metrics_port and args.metrics_port + args.workers - 1 > 65535:
+        parser.error(f"--metrics-port {args.metrics_port} + {args.workers} workers runs past port 65535")
     tls = (_read(parser, "--tls-key", args.tls_key), _read(parser, "--tls-cert", args.tls_cert)) if args.tls_cert else None
     token = None
     if args.auth_token_file:
         token = _read(parser, "--auth-token-file", args.auth_token_file).decode("utf-8", "replace").strip()
         if not token:
             parser.error(f"--auth-token-file {args.auth_token_file} is empty")
+    if args.workers > 1:
+        exposed = not _is_loopback(args.host) and not (tls and token)
+        return run_workers(args, list(sys.argv[1:] if argv is None else argv), warn_exposed=exposed)
 
     try:
         repo = load_repository(args.model_dir, providers=args.providers, threads=args.threads, models=args.model)
@@ -114,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server, port = create_server(repo, address, max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms,
                                      max_concurrency=args.max_concurrency, default_model=args.default_model, tls=tls,
                                      token=token, metrics_port=args.metrics_port,
-                                     max_message_bytes=int(args.max_message_mb * 2**20))
+                                     max_message_bytes=int(args.max_message_mb * 2**20), reuse_port=args.reuse_port)
         # Process-wide, so here and not in create_server: Pillow's own decompression-bomb guard
         # (an error at twice this) behind the explicit size check in preprocess.decode_image,
         # which refuses everything over it; Pillow's warning in between would only repeat that.
@@ -137,16 +167,144 @@ def main(argv: Sequence[str] | None = None) -> int:
     if server.metrics_port is not None:
         ready += f"; metrics http://{_address(args.host, server.metrics_port)}/metrics"
     print(ready, flush=True)
-    if not _is_loopback(args.host) and not (tls and token):
+    if not _is_loopback(args.host) and not (tls and token) and PARENT_ENV not in os.environ:
         print(f"{PROG}: warning: listening on {args.host} without TLS and a token: anyone who reaches it can use it",
               file=sys.stderr, flush=True)
+    parent = int(os.environ.get(PARENT_ENV, "0") or 0)
     while not stop.wait(0.5):
-        pass
+        if parent and os.getppid() != parent:  # the --workers parent is gone
+            print(f"{PROG}: parent process {parent} exited", file=sys.stderr, flush=True)
+            break
     server.begin_stop(args.grace)
     print(f"{PROG}: stopping: new calls refused, finishing in-flight ones (grace {args.grace:g} s)", flush=True)
     server.stop(args.grace)
     print(f"{PROG}: stopped", flush=True)
     return 0
+
+
+# --------------------------------------------------------------------------- --workers
+
+
+def _reserve_port(host: str) -> socket.socket:
+    """A socket bound (not listening) with SO_REUSEPORT to a free port of ``host``.
+
+    It holds the port for the workers, who bind it with SO_REUSEPORT too; a socket that does
+    not listen takes no connections, and it is closed once they all listen.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), 0, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    return sock
+
+
+def _worker_argv(argv: list[str], args: argparse.Namespace, index: int, port: int) -> list[str]:
+    """The child's options: the user's, then overrides (argparse keeps an option's last value)."""
+    extra = ["--workers", "1", "--reuse-port", "--port", str(port)]
+    if args.threads == 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        extra += ["--threads", str(max(1, cores // args.workers))]
+    if args.metrics_port:
+        extra += ["--metrics-port", str(args.metrics_port + index)]
+    return [sys.executable, "-m", "serve", *argv, *extra]
+
+
+class _Worker:
+    """One child server: its process, and a thread forwarding its output until it closes."""
+
+    def __init__(self, index: int, command: list[str]) -> None:
+        self.index = index
+        env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, bufsize=1)
+        self.ready = threading.Event()
+        self.line = ""
+        self._thread = threading.Thread(target=self._forward, name=f"worker-{index}-output", daemon=True)
+        self._thread.start()
+
+    def _forward(self) -> None:
+        assert self.proc.stdout is not None
+        prefix = f"[worker {self.index} pid {self.proc.pid}] "
+        for line in self.proc.stdout:
+            print(prefix + line.rstrip("\n"), flush=True)
+            if not self.ready.is_set() and line.startswith(f"{PROG}: listening on "):
+                self.line = line
+                self.ready.set()
+
+    def wait_ready(self, stop: threading.Event) -> bool:
+        """True once it listens; False if it exited first or ``stop`` was set."""
+        while not stop.is_set():
+            if self.ready.wait(0.1):
+                return True
+            if self.proc.poll() is not None:
+                self._thread.join(5)  # its last lines (the error) are printed before we go on
+                return self.ready.is_set()
+        return False
+
+    def finish(self, timeout: float) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{PROG}: worker {self.index} (pid {self.proc.pid}) did not stop within {timeout:g} s: killed",
+                  file=sys.stderr, flush=True)
+            self.proc.kill()
+            code = self.proc.wait()
+        self._thread.join(5)
+        return code
+
+
+def run_workers(args: argparse.Namespace, argv: list[str], warn_exposed: bool = False) -> int:
+    """``--workers N``: N ``python -m serve`` processes on one port; returns the exit status."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    reserved = None
+    port = args.port
+    if port == 0:
+        try:
+            reserved = _reserve_port(args.host)
+        except OSError as e:
+            print(f"{PROG}: error: cannot listen on {args.host}: {e.strerror or e}", file=sys.stderr)
+            return 1
+        port = reserved.getsockname()[1]
+    workers: list[_Worker] = []
+    try:
+        # The first worker alone: a bad repository or a taken port fails once, with one message.
+        for index in range(args.workers):
+            workers.append(_Worker(index, _worker_argv(argv, args, index, port)))
+            if index == 0 and not workers[0].wait_ready(stop):
+                break
+        started = all(w.wait_ready(stop) for w in workers) and len(workers) == args.workers
+    finally:
+        if reserved is not None:
+            reserved.close()
+    if started:
+        pids = ", ".join(str(w.proc.pid) for w in workers)
+        print(f"{PROG}: {args.workers} workers listening on {_address(args.host, port)} (pids {pids}; "
+              "connections spread by SO_REUSEPORT)", flush=True)
+        if warn_exposed:
+            print(f"{PROG}: warning: listening on {args.host} without TLS and a token: "
+                  "anyone who reaches it can use it", file=sys.stderr, flush=True)
+        failed = None
+        while not stop.wait(0.5):
+            failed = next((w for w in workers if w.proc.poll() is not None), None)
+            if failed is not None:
+                print(f"{PROG}: error: worker {failed.index} (pid {failed.proc.pid}) exited with status "
+                      f"{failed.proc.returncode}; stopping the others", file=sys.stderr, flush=True)
+                break
+    elif not stop.is_set():
+        bad = next((w for w in workers if w.proc.poll() is not None), workers[-1])
+        print(f"{PROG}: error: worker {bad.index} exited with status {bad.proc.returncode} before it was ready",
+              file=sys.stderr, flush=True)
+        failed = bad
+    else:
+        failed = None
+    print(f"{PROG}: stopping {len(workers)} workers (grace {args.grace:g} s)", flush=True)
+    for w in workers:
+        if w.proc.poll() is None:
+            w.proc.send_signal(signal.SIGTERM)
+    codes = [w.finish(args.grace + WORKER_KILL_AFTER_S) for w in workers]
+    print(f"{PROG}: stopped", flush=True)
+    return 1 if failed is not None or any(codes) else 0
 
 
 if __name__ == "__main__":

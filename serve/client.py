@@ -8,11 +8,18 @@
 
 An ndarray is sent as a tensor: ``uint8`` as raw ``[H, W, C]`` pixels (the server preprocesses
 them like a decoded image), float as a model-ready ``[C, H, W]`` or ``[1, C, H, W]``.
+
+Several replicas behind one client-side load balancer: the target may be a comma-separated list
+``"10.0.0.5:50051,10.0.0.6:50051"`` or ``"dns:///serve.ns.svc.cluster.local:50051"`` (every
+address the name resolves to, e.g. a Kubernetes headless Service); both spread calls round robin
+over the servers (:func:`channel_target`).
 """
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence, Union
@@ -27,6 +34,8 @@ PROG = "python -m serve.client"
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 30.0
 MAX_MESSAGE_BYTES = 64 * 2**20  # the server sets the real limit; the client only must not be the tighter one
+# Per call, not per connection: gRPC's default (pick_first) would send everything to one server.
+ROUND_ROBIN = ("grpc.lb_policy_name", "round_robin")
 
 Input = Union[str, os.PathLike, bytes, np.ndarray]
 
@@ -95,6 +104,63 @@ def make_request(x: Input, model: str = "", top_k: int = 0, version: int = 0, re
     return request
 
 
+def _split_host_port(entry: str) -> tuple[str, str]:
+    host, sep, port = entry.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"invalid server address {entry!r}: expected HOST:PORT (IPv6 as [ADDR]:PORT)")
+    return host.strip("[]"), port
+
+
+def channel_target(target: str, tls: bool = False) -> tuple[str, list[tuple[str, Any]]]:
+    """The grpc target and extra channel options for ``target``.
+
+    Args:
+        target: ``HOST:PORT`` (one server, as is); ``HOST:PORT,HOST:PORT,...`` (several servers:
+            host names are resolved once, here, and the addresses become one ``ipv4:`` or
+            ``ipv6:`` target); or a ``dns:///NAME:PORT`` target (grpc resolves NAME, and again
+            when connections fail, so replicas that come and go are followed). Lists and
+            ``dns:`` targets balance calls round robin.
+        tls: with a list, the first entry's host name (if it is one) is the TLS authority the
+            servers' certificates must name.
+
+    Raises:
+        ValueError: a malformed entry, an unresolvable host, or IPv4 and IPv6 mixed.
+    """
+    target = target.strip()
+    if target.startswith("dns:"):
+        return target, [ROUND_ROBIN]
+    if target.startswith(("ipv4:", "ipv6:")):  # already a grpc address list
+        return target, [ROUND_ROBIN] if "," in target else []
+    entries = [e.strip() for e in target.split(",") if e.strip()]
+    if len(entries) <= 1 or target.startswith(("unix:", "unix-abstract:", "vsock:")):
+        return target, []
+    addresses, first_host = [], None
+    for entry in entries:
+        host, port = _split_host_port(entry)
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            first_host = first_host or f"{host}:{port}"
+            try:
+                infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            except socket.gaierror as e:
+                raise ValueError(f"cannot resolve {host!r} in server list {target!r}: {e.strerror or e}") from None
+            v4 = [i for i in infos if i[0] == socket.AF_INET]
+            ip = ipaddress.ip_address((v4 or infos)[0][4][0])
+        addresses.append((ip, port))
+    versions = {ip.version for ip, _ in addresses}
+    if len(versions) > 1:
+        raise ValueError(f"server list {target!r} mixes IPv4 and IPv6 addresses; use one family")
+    if versions == {4}:
+        uri = "ipv4:" + ",".join(f"{ip}:{port}" for ip, port in addresses)
+    else:
+        uri = "ipv6:" + ",".join(f"[{ip}]:{port}" for ip, port in addresses)
+    options: list[tuple[str, Any]] = [ROUND_ROBIN]
+    if tls and first_host is not None:
+        options.append(("grpc.default_authority", first_host))
+    return uri, options
+
+
 def _error(e: grpc.RpcError) -> ClientError:
     return ClientError(e.code(), e.details() or "")
 
@@ -103,7 +169,8 @@ class Classifier:
     """A connection to a ``zoo.serving.v1.Classifier`` server.
 
     Args:
-        target: ``HOST:PORT``.
+        target: ``HOST:PORT``; or several servers, round robin per call: ``HOST:PORT,HOST:PORT``
+            or ``dns:///NAME:PORT`` (see :func:`channel_target`).
         token: sent as ``authorization: Bearer TOKEN``.
         tls_ca: PEM bytes or a file path of the CA that signed the server's certificate; turns TLS on.
         tls: TLS with the system's CAs (when ``tls_ca`` is not given).
@@ -113,16 +180,18 @@ class Classifier:
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
                  tls_ca: bytes | str | os.PathLike | None = None, tls: bool = False,
                  timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        secure = tls_ca is not None or tls
+        grpc_target, balancing = channel_target(target, tls=secure)
         options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-        if tls_ca is not None or tls:
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), *balancing]
+        if secure:
             ca = tls_ca
             if ca is not None and not isinstance(ca, bytes):
                 with open(ca, "rb") as f:
                     ca = f.read()
-            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca), options)
+            self.channel = grpc.secure_channel(grpc_target, grpc.ssl_channel_credentials(root_certificates=ca), options)
         else:
-            self.channel = grpc.insecure_channel(target, options)
+            self.channel = grpc.insecure_channel(grpc_target, options)
         self.target, self.timeout = target, timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.stub = pb_grpc.ClassifierStub(self.channel)
@@ -195,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, BMP or WebP files")
     p.add_argument("--model", default="", help="model name (default: the server's default model)")
     p.add_argument("--top-k", type=int, default=5, help="classes shown per image")
-    p.add_argument("--server", default=DEFAULT_TARGET, metavar="HOST:PORT")
+    p.add_argument("--server", default=DEFAULT_TARGET, metavar="HOST:PORT",
+                   help="the server; or several, round robin per call: HOST:PORT,HOST:PORT,... or dns:///NAME:PORT")
     p.add_argument("--token-file", metavar="FILE", help="bearer token for a server started with --auth-token-file")
     p.add_argument("--tls-ca", metavar="PEM", help="CA certificate that signed the server's (turns TLS on)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds for the whole run")
@@ -233,6 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as e:
             print(f"{PROG}: error: cannot read {path}: {e.strerror or e}", file=sys.stderr)
             return 2
+    try:
+        channel_target(args.server)
+    except ValueError as e:
+        parser.error(f"--server: {e}")
     try:
         with Classifier(args.server, token=token, tls_ca=args.tls_ca, timeout=args.timeout) as client:
             if len(images) == 1:

@@ -40,7 +40,7 @@ class Metrics:
     def __init__(self, window: int = LATENCY_WINDOW) -> None:
         self.registry = CollectorRegistry()
         self.window = window
-        self.requests = Counter("zoo_serve_requests", "Classify requests by model and gRPC status code",
+        self.requests = Counter("zoo_serve_requests", "Classify and ModelInfer requests by model and gRPC status code",
                                 ["model", "code"], registry=self.registry)
         self.total = Histogram("zoo_serve_request_latency_seconds", "Server-side latency of successful requests",
                                ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)

@@ -4,6 +4,9 @@ A repository is the layout ``python -m export.onnx`` writes (Triton's)::
 
     DIR/NAME/VERSION/model.onnx     VERSION is a positive integer directory
     DIR/NAME/labels.txt             informational: the labels served come from the ONNX metadata
+    DIR/NAME/config.pbtxt           optional (``export --triton``): its ``max_batch_size`` is the
+                                    model's per-request batch limit for ModelInfer (see
+                                    :func:`read_triton_max_batch`); the rest is Triton's alone
 
 By default the newest version of every name is loaded; ``--model NAME[:VERSION]`` (repeatable)
 picks names and pins versions. Every file is read into memory and the session is built from
@@ -24,6 +27,10 @@ import onnxruntime as ort
 from export.metadata import INPUT_NAME, OUTPUT_NAME, MetadataError, decode_metadata
 
 MODEL_FILE = "model.onnx"
+TRITON_CONFIG = "config.pbtxt"
+# The top-level `max_batch_size: N` of a Triton config.pbtxt (nested fields are indented or
+# inside braces; export.onnx.triton_config writes it unindented at the top).
+_MAX_BATCH_RE = re.compile(r"^max_batch_size\s*:\s*(\S+)\s*$", re.MULTILINE)
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -47,6 +54,9 @@ class Model:
     session: Any  # onnxruntime.InferenceSession
     meta: dict[str, Any]
     provider: str
+    # config.pbtxt's max_batch_size when the model directory has one (and it is > 0): the
+    # largest batch one ModelInfer request may carry. None: the server's --max-batch.
+    max_batch_size: int | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -142,6 +152,31 @@ def parse_model_specs(specs: Sequence[str]) -> dict[str, set[int]]:
     return wanted
 
 
+def read_triton_max_batch(model_dir: str) -> int | None:
+    """``max_batch_size`` of ``model_dir/config.pbtxt``, or None without the file or when it is 0.
+
+    Triton reads the same file: ``max_batch_size`` is the largest batch one request may carry
+    (0 there means the model takes no batch dimension, which a zoo export never writes; it is
+    read here as "no per-model limit"). RepositoryError names a file that is unreadable or whose
+    value is not a non-negative integer.
+    """
+    path = os.path.join(model_dir, TRITON_CONFIG)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RepositoryError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    match = _MAX_BATCH_RE.search(text)
+    if match is None:
+        return None
+    value = match.group(1)
+    if not value.isdigit():
+        raise RepositoryError(f"{path}: max_batch_size {value!r} is not a non-negative integer")
+    return int(value) or None
+
+
 def load_model(path: str, name: str, version: int, providers: Sequence[str], threads: int,
                require: str | None = None) -> Model:
     """Read ``path`` into memory and build its session; RepositoryError names the file."""
@@ -230,10 +265,12 @@ def load_repository(root: str, providers: str = "auto", threads: int = 0,
         versions = sorted(wanted.get(name) or ([available[-1]] if available else []))
         if not versions:
             raise RepositoryError(f"{model_dir}: no version directories (expected {model_dir}/1/{MODEL_FILE})")
+        max_batch_size = read_triton_max_batch(model_dir)
         for version in versions:
             path = os.path.join(model_dir, str(version), MODEL_FILE)
             if not os.path.isfile(path):
                 raise RepositoryError(f"missing model file {path}")
             model = load_model(path, name, version, provider_list, threads, require)
+            model.max_batch_size = max_batch_size
             repo.models.setdefault(name, {})[version] = model
     return repo

@@ -1,5 +1,8 @@
 """The gRPC server: the ``zoo.serving.v1.Classifier`` servicer, health, reflection, auth, metrics.
 
+The Open Inference Protocol (``inference.GRPCInferenceService``, :mod:`serve.kserve`) is served
+on the same server and port, over the same batchers, metrics and limits.
+
 Tests and ``python -m serve`` build it the same way::
 
     repo = load_repository("models", providers="cpu", threads=1)
@@ -29,6 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serve import preprocess
+from serve._proto.inference import grpc_predict_v2_pb2 as kserve_pb
 from serve._proto.zoo.serving.v1 import classifier_pb2 as pb
 from serve._proto.zoo.serving.v1 import classifier_pb2_grpc as pb_grpc
 from serve.batching import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
@@ -40,7 +44,7 @@ log = logging.getLogger(__name__)
 # Every default in one place (the CLI shows them in --help).
 DEFAULT_MAX_BATCH = 16
 DEFAULT_BATCH_TIMEOUT_MS = 2.0
-DEFAULT_MAX_CONCURRENCY = 64  # Classify calls + ClassifyStream streams in flight at once
+DEFAULT_MAX_CONCURRENCY = 64  # Classify and ModelInfer calls + ClassifyStream streams in flight at once
 DEFAULT_TOP_K = 5
 MAX_MESSAGE_BYTES = 16 * 2**20  # a 12 MP JPEG is ~5 MB; larger messages get RESOURCE_EXHAUSTED
 # RPCs beyond --max-concurrency that the thread pool still takes, so health checks, reflection
@@ -52,8 +56,10 @@ EXTRA_RPCS = 16
 # while the next gathers.
 STREAM_WINDOW_FACTOR = 2
 CLASSIFIER_SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
-# Health checks stay open under --auth-token-file (load balancers and orchestrators probe them).
-OPEN_METHODS = (f"/{health.SERVICE_NAME}/",)
+KSERVE_SERVICE = kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# Health checks stay open under --auth-token-file (load balancers and orchestrators probe them),
+# and so do the Open Inference Protocol's own two (liveness and readiness probes use them).
+OPEN_METHODS = (f"/{health.SERVICE_NAME}/", f"/{KSERVE_SERVICE}/ServerLive", f"/{KSERVE_SERVICE}/ServerReady")
 _NO_DEADLINE_S = 1e6  # grpc reports a call without deadline as one ~infinitely far away
 
 
@@ -379,8 +385,9 @@ class Server:
     """The running parts: the gRPC server, batchers, health, metrics. Made by :func:`create_server`."""
 
     def __init__(self, grpc_server: grpc.Server, servicer: ClassifierServicer, health_servicer: Any,
-                 metrics: Metrics, metrics_address: tuple[str, int] | None) -> None:
+                 metrics: Metrics, metrics_address: tuple[str, int] | None, kserve: Any = None) -> None:
         self.grpc_server, self.servicer, self.health, self.metrics = grpc_server, servicer, health_servicer, metrics
+        self.kserve = kserve  # the serve.kserve.KServeServicer on the same port
         self._metrics_address = metrics_address
         self.metrics_port: int | None = None
         self._stopping: threading.Event | None = None
@@ -424,7 +431,7 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
                   batch_timeout_ms: float = DEFAULT_BATCH_TIMEOUT_MS, max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
                   default_model: str | None = None, tls: tuple[bytes, bytes] | None = None, token: str | None = None,
                   metrics_port: int | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                  max_image_pixels: int = preprocess.MAX_IMAGE_PIXELS) -> tuple[Server, int]:
+                  max_image_pixels: int = preprocess.MAX_IMAGE_PIXELS, reuse_port: bool = False) -> tuple[Server, int]:
     """Build (not start) a server for ``repository`` bound to ``address``.
 
     Args:
@@ -432,7 +439,7 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
         address: ``HOST:PORT``; port 0 picks a free one (returned).
         max_batch: requests per onnxruntime call at most; 1 turns batching off.
         batch_timeout_ms: longest a request waits for its batch to fill.
-        max_concurrency: Classify calls plus ClassifyStream streams in flight; beyond it
+        max_concurrency: Classify and ModelInfer calls plus ClassifyStream streams in flight; beyond it
             RESOURCE_EXHAUSTED.
         default_model: the model for requests that name none (default: the only one, if one).
         tls: ``(private key PEM, certificate chain PEM)``: serve TLS instead of plaintext.
@@ -440,6 +447,9 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
         metrics_port: serve Prometheus ``/metrics`` on the same host (0: a free port); None: off.
         max_message_bytes: largest request or response message.
         max_image_pixels: largest decoded image accepted (checked before decoding).
+        reuse_port: share ``address`` with other processes that set it too (SO_REUSEPORT; the
+            kernel spreads new connections over them: ``python -m serve --workers N``). Off, a
+            taken port is an error.
 
     Returns:
         ``(server, port)``.
@@ -476,18 +486,23 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
     workers = max_concurrency + EXTRA_RPCS
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes),
-               ("grpc.so_reuseport", 0)]  # a second server on a taken port must fail, not share it
+               # Off: a second server on a taken port must fail, not share it.
+               ("grpc.so_reuseport", 1 if reuse_port else 0)]
     interceptors = [BearerTokenInterceptor(token)] if token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
                          interceptors=interceptors, options=options, maximum_concurrent_rpcs=workers)
     pb_grpc.add_ClassifierServicer_to_server(servicer, server)
+    from serve import kserve  # here, not at the top: serve.kserve builds on this module
+    kserve_servicer = kserve.KServeServicer(servicer, max_batch)
+    kserve.pb_grpc.add_GRPCInferenceServiceServicer_to_server(kserve_servicer, server)
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True,
         experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for service in ["", CLASSIFIER_SERVICE, *names]:
+    for service in ["", CLASSIFIER_SERVICE, KSERVE_SERVICE, *names]:
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection((CLASSIFIER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection((CLASSIFIER_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME,
+                                         reflection.SERVICE_NAME), server)
 
     try:
         if tls is not None:
@@ -501,4 +516,4 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
             batcher.close()
         raise RuntimeError(f"cannot listen on {address}: the port is taken or the host is not an address of this machine")
     metrics_address = (host, metrics_port) if metrics_port is not None else None
-    return Server(server, servicer, health_servicer, metrics, metrics_address), port
+    return Server(server, servicer, health_servicer, metrics, metrics_address, kserve_servicer), port

@@ -1,53 +1,98 @@
 """The checked-in stubs in serve/_proto are what `make protos` makes from protos/ today."""
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 from google.protobuf import descriptor_pb2
 
-from serve._proto.zoo.serving.v1 import classifier_pb2, classifier_pb2_grpc
 from tests.serve.conftest import REPO_ROOT
 
-PROTO = "protos/zoo/serving/v1/classifier.proto"
-GENERATED = "serve/_proto/zoo/serving/v1"
-STUBS = ("classifier_pb2.py", "classifier_pb2.pyi", "classifier_pb2_grpc.py")
+
+@dataclass(frozen=True)
+class Proto:
+    path: str  # under the repository root
+    package: str  # the protobuf package
+    module: str  # the generated modules' Python package
+
+    @property
+    def stem(self) -> str:
+        return os.path.splitext(os.path.basename(self.path))[0]
+
+    @property
+    def generated(self) -> str:
+        return self.module.replace(".", "/")
+
+    @property
+    def stubs(self) -> tuple[str, ...]:
+        return (f"{self.stem}_pb2.py", f"{self.stem}_pb2.pyi", f"{self.stem}_pb2_grpc.py")
+
+    def pb2(self):
+        return importlib.import_module(f"{self.module}.{self.stem}_pb2")
+
+    def pb2_grpc(self):
+        return importlib.import_module(f"{self.module}.{self.stem}_pb2_grpc")
 
 
-def test_stubs_in_step_with_proto(tmp_path):
-    """Regenerate with the Makefile's own command into a temp dir and diff, byte for byte."""
+PROTOS = [
+    Proto("protos/zoo/serving/v1/classifier.proto", "zoo.serving.v1", "serve._proto.zoo.serving.v1"),
+    Proto("protos/inference/grpc_predict_v2.proto", "inference", "serve._proto.inference"),
+]
+IDS = [p.stem for p in PROTOS]
+
+
+@pytest.fixture(scope="module")
+def regenerated(tmp_path_factory):
+    """Every stub regenerated with the Makefile's own command, into a temp dir."""
     if shutil.which("make") is None:
         pytest.skip("make not installed")
     tools = importlib.metadata.version("grpcio-tools")
-    if tools != classifier_pb2_grpc.GRPC_GENERATED_VERSION:
-        pytest.skip(f"grpcio-tools {tools} is installed; the stubs were made with "
-                    f"{classifier_pb2_grpc.GRPC_GENERATED_VERSION} (the descriptor test still runs)")
-    result = subprocess.run(["make", "-s", "protos", f"PY={sys.executable}", f"PROTO_OUT={tmp_path}"],
+    generated = PROTOS[0].pb2_grpc().GRPC_GENERATED_VERSION
+    if tools != generated:
+        pytest.skip(f"grpcio-tools {tools} is installed; the stubs were made with {generated} "
+                    "(the descriptor test still runs)")
+    out = tmp_path_factory.mktemp("protos")
+    result = subprocess.run(["make", "-s", "protos", f"PY={sys.executable}", f"PROTO_OUT={out}"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    for name in STUBS:
-        fresh = (tmp_path / GENERATED / name).read_text()
-        with open(os.path.join(REPO_ROOT, GENERATED, name)) as f:
+    return out
+
+
+def test_makefile_generates_every_proto():
+    with open(os.path.join(REPO_ROOT, "Makefile")) as f:
+        line = next(line for line in f if line.startswith("PROTOS :="))
+    assert sorted(line.split(":=", 1)[1].split()) == sorted(p.path for p in PROTOS)
+
+
+@pytest.mark.parametrize("proto", PROTOS, ids=IDS)
+def test_stubs_in_step_with_proto(proto, regenerated):
+    """Byte for byte what `make protos` writes today."""
+    for name in proto.stubs:
+        fresh = (regenerated / proto.generated / name).read_text()
+        with open(os.path.join(REPO_ROOT, proto.generated, name)) as f:
             checked_in = f.read()
-        assert fresh == checked_in, f"{GENERATED}/{name} is stale: run `make protos` and commit the result"
+        assert fresh == checked_in, f"{proto.generated}/{name} is stale: run `make protos` and commit the result"
 
 
-def test_descriptor_in_step_with_proto(tmp_path):
+@pytest.mark.parametrize("proto", PROTOS, ids=IDS)
+def test_descriptor_in_step_with_proto(proto, tmp_path):
     """Any grpcio-tools version: the compiled .proto equals the descriptor the stubs carry."""
     from grpc_tools import protoc
 
-    out = tmp_path / "classifier.pb"
+    out = tmp_path / f"{proto.stem}.pb"
     code = protoc.main(["protoc", "-Iserve/_proto=" + os.path.join(REPO_ROOT, "protos"),
-                        f"--descriptor_set_out={out}", os.path.join(REPO_ROOT, PROTO)])
+                        f"--descriptor_set_out={out}", os.path.join(REPO_ROOT, proto.path)])
     assert code == 0
     fresh = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
     _drop_json_names(fresh.message_type)  # protoc's descriptor sets carry them; generated code does not
-    checked_in = descriptor_pb2.FileDescriptorProto.FromString(classifier_pb2.DESCRIPTOR.serialized_pb)
-    assert fresh.name == "serve/_proto/zoo/serving/v1/classifier.proto" and fresh.package == "zoo.serving.v1"
+    checked_in = descriptor_pb2.FileDescriptorProto.FromString(proto.pb2().DESCRIPTOR.serialized_pb)
+    assert fresh.name == "serve/_proto/" + proto.path.removeprefix("protos/") and fresh.package == proto.package
     assert fresh == checked_in, "serve/_proto is stale: run `make protos` and commit the result"
 
 
@@ -58,6 +103,60 @@ def _drop_json_names(messages) -> None:
         _drop_json_names(m.nested_type)
 
 
-def test_generated_imports_are_package_qualified():
-    with open(os.path.join(REPO_ROOT, GENERATED, "classifier_pb2_grpc.py")) as f:
-        assert "from serve._proto.zoo.serving.v1 import classifier_pb2" in f.read()
+@pytest.mark.parametrize("proto", PROTOS, ids=IDS)
+def test_generated_imports_are_package_qualified(proto):
+    with open(os.path.join(REPO_ROOT, proto.generated, f"{proto.stem}_pb2_grpc.py")) as f:
+        assert f"from {proto.module} import {proto.stem}_pb2" in f.read()
+
+
+# The wire contract of the Open Inference Protocol: what Triton and KServe clients send. A field
+# renumbered or retyped here would still compile and round-trip with our own stubs, so it is
+# pinned against the public specification (kserve docs/predict-api/v2/grpc_predict_v2.proto).
+KSERVE_FIELDS = {
+    "ModelInferRequest": {"model_name": (1, "string"), "model_version": (2, "string"), "id": (3, "string"),
+                          "parameters": (4, "map"), "inputs": (5, "message"), "outputs": (6, "message"),
+                          "raw_input_contents": (7, "bytes")},
+    "ModelInferRequest.InferInputTensor": {"name": (1, "string"), "datatype": (2, "string"), "shape": (3, "int64"),
+                                           "parameters": (4, "map"), "contents": (5, "message")},
+    "ModelInferRequest.InferRequestedOutputTensor": {"name": (1, "string"), "parameters": (2, "map")},
+    "ModelInferResponse": {"model_name": (1, "string"), "model_version": (2, "string"), "id": (3, "string"),
+                           "parameters": (4, "map"), "outputs": (5, "message"), "raw_output_contents": (6, "bytes")},
+    "ModelInferResponse.InferOutputTensor": {"name": (1, "string"), "datatype": (2, "string"), "shape": (3, "int64"),
+                                             "parameters": (4, "map"), "contents": (5, "message")},
+    "InferParameter": {"bool_param": (1, "bool"), "int64_param": (2, "int64"), "string_param": (3, "string"),
+                       "double_param": (4, "double"), "uint64_param": (5, "uint64")},
+    "InferTensorContents": {"bool_contents": (1, "bool"), "int_contents": (2, "int32"), "int64_contents": (3, "int64"),
+                            "uint_contents": (4, "uint32"), "uint64_contents": (5, "uint64"),
+                            "fp32_contents": (6, "float"), "fp64_contents": (7, "double"),
+                            "bytes_contents": (8, "bytes")},
+    "ModelMetadataResponse": {"name": (1, "string"), "versions": (2, "string"), "platform": (3, "string"),
+                              "inputs": (4, "message"), "outputs": (5, "message")},
+    "ModelMetadataResponse.TensorMetadata": {"name": (1, "string"), "datatype": (2, "string"), "shape": (3, "int64")},
+    "ServerMetadataResponse": {"name": (1, "string"), "version": (2, "string"), "extensions": (3, "string")},
+    "ModelReadyRequest": {"name": (1, "string"), "version": (2, "string")},
+    "ModelMetadataRequest": {"name": (1, "string"), "version": (2, "string")},
+}
+_FD = descriptor_pb2.FieldDescriptorProto
+_TYPES = {_FD.TYPE_STRING: "string", _FD.TYPE_BYTES: "bytes", _FD.TYPE_BOOL: "bool", _FD.TYPE_INT32: "int32",
+          _FD.TYPE_INT64: "int64", _FD.TYPE_UINT32: "uint32", _FD.TYPE_UINT64: "uint64", _FD.TYPE_FLOAT: "float",
+          _FD.TYPE_DOUBLE: "double", _FD.TYPE_MESSAGE: "message"}
+
+
+def test_open_inference_protocol_wire_contract():
+    pb2 = PROTOS[1].pb2()
+    service = pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    assert service.full_name == "inference.GRPCInferenceService"
+    assert [m.name for m in service.methods] == ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata",
+                                                 "ModelMetadata", "ModelInfer"]
+    assert all(not m.client_streaming and not m.server_streaming for m in service.methods)
+    for path, fields in KSERVE_FIELDS.items():
+        message = pb2.DESCRIPTOR.message_types_by_name[path.split(".")[0]]
+        for nested in path.split(".")[1:]:
+            message = message.nested_types_by_name[nested]
+        got = {}
+        for f in message.fields:
+            kind = _TYPES[f.type]
+            if kind == "message" and f.message_type.GetOptions().map_entry:
+                kind = "map"
+            got[f.name] = (f.number, kind)
+        assert got == fields, path

@@ -1,0 +1,334 @@
+"""The Open Inference Protocol (KServe v2, Triton's gRPC API): ``inference.GRPCInferenceService``.
+
+Registered by :func:`serve.server.create_server` on the same server and port as
+``zoo.serving.v1.Classifier``, so a stock ``tritonclient.grpc`` client (or any client built from
+``protos/inference/grpc_predict_v2.proto``) works unchanged. ModelInfer shares the Classifier's
+batchers, metrics, ``--max-concurrency`` slots, bearer-token check and error codes: each row of a
+request joins its model's dynamic batcher like one Classify request.
+
+Every model looks as Triton shows an ONNX export with ``config.pbtxt``::
+
+    input   "input"   FP32 [-1, C, H, W]   (also FP16 raw, or UINT8 [-1, H, W, C] raw pixels that
+                                            are preprocessed like a decoded image: serve only)
+    output  "logits"  FP32 [-1, classes]   or, requested with parameter classification=k,
+                      BYTES [-1, k] of "score:index:label", best first (Triton's format)
+
+A request's batch may hold at most the model's ``max_batch_size`` from ``config.pbtxt`` when the
+model directory has one, else the server's ``--max-batch``. Raw inputs (``raw_input_contents``)
+are answered with ``raw_output_contents``, typed ``contents`` with typed contents. Each answer
+carries the parameter ``server_pid`` (int64): the process that ran it, which shows where a load
+balancer or ``--workers`` sent it. Request-level parameters are ignored; shared-memory
+parameters are refused (INVALID_ARGUMENT). Imports neither torch nor zoo.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import math
+import os
+import struct
+import time
+from typing import Any, Callable
+
+import grpc
+import numpy as np
+
+from export.metadata import INPUT_NAME, OUTPUT_NAME
+from serve import preprocess
+from serve._proto.inference import grpc_predict_v2_pb2 as pb
+from serve._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from serve.batching import DeadlineExceeded, QueueFull, ShuttingDown
+from serve.runtime import Model
+from serve.server import ClassifierServicer, RequestError, _deadline, _shown
+
+log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVER_NAME = "zoo-serve"
+EXTENSIONS = ("classification",)
+PLATFORM = "onnxruntime_onnx"  # what Triton reports for the same model.onnx
+CLASSIFICATION = "classification"
+PID_PARAMETER = "server_pid"
+# Accepted input datatypes -> little-endian numpy dtype on the wire.
+DATATYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "UINT8": np.dtype("u1")}
+# The protocol's typed-contents field per accepted datatype (FP16 travels raw only).
+TYPED_FIELDS = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
+_INVALID = grpc.StatusCode.INVALID_ARGUMENT
+_OUTPUT_PARAMETERS_IGNORED = ("binary_data",)  # an HTTP-protocol hint some clients send over gRPC too
+
+
+def _server_version() -> str:
+    try:
+        return importlib.metadata.version("zoo")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _shape_text(shape: Any) -> str:
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+def parse_version(version: str) -> int:
+    """A protocol version string -> the repository's int (0: the newest loaded)."""
+    if version == "":
+        return 0
+    if version.isdigit() and int(version) > 0:
+        return int(version)
+    raise RequestError(_INVALID, f"invalid model version {_shown(version)}: empty (the newest) or a positive integer")
+
+
+def serialize_bytes(items: list[bytes]) -> bytes:
+    """A BYTES tensor's raw form: each element as a 4-byte little-endian length, then its bytes."""
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def classification_strings(logits: np.ndarray, labels: list[str], k: int) -> list[list[bytes]]:
+    """Per row, the top ``k`` classes as Triton writes them: ``b"%f:index:label"``, best first.
+
+    Triton formats the output value with C++ ``std::to_string`` (printf ``%f``) and sorts by
+    value (raw logits here, not probabilities); ties keep index order.
+    """
+    out = []
+    for row in logits:
+        top = np.argsort(-row, kind="stable")[:k]
+        out.append([f"{float(row[i]):f}:{int(i)}:{labels[i]}".encode() for i in top])
+    return out
+
+
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """``inference.GRPCInferenceService`` over the models, batchers and limits of ``core``.
+
+    Args:
+        core: the server's Classifier servicer (its repository, batchers, metrics, slots).
+        max_batch: the server's ``--max-batch``: the batch limit of models without
+            ``config.pbtxt``.
+    """
+
+    def __init__(self, core: ClassifierServicer, max_batch: int) -> None:
+        self.core, self.max_batch = core, max_batch
+        self.version = _server_version()
+        self.pid = os.getpid()  # per servicer: each --workers process builds its own
+
+    def batch_limit(self, model: Model) -> int:
+        return model.max_batch_size or self.max_batch
+
+    # ------------------------------------------------------------------ health and metadata
+
+    def ServerLive(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request: Any, context: grpc.ServicerContext) -> Any:
+        # Every model is loaded (and has run once) before the server starts listening.
+        return pb.ServerReadyResponse(ready=True)
+
+    def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            version = parse_version(request.version)
+        except RequestError as e:
+            context.abort(e.code, e.message)
+        name = request.name or (self.core.default_model or "")
+        return pb.ModelReadyResponse(ready=self.core.repo.get(name, version) is not None)
+
+    def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=list(EXTENSIONS))
+
+    def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            model = self.core._resolve(request.name, parse_version(request.version))
+        except RequestError as e:
+            context.abort(e.code, e.message)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=model.name, versions=[str(v) for v in sorted(self.core.repo.models[model.name])], platform=PLATFORM,
+            inputs=[tensor(name=INPUT_NAME, datatype="FP32", shape=[-1, *model.input_size])],
+            outputs=[tensor(name=OUTPUT_NAME, datatype="FP32", shape=[-1, len(model.labels)])])
+
+    # ------------------------------------------------------------------ inference
+
+    def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
+        t0 = time.perf_counter()
+        release = self.core._acquire(context, request.model_name)
+        try:
+            answer = self._infer(request, _deadline(context), context.is_active, t0)
+        except RequestError as e:
+            answer = e
+        except Exception as e:  # a bug or a model failure, never the client's input
+            log.exception("ModelInfer failed")
+            answer = RequestError(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        finally:
+            release()
+        if isinstance(answer, RequestError):
+            self.core.metrics.count(self.core._label(request.model_name), answer.code.name)
+            context.abort(answer.code, answer.message)
+        return answer
+
+    def _infer(self, request: Any, deadline: float | None, is_active: Callable[[], bool], t0: float) -> Any:
+        model = self.core._resolve(request.model_name, parse_version(request.model_version))
+        raw = len(request.raw_input_contents) > 0
+        batch = self._input(request, model, raw)
+        k = self._classification(request)
+        logits, queue_s, inference_s, batch_size = self._run(model, batch, deadline, is_active)
+
+        response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
+        response.parameters[PID_PARAMETER].int64_param = self.pid
+        out = response.outputs.add(name=OUTPUT_NAME)
+        if k is None:
+            out.datatype, out.shape[:] = "FP32", list(logits.shape)
+            if raw:
+                response.raw_output_contents.append(logits.astype("<f4").tobytes())
+            else:
+                out.contents.fp32_contents.extend(logits.ravel().tolist())
+        else:
+            k = min(k, len(model.labels))
+            rows = classification_strings(logits, model.labels, k)
+            out.datatype, out.shape[:] = "BYTES", [len(rows), k]
+            flat = [s for row in rows for s in row]
+            if raw:
+                response.raw_output_contents.append(serialize_bytes(flat))
+            else:
+                out.contents.bytes_contents.extend(flat)
+        self.core.metrics.observe(model.name, time.perf_counter() - t0, queue_s, inference_s, batch_size)
+        return response
+
+    def _input(self, request: Any, model: Model, raw: bool) -> np.ndarray:
+        """The request's one input as a model-ready float32 batch ``[N, C, H, W]``."""
+        names = [t.name for t in request.inputs]
+        if len(names) != 1 or names[0] != INPUT_NAME:
+            raise RequestError(_INVALID, f"model {_shown(model.name)} takes one input named {INPUT_NAME!r}; "
+                                         f"the request has {', '.join(_shown(n) for n in names) or 'none'}")
+        tensor = request.inputs[0]
+        for key in tensor.parameters:
+            if key.startswith("shared_memory"):
+                raise RequestError(_INVALID, "shared-memory inputs are not supported by this server: "
+                                             "send the tensor in raw_input_contents or contents")
+        if raw and len(request.raw_input_contents) != len(request.inputs):
+            raise RequestError(_INVALID, f"raw_input_contents has {len(request.raw_input_contents)} entries for "
+                                         f"{len(request.inputs)} input(s): one per input, in input order")
+        if raw and tensor.HasField("contents"):
+            raise RequestError(_INVALID, f"input {INPUT_NAME!r} sets contents although the request uses "
+                                         "raw_input_contents: use one or the other")
+        datatype = tensor.datatype
+        if datatype not in DATATYPES:
+            raise RequestError(_INVALID, f"input {INPUT_NAME!r} datatype {_shown(datatype)} is not supported: expected "
+                                         "FP32 [N, C, H, W] (also FP16, or UINT8 [N, H, W, C] pixels)")
+        shape = [int(d) for d in tensor.shape]
+        limit = self.batch_limit(model)
+        c, h, w = model.input_size
+        if datatype == "UINT8":
+            fits = len(shape) == 4 and shape[3] in (1, 3, 4) and min(shape) >= 1
+            expected = "[N, H, W, C] raw pixels with C = 1, 3 or 4"
+        else:
+            fits = len(shape) == 4 and shape[0] >= 1 and shape[1:] == [c, h, w]
+            expected = f"[N, {c}, {h}, {w}]"
+        if not fits:
+            raise RequestError(_INVALID, f"input {INPUT_NAME!r} shape {_shape_text(shape)} does not fit model "
+                                         f"{_shown(model.name)}: expected {datatype} {expected}, N = 1 .. {limit}")
+        if shape[0] > limit:
+            raise RequestError(_INVALID, f"batch size {shape[0]} is over the limit of model {_shown(model.name)}: "
+                                         f"at most {limit} per request ({self._limit_source(model)}); "
+                                         "split the batch")
+        if datatype == "UINT8" and shape[1] * shape[2] > self.core.max_image_pixels:
+            raise RequestError(_INVALID, f"UINT8 images too large: {shape[2]}x{shape[1]} pixels, the limit is "
+                                         f"{self.core.max_image_pixels:,}")
+        count = math.prod(shape)
+        dtype = DATATYPES[datatype]
+        if raw:
+            data = request.raw_input_contents[0]
+            if len(data) != count * dtype.itemsize:
+                raise RequestError(_INVALID, f"input {INPUT_NAME!r} has {len(data):,} bytes of raw contents; shape "
+                                             f"{_shape_text(shape)} {datatype} needs {count * dtype.itemsize:,}")
+            array = np.frombuffer(data, dtype=dtype).reshape(shape)
+        else:
+            field = TYPED_FIELDS.get(datatype)
+            if field is None:
+                raise RequestError(_INVALID, f"{datatype} input {INPUT_NAME!r} must travel in raw_input_contents "
+                                             "(the protocol has no typed contents for it)")
+            values = getattr(tensor.contents, field)
+            if len(values) != count:
+                raise RequestError(_INVALID, f"input {INPUT_NAME!r} has {len(values):,} values in contents.{field}; "
+                                             f"shape {_shape_text(shape)} {datatype} needs {count:,}")
+            if datatype == "UINT8":
+                wide = np.asarray(values, dtype=np.uint32)
+                if wide.size and int(wide.max()) > 255:
+                    raise RequestError(_INVALID, f"UINT8 input {INPUT_NAME!r} holds values over 255")
+                array = wide.astype(np.uint8).reshape(shape)
+            else:
+                array = np.asarray(values, dtype=np.float32).reshape(shape)
+        if datatype == "UINT8":
+            return self._pixels(array, model)
+        batch = np.array(array, dtype=np.float32)  # a writable copy: frombuffer views are read-only
+        bad = int(np.count_nonzero(~np.isfinite(batch)))
+        if bad:
+            raise RequestError(_INVALID, f"input {INPUT_NAME!r} holds {bad} NaN or Inf value(s); "
+                                         "expected finite numbers")
+        return batch
+
+    def _limit_source(self, model: Model) -> str:
+        if model.max_batch_size:
+            return f"max_batch_size in {os.path.join(self.core.repo.root, model.name, 'config.pbtxt')}"
+        return f"the server's --max-batch {self.max_batch}"
+
+    def _pixels(self, pixels: np.ndarray, model: Model) -> np.ndarray:
+        try:
+            return np.stack([preprocess.val_transform(preprocess.image_from_pixels(p), model.input_size, model.mean,
+                                                      model.std, model.crop_pct, self.core.max_image_pixels)
+                             for p in pixels])
+        except preprocess.InputError as e:
+            raise RequestError(_INVALID, str(e)) from None
+
+    def _classification(self, request: Any) -> int | None:
+        """The requested top k (the classification extension), or None for plain logits."""
+        seen, k = set(), None
+        for out in request.outputs:
+            if out.name != OUTPUT_NAME:
+                raise RequestError(_INVALID, f"unknown output {_shown(out.name)}: "
+                                             f"the model's output is {OUTPUT_NAME!r}")
+            if out.name in seen:
+                raise RequestError(_INVALID, f"output {OUTPUT_NAME!r} is requested twice")
+            seen.add(out.name)
+            for key, param in out.parameters.items():
+                if key == CLASSIFICATION:
+                    which = param.WhichOneof("parameter_choice")
+                    if which not in ("int64_param", "uint64_param"):
+                        raise RequestError(_INVALID, f"output parameter {CLASSIFICATION!r} must be an integer "
+                                                     f"(int64_param), got {which or 'nothing'}")
+                    k = int(getattr(param, which))
+                    if k < 1:
+                        raise RequestError(_INVALID, f"output parameter {CLASSIFICATION!r} is {k}: the number of "
+                                                     "classes to return, at least 1")
+                elif key.startswith("shared_memory"):
+                    raise RequestError(_INVALID, "shared-memory outputs are not supported by this server")
+                elif key not in _OUTPUT_PARAMETERS_IGNORED:
+                    raise RequestError(_INVALID, f"unknown output parameter {_shown(key)}: this server knows "
+                                                 f"{CLASSIFICATION!r}")
+        return k
+
+    def _run(self, model: Model, batch: np.ndarray, deadline: float | None,
+             is_active: Callable[[], bool]) -> tuple[np.ndarray, float, float, int]:
+        """Each row through the model's batcher: ``(logits [N, classes], queue_s, inference_s, batch)``."""
+        batcher = self.core.batchers[(model.name, model.version)]
+        pending = []
+        try:
+            for row in batch:
+                pending.append(batcher.submit(row, deadline, is_active))
+            results = []
+            for p in pending:
+                timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                results.append(p.wait(timeout))
+        except QueueFull as e:
+            self._abandon(pending)
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {e}; retry later") from None
+        except DeadlineExceeded as e:
+            self._abandon(pending)
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None
+        except ShuttingDown as e:
+            self._abandon(pending)
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        logits = np.stack([r.logits for r in results]).astype(np.float32, copy=False)
+        return (logits, max(r.queue_s for r in results), max(r.inference_s for r in results),
+                max(r.batch_size for r in results))
+
+    @staticmethod
+    def _abandon(pending: list[Any]) -> None:
+        for p in pending:  # rows still queued are skipped instead of run for nobody
+            p.abandoned = True

@@ -1,0 +1,152 @@
+"""Scale-out on one machine: replicas behind the client's round-robin balancer, and
+``python -m serve --workers N`` sharing one port (SO_REUSEPORT)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+import serve.client as client
+from serve._proto.inference import grpc_predict_v2_pb2 as kpb
+from serve._proto.inference import grpc_predict_v2_pb2_grpc as kpb_grpc
+from serve._proto.zoo.serving.v1 import classifier_pb2 as pb
+from serve._proto.zoo.serving.v1 import classifier_pb2_grpc as pb_grpc
+from tests.serve.conftest import INPUT_SIZE, REPO_ROOT, png_bytes, random_image, running
+
+MODEL = "resnext_mini"
+WORKERS_READY = re.compile(r"(\d+) workers listening on 127\.0\.0\.1:(\d+) \(pids ([\d, ]+);")
+
+
+def served(port: int) -> int:
+    """Successful requests a server counted for MODEL, read over its own GetLatencyReport RPC."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        report = pb_grpc.ClassifierStub(channel).GetLatencyReport(pb.LatencyReportRequest(model=MODEL), timeout=10)
+    return report.models[0].total_requests
+
+
+# --------------------------------------------------------------------------- client-side balancing
+
+
+def test_channel_target():
+    assert client.channel_target("127.0.0.1:50051") == ("127.0.0.1:50051", [])
+    rr = [client.ROUND_ROBIN]
+    assert client.channel_target("127.0.0.1:1, 127.0.0.1:2") == ("ipv4:127.0.0.1:1,127.0.0.1:2", rr)
+    assert client.channel_target("[::1]:1,[::1]:2") == ("ipv6:[::1]:1,[::1]:2", rr)
+    assert client.channel_target("localhost:1,127.0.0.1:2")[0] == "ipv4:127.0.0.1:1,127.0.0.1:2"  # names resolved
+    assert client.channel_target("dns:///serve.default.svc.cluster.local:50051") == (
+        "dns:///serve.default.svc.cluster.local:50051", rr)
+    for bad, message in (("127.0.0.1:1,nonsense", "expected HOST:PORT"),
+                         ("127.0.0.1:1,[::1]:2", "mixes IPv4 and IPv6"),
+                         ("127.0.0.1:1,no-such-host.invalid:2", "cannot resolve 'no-such-host.invalid'")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            client.channel_target(bad)
+
+
+def test_round_robin_over_two_servers(repo):
+    """A comma-separated target spreads calls over both replicas; each counts its own share."""
+    x = np.zeros(INPUT_SIZE, np.float32)
+    with running(repo) as (_, port_a), running(repo) as (_, port_b):
+        with client.Classifier(f"127.0.0.1:{port_a},127.0.0.1:{port_b}") as c:
+            for _ in range(20):
+                assert c.classify(x, model=MODEL).model == MODEL
+        a, b = served(port_a), served(port_b)
+        assert a + b == 20 and a >= 1 and b >= 1, (a, b)  # round robin; pick-first would send all 20 to one
+
+
+def test_client_cli_with_a_server_list(repo, tmp_path, capsys):
+    image = tmp_path / "digit.png"
+    image.write_bytes(png_bytes(random_image(3)))
+    with running(repo) as (_, port_a), running(repo) as (_, port_b):
+        servers = f"127.0.0.1:{port_a},localhost:{port_b}"
+        assert client.main([str(image), str(image), "--server", servers, "--model", MODEL]) == 0
+        assert served(port_a) + served(port_b) == 2
+        with client.Classifier(f"dns:///localhost:{port_a}") as c:  # the form a headless Service name takes
+            assert c.classify(np.zeros(INPUT_SIZE, np.float32), model=MODEL).model == MODEL
+    assert capsys.readouterr().out.count("digit.png") == 2
+    with pytest.raises(SystemExit) as info:
+        client.main([str(image), "--server", "127.0.0.1:1,bogus"])
+    assert info.value.code == 2 and "--server: invalid server address 'bogus'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- --workers
+
+
+def start_workers(*argv: str) -> tuple[subprocess.Popen, int, set[int], list[str]]:
+    """``python -m serve ARGV`` until its workers-ready line: (process, port, worker pids, lines)."""
+    proc = subprocess.Popen([sys.executable, "-m", "serve", *argv], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        match = WORKERS_READY.search(line)
+        if match:
+            return proc, int(match.group(2)), {int(p) for p in match.group(3).split(", ")}, lines
+    proc.kill()
+    raise AssertionError(f"no ready line: {lines} {proc.stderr.read()}")
+
+
+def infer_pid(port: int) -> int:
+    """ModelInfer over a fresh connection: the pid of the worker the kernel gave it to."""
+    x = np.zeros((1, *INPUT_SIZE), np.float32)
+    request = kpb.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    # A local subchannel pool: otherwise grpc would reuse one process-wide connection per target.
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        response = kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    return response.parameters["server_pid"].int64_param
+
+
+def test_workers_share_one_port_and_stop_on_sigterm(exported):
+    proc, port, pids, lines = start_workers("--model-dir", exported.root, "--model", MODEL, "--port", "0",
+                                            "--workers", "2", "--metrics-port", "0", "--grace", "5")
+    try:
+        assert len(pids) == 2 and proc.pid not in pids
+        worker_lines = [line for line in lines if line.startswith("[worker ")]
+        assert len(worker_lines) == 2 and all(f"listening on 127.0.0.1:{port}" in line for line in worker_lines)
+        seen = set()
+        for _ in range(60):  # SO_REUSEPORT hashes each new connection to one worker
+            seen.add(infer_pid(port))
+            if seen == pids:
+                break
+        assert seen == pids
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out.count("python -m serve: stopped") == 3  # both workers, then the parent
+    for pid in pids:  # the workers are gone, not orphaned
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_workers_fail_once_with_one_message(tmp_path):
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "serve", "--model-dir", str(tmp_path / "missing"), "--port", "0",
+                             "--workers", "3"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert errors[0] == f"python -m serve: error: --model-dir {tmp_path / 'missing'}: no such directory"
+    assert errors[1:] == ["python -m serve: error: worker 0 exited with status 1 before it was ready"]
+    assert "Traceback" not in result.stderr and time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workers", "0"], "Invalid --workers: 0 (at least 1)"),
+    (["--workers", "3", "--metrics-port", "65534"], "runs past port 65535"),
+])
+def test_workers_bad_options(argv, message, capsys):
+    import serve.__main__ as serve_main
+    with pytest.raises(SystemExit) as info:
+        serve_main.main(["--model-dir", ".", *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
