@@ -1,0 +1,186 @@
+"""python -m bench.serve: option checks, input choice, target rows, and one ``--quick`` run that must
+produce every column and JSON row with every answer matching its input, and leave no process behind.
+Timings are printed, never asserted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import bench.serve as bs
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+QUICK_TIMEOUT_S = 240  # the run itself takes ~20 s (export included) on the idle 2-core machine
+
+
+def _session_processes(sid: int) -> list[str]:
+    """``pid comm`` of every process whose session id is ``sid`` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            continue
+        comm = text[text.find("(") + 1:text.rfind(")")]
+        fields = text.rpartition(")")[2].split()
+        if len(fields) > 3 and fields[3] == str(sid):
+            found.append(f"{entry} {comm}")
+    return found
+
+
+# --------------------------------------------------------------------------- the quick run
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One ``--quick`` run in its own session, exporting into a fresh cache."""
+    work = tmp_path_factory.mktemp("bench-serve")
+    out = work / "rows.json"
+    proc = subprocess.Popen([sys.executable, "-m", "bench.serve", "--quick", "--cache", str(work / "cache"),
+                             "--json", str(out)], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=QUICK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        raise
+    left = _session_processes(proc.pid)
+    deadline = time.monotonic() + 10  # multiprocessing's resource tracker leaves once its parent is gone
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = _session_processes(proc.pid)
+    print(stdout, stderr, sep="\n")
+    rows = json.loads(out.read_text()) if out.exists() else None
+    return dict(code=proc.returncode, stdout=stdout, stderr=stderr, rows=rows, left=left, cache=work / "cache")
+
+
+def test_quick_run_succeeds_and_exported_into_its_cache(quick):
+    assert quick["code"] == 0, quick["stderr"][-2000:]
+    assert (quick["cache"] / "resnext_mini" / "1" / "model.onnx").is_file()
+    assert not [p for p in os.listdir(quick["cache"]) if p.startswith(".export-")]
+
+
+def test_quick_run_stops_everything_it_started(quick):
+    assert quick["left"] == [], f"processes left behind: {quick['left']}"
+
+
+def test_quick_table_has_every_column_and_setting(quick):
+    lines = quick["stdout"].splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("batching "))
+    for name, _ in bs.COLUMNS:
+        assert name in lines[header], name
+    table = lines[header + 2:header + 6]
+    assert sorted((line.split()[0], int(line.split()[2])) for line in table) == [
+        ("off", 1), ("off", 4), ("on", 1), ("on", 4)]
+    assert "raw session.run at batch 1" in quick["stdout"]
+    assert "targets (measured, not asserted):" in quick["stdout"]
+
+
+def test_quick_json_rows_every_answer_matched(quick):
+    rows = quick["rows"]
+    assert rows is not None
+    assert all(list(r) == list(bs.ROW_KEYS) for r in rows)
+    served = [r for r in rows if r["kind"] == "served"]
+    assert sorted((r["batching"], r["concurrency"]) for r in served) == [("off", 1), ("off", 4), ("on", 1), ("on", 4)]
+    for r in served:
+        assert r["model"] == "resnext_mini"
+        assert r["errors"] == 0 and r["mismatches"] == 0 and r["errors_by_code"] == {}, r
+        assert r["requests"] > 0 and r["checked"] >= r["requests"]
+        assert r["max_batch"] == bs.MAX_BATCH[r["batching"]]
+        for key in ("qps", "p50_ms", "p95_ms", "p99_ms", "mean_batch", "raw_p50_ms", "server_total_p50_ms",
+                    "server_queue_p50_ms", "server_inference_p50_ms", "transport_p50_ms", "serving_cost_p50_ms",
+                    "inference_busy",
+                    "server_cpu", "client_cpu"):
+            assert r[key] is not None and r[key] >= 0, (key, r)
+        assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+        assert 1 <= r["mean_batch"] <= r["max_batch"]
+        assert (r["overhead"] is not None) == (r["concurrency"] == 1)
+    assert all(r["mean_batch"] == 1 for r in served if r["batching"] == "off")  # --max-batch 1 really is off
+    raw = [r for r in rows if r["kind"] == "raw"]
+    assert len(raw) == 1 and raw[0]["p50_ms"] > 0 and raw[0]["requests"] >= bs.RAW_MIN_CALLS
+    targets = [r for r in rows if r["kind"] == "target"]
+    assert sorted(r["batching"] for r in targets) == ["off", "on"]  # the overheads; no 16-client setting here
+    assert all(isinstance(r["met"], bool) and r["note"] for r in targets)
+
+
+# --------------------------------------------------------------------------- options and failures
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--concurrency", "0,4"], "--concurrency"),
+    (["--concurrency", "a"], "--concurrency"),
+    (["--batching", "maybe"], "--batching: unknown maybe"),
+    (["--duration", "0"], "Invalid --duration"),
+    (["--threads", "0"], "Invalid --threads"),
+    (["--client-processes", "0"], "Invalid --client-processes"),
+    (["--rounds", "0"], "Invalid --rounds"),
+    (["--server", "nohost"], "expected HOST:PORT"),
+    (["--server", "127.0.0.1:1", "--batching", "on"], "--batching"),
+    (["--model", "../x"], "invalid name"),
+    (["--model-dir", "/nonexistent-dir"], "--model-dir"),
+])
+def test_bad_options_are_one_line_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bs.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unservable_model_dir_is_one_line_exit_1(tmp_path, capsys):
+    (tmp_path / "resnext_mini").mkdir()  # a model directory without versions
+    assert bs.main(["--model-dir", str(tmp_path), "--quick"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{bs.PROG}: error: ")
+
+
+# --------------------------------------------------------------------------- inputs and targets
+
+
+def test_choose_inputs_are_distinct_clear_and_spread_over_classes():
+    w = np.random.default_rng(1).standard_normal((3, 10))
+
+    def run(x):  # a linear "model" on the per-channel means: flat colours decide the class
+        return x.mean(axis=(2, 3)) @ w
+
+    inputs, expected = bs.choose_inputs(run, (3, 4, 4), np.random.default_rng(0), 6)
+    assert len(inputs) == len(expected) == 6
+    assert len({x.tobytes() for x in inputs}) == 6
+    assert all(x.dtype == np.float32 and x.shape == (3, 4, 4) for x in inputs)
+    assert len({c for c, _ in expected}) >= 3
+    for x, (cls, p) in zip(inputs, expected):
+        probs = bs._softmax(run(x[None]))[0]
+        assert cls == probs.argmax() and p == pytest.approx(probs.max())
+
+
+def test_targets_report_value_and_bound():
+    def served(batching, c, qps, p50, p99, batch):
+        return bs.row(kind="served", batching=batching, concurrency=c, qps=qps, p50_ms=p50, p99_ms=p99,
+                      mean_batch=batch, max_batch=bs.MAX_BATCH[batching], raw_p50_ms=1.0,
+                      overhead=p50 / 1.0 if c == 1 else None, server_inference_p50_ms=1.0 * batch ** 0.5,
+                      server_queue_p50_ms=0.5, server_other_p50_ms=0.3, transport_p50_ms=0.8,
+                      serving_cost_p50_ms=1.5,
+                      inference_busy=0.5, server_cpu=1.0, client_cpu=0.5)
+
+    rows = [served("on", 1, 300, 3.0, 4.0, 1), served("on", 16, 1500, 10, 20, 8),
+            served("off", 1, 350, 2.5, 3.5, 1), served("off", 16, 1000, 16, 30, 1)]
+    cfg = bs.Config(model="m", model_dir=None, cache="c", server=None, threads=2, concurrency=[1, 16], duration_s=1,
+                    batching=["on", "off"], client_processes=2, rounds=1, max_requests=10, seed=0, json_path=None)
+    targets = {t["target"]: t for t in bs.evaluate_targets(rows, cfg)}
+    gain = targets[f"batching QPS gain at {bs.TARGET_CONCURRENCY} clients"]
+    assert gain["value"] == pytest.approx(1.5) and gain["met"] is True
+    p99 = targets[f"p99 with batching at {bs.TARGET_CONCURRENCY} clients / lone p50"]
+    assert p99["value"] == pytest.approx(20 / 3.0) and p99["met"] is False and "Little's law" in p99["note"]
+    over = targets["served p50 / raw session.run p50 (batching off)"]
+    assert over["value"] == pytest.approx(2.5) and over["met"] is False and "gRPC" in over["note"]
+    assert "(raw + that) / raw = 2.50x" in over["note"]  # raw 1.0 ms + serving cost 1.5 ms
