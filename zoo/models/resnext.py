@@ -1,0 +1,148 @@
+"""ResNet / ResNeXt (seed §3.1), with torchvision's module names so its checkpoints load.
+
+A ResNeXt block is the ResNet bottleneck whose 3x3 conv is grouped: cardinality C groups of
+width d each (``groups=C, width_per_group=d``); seed §3.1.3 shows that C summed branches,
+C concatenated branches + one 1x1 conv and one grouped conv are the same function.
+``depthwise=True`` makes the 3x3 conv depthwise (groups = its channels, seed §6).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from zoo.nn.norm import NormLayer
+
+
+def conv3x3(in_ch: int, out_ch: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, groups=groups, bias=False)
+
+
+def conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce -> 3x3 grouped (stride here, as torchvision's "ResNet v1.5") -> 1x1 expand."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        width_per_group: int = 64,
+        depthwise: bool = False,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        width = int(planes * (width_per_group / 64.0)) * groups
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride, groups=width if depthwise else groups)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet/ResNeXt with bottleneck blocks.
+
+    Args:
+        layers: blocks per stage, e.g. (3, 4, 6, 3) for the 50-layer net.
+        planes: bottleneck planes per stage (output channels are 4x this).
+        groups: cardinality C of the 3x3 conv.
+        width_per_group: d, the width of one group at the first stage's 64 planes.
+        depthwise: make every 3x3 conv depthwise instead of grouped.
+        stem: ``"imagenet"`` (7x7/2 conv + 3x3/2 max pool) or ``"cifar"`` (3x3/1 conv, no pool)
+            for 32x32 inputs.
+        stem_width: output channels of the stem conv.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int],
+        planes: Sequence[int] = (64, 128, 256, 512),
+        groups: int = 1,
+        width_per_group: int = 64,
+        depthwise: bool = False,
+        stem: str = "imagenet",
+        stem_width: int = 64,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        zero_init_residual: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(layers) != len(planes):
+            raise ValueError(f"layers {tuple(layers)} and planes {tuple(planes)} differ in length")
+        self.groups, self.width_per_group, self.depthwise = groups, width_per_group, depthwise
+        self._norm_layer = norm_layer
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
+            self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
+        elif stem == "cifar":
+            self.conv1 = nn.Conv2d(in_chans, stem_width, 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            raise ValueError(f"Unknown stem {stem!r}; choose 'imagenet' or 'cifar'")
+        self.bn1 = norm_layer(stem_width)
+        self.relu = nn.ReLU(inplace=True)
+        self.inplanes = stem_width
+        # Stages are named layer1..layerN (torchvision's names are a checkpoint contract).
+        for i, (n, p) in enumerate(zip(layers, planes)):
+            self.add_module(f"layer{i + 1}", self._make_layer(p, n, stride=1 if i == 0 else 2))
+        self.num_stages = len(layers)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.num_features = planes[-1] * Bottleneck.expansion
+        self.fc = nn.Linear(self.num_features, num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            # Each residual branch starts as zero, so every block starts as the identity
+            # (Goyal et al. 2017, https://arxiv.org/abs/1706.02677).
+            for m in self.modules():
+                if isinstance(m, Bottleneck) and getattr(m.bn3, "weight", None) is not None:
+                    nn.init.zeros_(m.bn3.weight)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        norm_layer = self._norm_layer
+        downsample = None
+        out_ch = planes * Bottleneck.expansion
+        if stride != 1 or self.inplanes != out_ch:
+            # Projection shortcut when the shape changes (1x1 conv with the block's stride).
+            downsample = nn.Sequential(conv1x1(self.inplanes, out_ch, stride), norm_layer(out_ch))
+        kw = dict(groups=self.groups, width_per_group=self.width_per_group,
+                  depthwise=self.depthwise, norm_layer=norm_layer)
+        blocks_ = [Bottleneck(self.inplanes, planes, stride, downsample, **kw)]
+        self.inplanes = out_ch
+        blocks_ += [Bottleneck(self.inplanes, planes, **kw) for _ in range(1, blocks)]
+        return nn.Sequential(*blocks_)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.avgpool(self.forward_features(x))
+        return self.fc(torch.flatten(x, 1))
