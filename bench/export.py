@@ -28,12 +28,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-# PyTorch eager at larger batches otherwise pays for page faults on every call (mmap'ed
-# activation buffers are unmapped and faulted in again): pin glibc's thresholds. Set before
-# torch allocates anything; only effective when this module runs as the main program.
-os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432")
-os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "1073741824")
-
 VARIANTS = ("folded", "unfolded", "fp16", "int8")
 
 
@@ -169,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         p.exit(2, f"error: {e}\n")
     if args.runs < 1 or not batches or min(batches) < 1:
         p.exit(2, "error: --runs and --batch must be positive\n")
+    # PyTorch eager at larger batches otherwise pays for page faults on every call (mmap'ed
+    # activation buffers are unmapped and faulted in again); faults per call are reported too.
+    from bench._common import pin_malloc
+    print(f"malloc: {pin_malloc()}", flush=True)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-export-") as work:
         for name in names:
