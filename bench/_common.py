@@ -6,6 +6,7 @@ configurations interleaved in rounds, and only medians (and p90) are quoted.
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import math
@@ -15,7 +16,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 # glibc: larger blocks are mmap'ed and unmapped on every free, which costs PyTorch eager
 # 50k-120k page faults per call at batch 8 (BENCHMARKING.md "Traps"). These are the values of
@@ -187,3 +188,16 @@ def parse_size(text: str) -> int | None:
         return int(float(t) * mult)
     except ValueError:
         return None
+
+
+def csv_list(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    """An argparse ``type`` for comma-separated values: ``--batch 1,8`` -> ``[1, 8]``."""
+    def parse(text: str) -> list[Any]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("empty list")
+        try:
+            return [kind(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value in {text!r}") from None
+    return parse

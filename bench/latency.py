@@ -87,26 +87,14 @@ def row(**kw: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- CLI
 
 
-def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
-    def parse(text: str) -> list[Any]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError("empty list")
-        try:
-            return [kind(t) for t in items]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid value in {text!r}") from None
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     w = p.add_argument_group("what to measure")
-    w.add_argument("--models", type=_csv(str), default=None,
+    w.add_argument("--models", type=common.csv_list(str), default=None,
                    help=f"comma-separated registry names (default: {','.join(DEFAULT_MODELS)})")
-    w.add_argument("--batch", type=_csv(int), default=list(DEFAULT_BATCHES), help="comma-separated batch sizes")
-    w.add_argument("--providers", type=_csv(str), default=["cpu"], help="onnxruntime providers: cpu, cuda")
+    w.add_argument("--batch", type=common.csv_list(int), default=list(DEFAULT_BATCHES), help="comma-separated batch sizes")
+    w.add_argument("--providers", type=common.csv_list(str), default=["cpu"], help="onnxruntime providers: cpu, cuda")
     w.add_argument("--no-torch", action="store_true", help="skip PyTorch eager")
     w.add_argument("--no-sweep", action="store_true", help="skip the single-conv groups sweep")
     w.add_argument("--quick", action="store_true",

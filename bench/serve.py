@@ -125,18 +125,6 @@ def row(**kw: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- CLI
 
 
-def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
-    def parse(text: str) -> list[Any]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError("empty list")
-        try:
-            return [kind(t) for t in items]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid value in {text!r}") from None
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     cores = os.cpu_count() or 1
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
@@ -153,11 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--threads", type=int, default=cores,
                    help="onnxruntime intra-op threads of the servers started and of the raw session.run")
     m = p.add_argument_group("load")
-    m.add_argument("--concurrency", type=_csv(int), default=None,
+    m.add_argument("--concurrency", type=common.csv_list(int), default=None,
                    help=f"closed-loop clients, comma-separated (default {','.join(map(str, DEFAULT_CONCURRENCY))})")
     m.add_argument("--duration", type=float, default=None,
                    help=f"measured seconds per setting, over all rounds (default {DEFAULT_DURATION_S:g})")
-    m.add_argument("--batching", type=_csv(str), default=None,
+    m.add_argument("--batching", type=common.csv_list(str), default=None,
                    help=f"on (--max-batch {MAX_BATCH['on']}), off (--max-batch {MAX_BATCH['off']}) or both "
                         f"(default {','.join(DEFAULT_BATCHING)}); not with --server")
     m.add_argument("--client-processes", type=int, default=cores,
