@@ -610,7 +610,7 @@ def norm_batch_verdict(err: dict[tuple[str, int], float], norms: Sequence[str], 
                       else "BN's does not rise the most."))
     order = sorted(norms, key=lambda n: err[(n, big)])
     lines.append(f"At batch {big} the order is " + " < ".join(f"{n.upper()} ({pct(err[(n, big)])})" for n in order)
-                 + f"; the seed has BN best and GN second there, which "
+                 + "; the seed has BN best and GN second there, which "
                  + ("this matches." if order[:2] == ["bn", "gn"] else "this does not match (by ranking; "
                     "see the noise note).")
                  + " " + se_note)

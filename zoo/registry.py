@@ -7,7 +7,7 @@ feeds ``num_classes`` and, later, the ONNX metadata.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import nn
