@@ -189,6 +189,7 @@ class Load:
     def all(self) -> list[tuple[float, float, str]]:
         return sorted(r for rs in self.records for r in rs)
 
-    def codes(self, since: float = 0.0, until: float = float("inf")) -> "dict[str, int]":
+    def codes(self, since: float = 0.0, until: float = float("inf"), by_end: bool = False) -> "dict[str, int]":
+        """Status codes of the calls that started (or, ``by_end``, finished) in [since, until)."""
         import collections
-        return dict(collections.Counter(c for t0, _, c in self.all() if since <= t0 < until))
+        return dict(collections.Counter(c for t0, t1, c in self.all() if since <= (t1 if by_end else t0) < until))
