@@ -10,7 +10,7 @@ For each model: export (random init) folded fp32, unfolded fp32, fp16 and int8 w
 - onnxruntime fp16 and int8;
 - PyTorch eager, unfolded and folded.
 
-Prints medians (ms) and ratios against the folded fp32 export measured in the same run, export
+Timed with :func:`bench._common.interleaved`. Prints medians (ms) and ratios against the folded fp32 export measured in the same run, export
 times and file sizes. Numbers, not assertions: this machine is shared and noisy.
 """
 from __future__ import annotations
@@ -20,7 +20,6 @@ import contextlib
 import io
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -28,7 +27,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from bench import _common as common
+
 VARIANTS = ("folded", "unfolded", "fp16", "int8")
+RUNNERS_BASE = "ort folded"  # the baseline every ratio is taken against
 
 
 def export_variant(name: str, variant: str, out: str, threads: int) -> tuple[str, float]:
@@ -73,24 +75,6 @@ def eager_runner(model: Any) -> Callable[[np.ndarray], Any]:
     return run
 
 
-def interleaved(runners: dict[str, Callable], x: np.ndarray, runs: int, warmup: int = 2) -> dict[str, dict]:
-    """Median and p90 ms per runner, plus minor page faults per call, timed in A B C rounds."""
-    for run in runners.values():
-        for _ in range(warmup):
-            run(x)
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    faults: dict[str, int] = {k: 0 for k in runners}
-    for _ in range(runs):
-        for key, run in runners.items():
-            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            t0 = time.perf_counter()
-            run(x)
-            times[key].append(1000 * (time.perf_counter() - t0))
-            faults[key] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-    return {k: dict(median_ms=float(np.median(v)), p90_ms=float(np.percentile(v, 90)),
-                    faults_per_call=faults[k] / runs) for k, v in times.items()}
-
-
 def bench_model(name: str, batches: list[int], runs: int, threads: int, workdir: str) -> list[dict]:
     import onnx
     import torch
@@ -110,7 +94,7 @@ def bench_model(name: str, batches: list[int], runs: int, threads: int, workdir:
     torch.manual_seed(0)
     model = create_model(name).eval()
     runners = {
-        "ort folded": ort_runner(paths["folded"], threads, True),
+        RUNNERS_BASE: ort_runner(paths["folded"], threads, True),
         "ort unfolded": ort_runner(paths["unfolded"], threads, True),
         "ort folded, opt off": ort_runner(paths["folded"], threads, False),
         "ort unfolded, opt off": ort_runner(paths["unfolded"], threads, False),
@@ -124,10 +108,11 @@ def bench_model(name: str, batches: list[int], runs: int, threads: int, workdir:
     for batch in batches:
         x = np.random.default_rng(0).standard_normal((batch, *input_size), dtype=np.float32)
         print(f"  timing {name} batch {batch} ({runs} interleaved rounds) ...", flush=True)
-        stats = interleaved(runners, x, runs)
-        base = stats["ort folded"]["median_ms"]
+        stats = common.interleaved({k: (lambda run=run: run(x)) for k, run in runners.items()}, runs, rounds=runs)
+        base = stats[RUNNERS_BASE].median_ms
         for key, s in stats.items():
-            rows.append(dict(model=name, batch=batch, runner=key, ratio_vs_folded=s["median_ms"] / base, **s))
+            rows.append(dict(model=name, batch=batch, runner=key, median_ms=s.median_ms, p90_ms=s.p90_ms,
+                             faults_per_call=s.faults_per_call, ratio_vs_folded=s.median_ms / base))
     for variant in VARIANTS:
         rows.append(dict(model=name, variant=variant, export_s=export_s[variant], file_bytes=sizes[variant],
                          bn_nodes=bn_nodes[variant]))
@@ -165,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         p.exit(2, "error: --runs and --batch must be positive\n")
     # PyTorch eager at larger batches otherwise pays for page faults on every call (mmap'ed
     # activation buffers are unmapped and faulted in again); faults per call are reported too.
-    from bench._common import pin_malloc
-    print(f"malloc: {pin_malloc()}", flush=True)
+    print(f"malloc: {common.pin_malloc()}", flush=True)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-export-") as work:
         for name in names:

@@ -176,20 +176,6 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-# torchvision's own densenet .pth files predate its module names ("norm.1" for "norm1");
-# torchvision renames them on load with this pattern (torchvision/models/densenet.py).
-_LEGACY_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
-                              r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
-
-
-def _modernize_keys(state: dict) -> dict:
-    out = {}
-    for key, value in state.items():
-        m = _LEGACY_DENSENET.match(key)
-        out[m.group(1) + m.group(2) if m else key] = value
-    return out
-
-
 def _head_shape(state: dict) -> tuple[int | None, int | None]:
     """(num_classes, in_chans) read off a torchvision-layout state_dict, None where absent."""
     classes = next((state[k].shape[0] for k in ("fc.weight", "classifier.weight") if k in state), None)
@@ -278,7 +264,7 @@ def resolve_plan(args: argparse.Namespace) -> Plan:
             if norm != "bn":
                 raise UserError(f"--torchvision-weights are BatchNorm weights; --norm {norm} does not fit them")
             try:
-                state = _modernize_keys(dict(read_state_dict(args.torchvision_weights)))
+                state = dict(read_state_dict(args.torchvision_weights))
             except WeightsError as e:
                 raise UserError(str(e)) from None
             file_classes, file_chans = _head_shape(state)

@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Mapping
 
 import torch
 from torch import nn
+
+
+# torchvision's own DenseNet .pth files predate its module names ("norm.1" for "norm1");
+# torchvision renames them on load with this pattern (torchvision/models/densenet.py).
+_LEGACY_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                              r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 class WeightsError(ValueError):
@@ -16,7 +23,8 @@ def read_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     """The model state_dict inside ``path``: a zoo checkpoint (its ``model`` entry), a
     ``{"state_dict": ...}`` file, or a bare state_dict such as torchvision's ``.pth`` files.
 
-    Loads with ``weights_only=True``: the file cannot run code.
+    Loads with ``weights_only=True``: the file cannot run code. DistributedDataParallel's
+    ``module.`` prefix and torchvision's legacy DenseNet names (``norm.1``) are translated.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -35,7 +43,7 @@ def read_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     # DistributedDataParallel saves parameters under "module.".
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
+    return {_LEGACY_DENSENET.sub(r"\1\2", k): v for k, v in obj.items()}
 
 
 def describe_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], limit: int = 5) -> str | None:

@@ -174,3 +174,15 @@ def test_load_weights_refuses_corrupt_and_code(tmp_path):
     torch.save({"model": create_model("resnext_mini").state_dict(), "hook": print}, evil)
     with pytest.raises(WeightsError, match="evil.pt: not a readable weights file"):
         load_weights(create_model("resnext_mini"), evil)
+
+
+def test_load_weights_reads_torchvision_legacy_densenet_names(tmp_path):
+    """torchvision's DenseNet .pth files say ``norm.1`` where the modules say ``norm1``."""
+    src = create_model("densenet_mini", num_classes=10).eval()
+    legacy = {k.replace("norm1", "norm.1").replace("conv2", "conv.2") if "denselayer" in k else k: v
+              for k, v in src.state_dict().items()}
+    assert any(".norm.1." in k for k in legacy)
+    path = tmp_path / "legacy.pth"
+    torch.save(legacy, path)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(load_weights(create_model("densenet_mini", num_classes=10).eval(), path)(x), src(x))
