@@ -1,12 +1,17 @@
 """Load test of ``python -m serve``: throughput, tail latency, dynamic batching and serving overhead.
 
     python -m bench.serve [--model NAME] [--model-dir DIR] [--server HOST:PORT] [--concurrency 1,4,16,64]
-                          [--duration S] [--batching on,off] [--json PATH] [--quick]
+                          [--duration S] [--batching on,off] [--workers 1,2] [--json PATH] [--quick]
 
 Unless ``--server`` names one, starts its own servers on 127.0.0.1 (``python -m serve --port 0``
-with ``--max-batch 16`` for batching on and ``--max-batch 1`` for off; both at once, one idle
-while the other is measured) and stops them when done, on Ctrl-C, SIGTERM or an error (SIGTERM,
-wait, kill). The load comes from closed-loop clients: each is a thread with its own
+with ``--max-batch 16`` for batching on and ``--max-batch 1`` for off, each with every
+``--workers`` count; all at once, idle while another is measured) and stops them when done, on
+Ctrl-C, SIGTERM or an error (SIGTERM, wait, kill). A server of W workers gets ``--threads``/W
+onnxruntime threads per worker, so every server has the same threads in all; with a W > 1 in
+the run every client opens a connection of its own (the kernel spreads connections, not calls,
+over the workers), in every setting of the run alike.
+
+The load comes from closed-loop clients: each is a thread with its own
 :class:`serve.client.Classifier` that sends its next request when the last one is answered; the
 clients of a setting are spread over several processes (multiprocessing, so no client process's
 GIL is the bottleneck), and every call has a deadline, every setting a time and a request bound.
@@ -62,6 +67,7 @@ DEFAULT_MODEL = "resnext_mini"
 DEFAULT_CONCURRENCY = (1, 4, 16, 64)
 DEFAULT_DURATION_S = 10.0  # measured seconds per setting, over all rounds
 DEFAULT_BATCHING = ("on", "off")
+DEFAULT_WORKERS = (1,)
 QUICK_CONCURRENCY, QUICK_DURATION_S = (1, 4), 2.0
 DEFAULT_CACHE = os.path.join("runs", "bench", "models")  # bench.latency's cache: same layout, shared
 MAX_BATCH = {"on": 16, "off": 1}  # python -m serve --max-batch
@@ -100,7 +106,7 @@ MISMATCH = "MISMATCH"  # the error code of a wrong answer
 
 # Every JSON row has every key (None where it does not apply), so the rows load as one table.
 ROW_KEYS = (
-    "kind", "model", "batching", "max_batch", "concurrency", "client_processes", "threads", "rounds",
+    "kind", "model", "batching", "max_batch", "workers", "concurrency", "client_processes", "threads", "rounds",
     "window_s", "requests", "checked", "qps", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "errors",
     "errors_by_code", "mismatches", "mean_batch", "raw_p50_ms", "overhead", "server_total_p50_ms",
     "server_queue_p50_ms", "server_inference_p50_ms", "server_other_p50_ms", "transport_p50_ms",
@@ -148,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batching", type=common.csv_list(str), default=None,
                    help=f"on (--max-batch {MAX_BATCH['on']}), off (--max-batch {MAX_BATCH['off']}) or both "
                         f"(default {','.join(DEFAULT_BATCHING)}); not with --server")
+    m.add_argument("--workers", type=common.csv_list(int), default=None,
+                   help="python -m serve --workers of the servers started, comma-separated (default 1); "
+                        "not with --server")
     m.add_argument("--client-processes", type=int, default=cores,
                    help="processes the clients are spread over (at most one per client)")
     m.add_argument("--rounds", type=int, default=None,
@@ -172,6 +181,7 @@ class Config:
     concurrency: list[int]
     duration_s: float
     batching: list[str]  # ["external"] with --server
+    workers: list[int]  # [1] with --server (whatever it runs counts as one server)
     client_processes: int
     rounds: int
     max_requests: int
@@ -202,12 +212,17 @@ def resolve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         host, sep, port = args.server.rpartition(":")
         if not sep or not host or not port.isdigit():
             parser.error(f"--server {args.server!r}: expected HOST:PORT")
+        if args.workers is not None:
+            parser.error("--workers: applies to the servers this tool starts")
         batching = ["external"]
     else:
         batching = list(dict.fromkeys(b.lower() for b in (args.batching or DEFAULT_BATCHING)))
         bad = [b for b in batching if b not in MAX_BATCH]
         if bad:
             parser.error(f"--batching: unknown {', '.join(bad)}; choose from {', '.join(MAX_BATCH)}")
+    workers = list(dict.fromkeys(args.workers or DEFAULT_WORKERS))
+    if any(w < 1 for w in workers):
+        parser.error(f"--workers: at least 1, got {','.join(map(str, workers))}")
     for flag, value in (("--threads", args.threads), ("--client-processes", args.client_processes),
                         ("--max-requests", args.max_requests)):
         if value < 1:
@@ -222,7 +237,7 @@ def resolve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         if os.path.isdir(args.json) or not os.path.isdir(probe) or not os.access(probe, os.W_OK):
             parser.error(f"--json {args.json}: not a writable file path")
     return Config(model=model, model_dir=args.model_dir, cache=args.cache, server=args.server, threads=args.threads,
-                  concurrency=concurrency, duration_s=duration, batching=batching,
+                  concurrency=concurrency, duration_s=duration, batching=batching, workers=workers,
                   client_processes=args.client_processes, rounds=rounds, max_requests=args.max_requests,
                   seed=args.seed, json_path=args.json)
 
@@ -362,6 +377,7 @@ class ClientSpec:
     index: int  # of this process
     slots: int  # clients (threads) it may be asked to run at once
     send_inputs: bool = False  # return the first client's inputs (the parent's raw session.run uses them)
+    own_connection: bool = False  # each client thread its own connection, not one per process
 
 
 # What each answer in a window adds to its setting (the fields of _Records of the same names).
@@ -417,12 +433,13 @@ class _LoadClient:
 
     def _classifiers(self, target: str, n: int) -> list[Any]:
         """``n`` clients of ``target``, kept for the next run. The channels of one process share one
-        HTTP/2 connection (gRPC's global subchannel pool), as clients in one process would."""
+        HTTP/2 connection (gRPC's global subchannel pool), as clients in one process would, unless
+        ``own_connection``."""
         from serve.client import Classifier
 
         clients = self.clients.setdefault(target, [])
         while len(clients) < n:
-            clients.append(Classifier(target, timeout=CALL_TIMEOUT_S))
+            clients.append(Classifier(target, timeout=CALL_TIMEOUT_S, own_connection=self.spec.own_connection))
         return clients[:n]
 
     def run(self, target: str, clients: int, start_at: float, end_at: float, max_requests: int) -> dict[str, Any]:
@@ -536,14 +553,15 @@ def _client_process(conn: Any, spec: ClientSpec) -> None:
 class ClientPool:
     """Client processes (spawned, never forked: this process holds onnxruntime threads)."""
 
-    def __init__(self, processes: int, slots: int, model_root: str, model: str, seed: int) -> None:
+    def __init__(self, processes: int, slots: int, model_root: str, model: str, seed: int,
+                 own_connection: bool = False) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.procs: list[Any] = []
         self.conns: list[Any] = []
         for i in range(processes):
             parent, child = ctx.Pipe()
             spec = ClientSpec(model_root=model_root, model=model, seed=seed, index=i, slots=slots,
-                              send_inputs=i == 0)
+                              send_inputs=i == 0, own_connection=own_connection)
             proc = ctx.Process(target=_client_process, args=(child, spec), name=f"bench-serve-client-{i}", daemon=True)
             proc.start()
             child.close()
@@ -641,19 +659,24 @@ class ServerProcess:
                 for t in self._readers:
                     t.join(2.0)
                 last = next((ln for ln in reversed(self.lines) if ln.strip()), "no message")
-                raise BenchError(f"server (batching {self.label}) exited with status {self.proc.returncode} "
+                raise BenchError(f"server ({self.label}) exited with status {self.proc.returncode} "
                                  f"before it was ready: {last}")
             if time.monotonic() > deadline:
-                raise BenchError(f"server (batching {self.label}) not ready after {SERVER_START_TIMEOUT_S:g} s")
+                raise BenchError(f"server ({self.label}) not ready after {SERVER_START_TIMEOUT_S:g} s")
         assert self.port is not None
         return self.port
 
     def cpu_seconds(self) -> float | None:
-        """User + system CPU seconds of the server process so far (Linux /proc), or None."""
+        """User + system CPU seconds so far of the server process and its children (the
+        ``--workers`` processes), from Linux /proc; None where that cannot be read."""
         try:
-            with open(f"/proc/{self.proc.pid}/stat", encoding="ascii") as f:
-                fields = f.read().rpartition(")")[2].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            pids = [self.proc.pid] + _children(self.proc.pid)
+            total = 0
+            for pid in pids:
+                with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                    fields = f.read().rpartition(")")[2].split()
+                total += int(fields[11]) + int(fields[12])
+            return total / os.sysconf("SC_CLK_TCK")
         except (OSError, ValueError, IndexError):
             return None
 
@@ -664,7 +687,7 @@ class ServerProcess:
             try:
                 self.proc.wait(SERVER_GRACE_S + KILL_AFTER_S)
             except subprocess.TimeoutExpired:
-                print(f"{PROG}: server (batching {self.label}, pid {self.proc.pid}) did not stop: killed",
+                print(f"{PROG}: server ({self.label}, pid {self.proc.pid}) did not stop: killed",
                       file=sys.stderr, flush=True)
                 self.proc.kill()
                 self.proc.wait()
@@ -672,13 +695,27 @@ class ServerProcess:
             t.join(2.0)
 
 
-def server_command(cfg: Config, root: str, max_batch: int) -> list[str]:
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux /proc)."""
+    out: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+def server_command(cfg: Config, root: str, max_batch: int, workers: int = 1) -> list[str]:
     from serve.server import DEFAULT_MAX_CONCURRENCY
 
+    # --drain-delay 0: the load has stopped before a server is stopped; nothing is left to drain.
     return [sys.executable, "-m", "serve", "--model-dir", root, "--model", cfg.model, "--host", HOST, "--port", "0",
-            "--providers", "cpu", "--threads", str(cfg.threads), "--max-batch", str(max_batch),
+            "--providers", "cpu", "--threads", str(max(1, cfg.threads // workers)), "--max-batch", str(max_batch),
             "--max-concurrency", str(max(DEFAULT_MAX_CONCURRENCY, max(cfg.concurrency))),
-            "--grace", str(SERVER_GRACE_S)]
+            "--grace", str(SERVER_GRACE_S), "--drain-delay", "0", "--workers", str(workers)]
+
+
+def server_label(batching: str, workers: int) -> str:
+    return f"batching {batching}" + (f", {workers} workers" if workers > 1 else "")
 
 
 # --------------------------------------------------------------------------- measuring
@@ -691,6 +728,7 @@ class Setting:
     max_batch: int | None
     target: str
     server: ServerProcess | None
+    workers: int = 1
     windows_s: float = 0.0
     server_cpu_s: float | None = 0.0
     client_cpu_s: float | None = 0.0
@@ -702,7 +740,8 @@ class Setting:
 
     @property
     def label(self) -> str:
-        return f"batching {self.batching}, {self.concurrency} client{'s' if self.concurrency > 1 else ''}"
+        return (f"{server_label(self.batching, self.workers)}, "
+                f"{self.concurrency} client{'s' if self.concurrency > 1 else ''}")
 
 
 def _add(a: float | None, b: float | None) -> float | None:
@@ -760,7 +799,8 @@ def setting_row(s: Setting, cfg: Config, raw_p50: float | None, processes: int) 
     lat = d["latency_ms"]
     p50 = _pct(lat, 50)
     errors = sum(s.errors.values())
-    return row(kind="served", model=cfg.model, batching=s.batching, max_batch=s.max_batch, concurrency=s.concurrency,
+    return row(kind="served", model=cfg.model, batching=s.batching, max_batch=s.max_batch, workers=s.workers,
+               concurrency=s.concurrency,
                client_processes=min(processes, s.concurrency), threads=cfg.threads if s.server else None,
                rounds=cfg.rounds, window_s=s.windows_s, requests=len(lat), checked=s.checked,
                qps=len(lat) / s.windows_s if s.windows_s else None, p50_ms=p50, p95_ms=_pct(lat, 95),
@@ -782,8 +822,9 @@ def setting_row(s: Setting, cfg: Config, raw_p50: float | None, processes: int) 
 # --------------------------------------------------------------------------- targets
 
 
-def _find(rows: list[dict[str, Any]], batching: str, concurrency: int) -> dict[str, Any] | None:
-    return next((r for r in rows if r["batching"] == batching and r["concurrency"] == concurrency), None)
+def _find(rows: list[dict[str, Any]], batching: str, concurrency: int, workers: int = 1) -> dict[str, Any] | None:
+    return next((r for r in rows if r["batching"] == batching and r["concurrency"] == concurrency
+                 and r["workers"] == workers), None)
 
 
 def _cpu_text(r: dict[str, Any], cores: int) -> str:
@@ -831,7 +872,8 @@ def evaluate_targets(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, 
                        concurrency=c, batching="on", value=value, threshold=P99_OVER_LONE_TARGET,
                        met=value <= P99_OVER_LONE_TARGET, note=note))
     for r in rows:
-        if r["concurrency"] != 1 or r["overhead"] is None:
+        # Raw session.run has all --threads; a worker of several has a share, so only one-worker servers.
+        if r["concurrency"] != 1 or r["overhead"] is None or r["workers"] != 1:
             continue
         # Served and raw inference are timed apart, so on a noisy machine their ratio carries the
         # noise of both; latency minus the request's own inference (serving cost) does not.
@@ -841,10 +883,31 @@ def evaluate_targets(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, 
                  f"reply {r['server_other_p50_ms']:.2f}, gRPC transport and client {r['transport_p50_ms']:.2f} ms; "
                  f"serving adds {cost:.2f} ms (p50 of latency minus its own inference), (raw + that) / raw = "
                  f"{(raw + cost) / raw:.2f}x")
-        name = f"served p50 / raw session.run p50 (batching {r['batching']})"
+        name = f"served p50 / raw session.run p50 ({server_label(r['batching'], r['workers'])})"
         out.append(row(kind="target", model=cfg.model, target=name, concurrency=1, batching=r["batching"],
+                       workers=r["workers"],
                        value=r["overhead"], threshold=OVERHEAD_TARGET, met=r["overhead"] <= OVERHEAD_TARGET,
                        note=parts))
+    return out
+
+
+def evaluate_scaling(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
+    """QPS of each W-worker server over the one-worker server, batching alike, at the most clients measured."""
+    cores = os.cpu_count() or 1
+    c = max(cfg.concurrency)
+    out = []
+    for b in cfg.batching:
+        one = _find(rows, b, c, 1)
+        for w in cfg.workers:
+            many = _find(rows, b, c, w)
+            if w == 1 or not one or not many or not one["qps"] or not many["qps"]:
+                continue
+            note = (f"QPS {many['qps']:.0f} with {w} workers vs {one['qps']:.0f} with 1; p99 {many['p99_ms']:.2f} vs "
+                    f"{one['p99_ms']:.2f} ms; mean batch {many['mean_batch']:.1f} vs {one['mean_batch']:.1f}"
+                    + _cpu_text(many, cores))
+            out.append(row(kind="scaling", model=cfg.model, batching=b, workers=w, concurrency=c,
+                           target=f"QPS {w} workers / 1 worker (batching {b}, {c} clients)",
+                           value=many["qps"] / one["qps"], note=note))
     return out
 
 
@@ -863,6 +926,7 @@ COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
     ("batching", lambda r: r["batching"]),
     ("max batch", lambda r: "-" if r["max_batch"] is None else str(r["max_batch"])),
     ("clients", lambda r: str(r["concurrency"])),
+    ("workers", lambda r: str(r["workers"])),
     ("QPS", lambda r: "-" if r["qps"] is None else f"{r['qps']:.1f}"),
     ("p50 ms", lambda r: _ms(r["p50_ms"])),
     ("p95 ms", lambda r: _ms(r["p95_ms"])),
@@ -964,7 +1028,8 @@ def run(cfg: Config) -> int:
                     concurrency=1, rounds=cfg.rounds, requests=len(raw.times_ms), p50_ms=raw.median_ms,
                     p95_ms=_pct(raw.times_ms, 95), p99_ms=_pct(raw.times_ms, 99),
                     mean_ms=float(np.mean(raw.times_ms)), raw_p50_ms=raw.median_ms))
-    rows += evaluate_targets([r for r in rows if r["kind"] == "served"], cfg)
+    served = [r for r in rows if r["kind"] == "served"]
+    rows += evaluate_targets(served, cfg) + evaluate_scaling(served, cfg)
     print(report(cfg, model, rows, processes, info))
     if cfg.json_path:
         write_json(cfg.json_path, rows)
@@ -979,26 +1044,28 @@ def measure(cfg: Config, root: str, model: Any) -> tuple[list[Setting], common.S
     with contextlib.ExitStack() as stack:
         shield = _Shield()
         stack.callback(shield.restore)  # last out
-        servers: dict[str, ServerProcess] = {}
+        servers: dict[tuple[str, int], ServerProcess] = {}
         if cfg.server is None:
             for b in cfg.batching:  # all started at once: their model loads overlap
-                servers[b] = ServerProcess(b, server_command(cfg, root, MAX_BATCH[b]))
-                stack.callback(servers[b].stop)
-        pool = ClientPool(processes, math.ceil(max_c / processes), root, cfg.model, cfg.seed)
+                for w in cfg.workers:
+                    servers[b, w] = ServerProcess(server_label(b, w), server_command(cfg, root, MAX_BATCH[b], w))
+                    stack.callback(servers[b, w].stop)
+        pool = ClientPool(processes, math.ceil(max_c / processes), root, cfg.model, cfg.seed,
+                          own_connection=max(cfg.workers) > 1)
         stack.callback(pool.close)
         stack.callback(shield.ignore)  # first out: Ctrl-C cannot cut the stops short
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        targets = {b: f"{HOST}:{s.wait_ready(deadline)}" for b, s in servers.items()}
+        targets = {key: f"{HOST}:{s.wait_ready(deadline)}" for key, s in servers.items()}
         summaries = pool.wait_ready()
         first_inputs = summaries[0]["first_inputs"]
-        max_batches: dict[str, int | None] = {b: MAX_BATCH[b] for b in servers}
+        max_batches: dict[str, int | None] = {b: MAX_BATCH.get(b) for b in cfg.batching}
         if cfg.server is not None:
             max_batches["external"] = check_external(cfg, model, first_inputs[0])
-            targets["external"] = cfg.server
-        settings = [Setting(b, c, max_batches[b], targets[b], servers.get(b))
-                    for b in cfg.batching for c in cfg.concurrency]
+            targets["external", 1] = cfg.server
+        settings = [Setting(b, c, max_batches[b], targets[b, w], servers.get((b, w)), workers=w)
+                    for b in cfg.batching for w in cfg.workers for c in cfg.concurrency]
         _log(f"{cfg.model} {'x'.join(map(str, model.input_size))} from {model.path}; "
-             + ", ".join(f"batching {b} at {t}" for b, t in targets.items())
+             + ", ".join(f"{server_label(b, w)} at {t}" for (b, w), t in targets.items())
              + f"; {processes} client processes with {', '.join(str(s['inputs']) for s in summaries)} inputs in "
              f"{', '.join(str(s['classes']) for s in summaries)} classes; {cfg.rounds} rounds of {round_s:g} s")
         raw = common.Samples()
@@ -1023,10 +1090,13 @@ def report(cfg: Config, model: Any, rows: list[dict[str, Any]], processes: int, 
     served = [r for r in rows if r["kind"] == "served"]
     raw = next(r for r in rows if r["kind"] == "raw")
     targets = [r for r in rows if r["kind"] == "target"]
+    scaling = [r for r in rows if r["kind"] == "scaling"]
     end_load = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     lines = [
-        f"{cfg.model} ({'x'.join(map(str, model.input_size))}), server onnxruntime threads {cfg.threads}, "
-        f"{processes} client processes, {cfg.rounds} rounds, {cfg.duration_s:g} s measured per setting; "
+        f"{cfg.model} ({'x'.join(map(str, model.input_size))}), server onnxruntime threads {cfg.threads} "
+        f"(over its workers), {processes} client processes"
+        + (", a connection per client" if max(cfg.workers) > 1 else "")
+        + f", {cfg.rounds} rounds, {cfg.duration_s:g} s measured per setting; "
         f"{info['cpu']}, {info['cores']} cores, loadavg {info.get('loadavg', '?')} at start, {end_load} at end",
         f"raw session.run at batch 1 ({cfg.threads} threads, this process, same inputs): p50 {raw['p50_ms']:.2f} ms, "
         f"p95 {raw['p95_ms']:.2f} ms over {raw['requests']} calls",
@@ -1044,6 +1114,11 @@ def report(cfg: Config, model: Any, rows: list[dict[str, Any]], processes: int, 
             lines.append(f"  {t['target']}: {t['value']:.2f}x (target {sign} {t['threshold']:g}x): "
                          f"{'met' if t['met'] else 'MISSED'}")
             lines.append(f"    {'detail' if t['met'] else 'bound'}: {t['note']}")
+    if scaling:
+        lines.append("scale-out on this machine (measured):")
+        for t in scaling:
+            lines.append(f"  {t['target']}: {t['value']:.2f}x")
+            lines.append(f"    detail: {t['note']}")
     failed = sum(r["errors"] for r in served)
     if failed:
         lines.append(f"{failed} requests failed or did not match their input (errors column)")

@@ -1,7 +1,9 @@
 """``python -m serve --model-dir DIR``: serve an ONNX model repository over gRPC.
 
-Prints one line when ready (address, models, provider) so scripts can wait for it; SIGTERM or
-SIGINT stop accepting calls, let in-flight ones finish within ``--grace`` seconds and exit 0.
+Prints one line when ready (address, models, provider) so scripts can wait for it. SIGTERM or
+SIGINT turn health NOT_SERVING and keep serving for ``--drain-delay`` seconds (clients that
+balance on health move away; every call already sent is answered), then refuse new calls, let
+in-flight ones finish within ``--grace`` seconds and exit 0.
 Exit status: 0 after a clean stop, 1 when the models or the address cannot be served (one line
 naming the file or option), 2 for bad options.
 
@@ -36,6 +38,9 @@ PROG = "python -m serve"
 DEFAULT_HOST = "127.0.0.1"  # loopback: exposing the server is an explicit choice
 DEFAULT_PORT = 50051
 DEFAULT_GRACE_S = 10.0
+# Long enough for calls already sent to reach a handler; set it to the health-check period of
+# the load balancer in front (Kubernetes: the readiness probe's period) to move traffic first.
+DEFAULT_DRAIN_DELAY_S = 1.0
 # Set in each --workers child: the pid of the process that started it (a worker whose parent
 # died stops itself instead of serving on as an orphan).
 PARENT_ENV = "ZOO_SERVE_PARENT_PID"
@@ -67,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve Prometheus /metrics on this port of --host (0: a free one); default off")
     n.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
                    help="seconds in-flight calls get to finish on SIGTERM/SIGINT")
+    n.add_argument("--drain-delay", type=float, default=DEFAULT_DRAIN_DELAY_S,
+                   help="on SIGTERM/SIGINT, seconds to go on serving with health NOT_SERVING before new calls are "
+                        "refused (balancers that watch health move traffic away; calls already sent are answered)")
     w = p.add_argument_group("scale-out on one machine")
     w.add_argument("--workers", type=int, default=1,
                    help="server processes sharing --port (SO_REUSEPORT); the kernel spreads connections over them. "
@@ -113,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for flag, value, low in (("--port", args.port, 0), ("--threads", args.threads, 0), ("--max-batch", args.max_batch, 1),
                              ("--max-concurrency", args.max_concurrency, 1), ("--batch-timeout-ms", args.batch_timeout_ms, 0),
-                             ("--grace", args.grace, 0), ("--max-message-mb", args.max_message_mb, 0.001)):
+                             ("--grace", args.grace, 0), ("--drain-delay", args.drain_delay, 0),
+                             ("--max-message-mb", args.max_message_mb, 0.001)):
         if value < low:
             parser.error(f"Invalid {flag}: {value} (at least {low})")
     if args.port > 65535 or (args.metrics_port is not None and not 0 <= args.metrics_port <= 65535):
@@ -175,7 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if parent and os.getppid() != parent:  # the --workers parent is gone
             print(f"{PROG}: parent process {parent} exited", file=sys.stderr, flush=True)
             break
-    server.begin_stop(args.grace)
+    if args.drain_delay > 0:
+        print(f"{PROG}: draining: health NOT_SERVING, serving {args.drain_delay:g} s more", flush=True)
+    server.begin_stop(args.grace, args.drain_delay)
     print(f"{PROG}: stopping: new calls refused, finishing in-flight ones (grace {args.grace:g} s)", flush=True)
     server.stop(args.grace)
     print(f"{PROG}: stopped", flush=True)
@@ -302,7 +313,7 @@ def run_workers(args: argparse.Namespace, argv: list[str], warn_exposed: bool = 
     for w in workers:
         if w.proc.poll() is None:
             w.proc.send_signal(signal.SIGTERM)
-    codes = [w.finish(args.grace + WORKER_KILL_AFTER_S) for w in workers]
+    codes = [w.finish(args.drain_delay + args.grace + WORKER_KILL_AFTER_S) for w in workers]
     print(f"{PROG}: stopped", flush=True)
     return 1 if failed is not None or any(codes) else 0
 

@@ -12,12 +12,14 @@ them like a decoded image), float as a model-ready ``[C, H, W]`` or ``[1, C, H, 
 Several replicas behind one client-side load balancer: the target may be a comma-separated list
 ``"10.0.0.5:50051,10.0.0.6:50051"`` or ``"dns:///serve.ns.svc.cluster.local:50051"`` (every
 address the name resolves to, e.g. a Kubernetes headless Service); both spread calls round robin
-over the servers (:func:`channel_target`).
+over the servers that report SERVING on gRPC health (:func:`channel_target`), so a server that is
+shutting down gets no new calls.
 """
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 import socket
 import sys
@@ -34,8 +36,12 @@ PROG = "python -m serve.client"
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 30.0
 MAX_MESSAGE_BYTES = 64 * 2**20  # the server sets the real limit; the client only must not be the tighter one
-# Per call, not per connection: gRPC's default (pick_first) would send everything to one server.
-ROUND_ROBIN = ("grpc.lb_policy_name", "round_robin")
+# Several servers: round robin per call (gRPC's default, pick_first, would send everything to one
+# server), over the servers whose grpc.health.v1 Watch says SERVING: one that is draining on
+# SIGTERM (python -m serve --drain-delay) gets no new calls while it finishes the ones it has.
+# A server without the health service counts as healthy.
+ROUND_ROBIN = ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}],
+                                                  "healthCheckConfig": {"serviceName": ""}}))
 
 Input = Union[str, os.PathLike, bytes, np.ndarray]
 
@@ -175,15 +181,21 @@ class Classifier:
         tls_ca: PEM bytes or a file path of the CA that signed the server's certificate; turns TLS on.
         tls: TLS with the system's CAs (when ``tls_ca`` is not given).
         timeout: default seconds per call.
+        own_connection: open a connection of its own. By default gRPC shares one connection among
+            a process's channels to the same target; ``python -m serve --workers N`` spreads
+            connections (not calls) over its workers, so clients in one process reach several
+            workers only with connections of their own.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
                  tls_ca: bytes | str | os.PathLike | None = None, tls: bool = False,
-                 timeout: float = DEFAULT_TIMEOUT_S) -> None:
+                 timeout: float = DEFAULT_TIMEOUT_S, own_connection: bool = False) -> None:
         secure = tls_ca is not None or tls
         grpc_target, balancing = channel_target(target, tls=secure)
         options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), *balancing]
+        if own_connection:
+            options.append(("grpc.use_local_subchannel_pool", 1))
         if secure:
             ca = tls_ca
             if ca is not None and not isinstance(ca, bytes):

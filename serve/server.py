@@ -390,7 +390,9 @@ class Server:
         self.kserve = kserve  # the serve.kserve.KServeServicer on the same port
         self._metrics_address = metrics_address
         self.metrics_port: int | None = None
-        self._stopping: threading.Event | None = None
+        self._stop_begun = False
+        self._grpc_stopped: threading.Event | None = None  # grpc's own, set once every call ended
+        self._grpc_stop_called = threading.Event()
         self._closed = False
         self._lock = threading.Lock()
 
@@ -403,18 +405,37 @@ class Server:
             self.metrics_port = self.metrics.serve_http(*self._metrics_address)
         self.grpc_server.start()
 
-    def begin_stop(self, grace: float | None = 5.0) -> None:
-        """Refuse new calls now (health turns NOT_SERVING); in-flight ones get ``grace`` seconds."""
-        with self._lock:
-            if self._stopping is None:
-                self.health.enter_graceful_shutdown()
-                self._stopping = self.grpc_server.stop(grace)
+    def begin_stop(self, grace: float | None = 5.0, drain_delay: float = 0.0) -> None:
+        """Health turns NOT_SERVING now; after ``drain_delay`` seconds new calls are refused and
+        in-flight ones get ``grace`` seconds. Returns once new calls are refused.
 
-    def stop(self, grace: float | None = 5.0) -> None:
+        Why the delay: gRPC's core holds calls that reached the server but that its Python loop
+        has not yet taken for a handler (one is taken at a time), and cancels them when stop()
+        begins: a client that sent its call before the signal would get CANCELLED. Serving on for
+        a moment lets every call already sent reach a handler and finish; it is also the window in
+        which load balancers that watch health move traffic elsewhere. A call that reaches the
+        server in the instant its listener closes still gets CANCELLED or UNAVAILABLE: gRPC's
+        own shutdown, with nothing half-done on the server.
+        """
+        with self._lock:
+            if self._stop_begun:
+                first = False
+            else:
+                first = self._stop_begun = True
+                self.health.enter_graceful_shutdown()
+        if not first:
+            self._grpc_stop_called.wait()
+            return
+        if drain_delay > 0:
+            time.sleep(drain_delay)
+        self._grpc_stopped = self.grpc_server.stop(grace)
+        self._grpc_stop_called.set()
+
+    def stop(self, grace: float | None = 5.0, drain_delay: float = 0.0) -> None:
         """:meth:`begin_stop`, wait for in-flight calls to finish, then release everything."""
-        self.begin_stop(grace)
-        assert self._stopping is not None
-        self._stopping.wait()
+        self.begin_stop(grace, drain_delay)
+        assert self._grpc_stopped is not None
+        self._grpc_stopped.wait()
         with self._lock:
             if self._closed:
                 return

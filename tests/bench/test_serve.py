@@ -126,6 +126,8 @@ def test_quick_json_rows_every_answer_matched(quick):
     (["--rounds", "0"], "Invalid --rounds"),
     (["--server", "nohost"], "expected HOST:PORT"),
     (["--server", "127.0.0.1:1", "--batching", "on"], "--batching"),
+    (["--server", "127.0.0.1:1", "--workers", "2"], "--workers: applies to the servers this tool starts"),
+    (["--workers", "0,2"], "--workers: at least 1"),
     (["--model", "../x"], "invalid name"),
     (["--model-dir", "/nonexistent-dir"], "--model-dir"),
 ])
@@ -135,6 +137,23 @@ def test_bad_options_are_one_line_exit_2(argv, message, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_workers_run_counts_the_cpu_of_every_worker(quick, tmp_path):
+    """One short setting against a 2-worker server (the cache of the quick run: no export)."""
+    out = tmp_path / "rows.json"
+    result = subprocess.run([sys.executable, "-m", "bench.serve", "--quick", "--cache", str(quick["cache"]),
+                             "--workers", "2", "--batching", "off", "--concurrency", "4", "--duration", "1",
+                             "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=QUICK_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "a connection per client" in result.stdout
+    served = [r for r in json.loads(out.read_text()) if r["kind"] == "served"]
+    assert [(r["batching"], r["workers"], r["concurrency"]) for r in served] == [("off", 2, 4)]
+    r = served[0]
+    assert r["errors"] == 0 and r["requests"] > 0
+    # the work is done in the workers, children of the process started: their CPU is counted
+    assert r["server_cpu"] is not None and r["server_cpu"] > 0.2, r
 
 
 def test_unservable_model_dir_is_one_line_exit_1(tmp_path, capsys):
@@ -164,8 +183,8 @@ def test_choose_inputs_are_distinct_clear_and_spread_over_classes():
 
 
 def test_targets_report_value_and_bound():
-    def served(batching, c, qps, p50, p99, batch):
-        return bs.row(kind="served", batching=batching, concurrency=c, qps=qps, p50_ms=p50, p99_ms=p99,
+    def served(batching, c, qps, p50, p99, batch, workers=1):
+        return bs.row(kind="served", batching=batching, workers=workers, concurrency=c, qps=qps, p50_ms=p50, p99_ms=p99,
                       mean_batch=batch, max_batch=bs.MAX_BATCH[batching], raw_p50_ms=1.0,
                       overhead=p50 / 1.0 if c == 1 else None, server_inference_p50_ms=1.0 * batch ** 0.5,
                       server_queue_p50_ms=0.5, server_other_p50_ms=0.3, transport_p50_ms=0.8,
@@ -173,9 +192,11 @@ def test_targets_report_value_and_bound():
                       inference_busy=0.5, server_cpu=1.0, client_cpu=0.5)
 
     rows = [served("on", 1, 300, 3.0, 4.0, 1), served("on", 16, 1500, 10, 20, 8),
-            served("off", 1, 350, 2.5, 3.5, 1), served("off", 16, 1000, 16, 30, 1)]
+            served("off", 1, 350, 2.5, 3.5, 1), served("off", 16, 1000, 16, 30, 1),
+            served("off", 1, 300, 3.5, 5.0, 1, workers=2), served("off", 16, 1600, 10, 18, 1, workers=2)]
     cfg = bs.Config(model="m", model_dir=None, cache="c", server=None, threads=2, concurrency=[1, 16], duration_s=1,
-                    batching=["on", "off"], client_processes=2, rounds=1, max_requests=10, seed=0, json_path=None)
+                    batching=["on", "off"], workers=[1, 2], client_processes=2, rounds=1, max_requests=10, seed=0,
+                    json_path=None)
     targets = {t["target"]: t for t in bs.evaluate_targets(rows, cfg)}
     gain = targets[f"batching QPS gain at {bs.TARGET_CONCURRENCY} clients"]
     assert gain["value"] == pytest.approx(1.5) and gain["met"] is True
@@ -184,3 +205,8 @@ def test_targets_report_value_and_bound():
     over = targets["served p50 / raw session.run p50 (batching off)"]
     assert over["value"] == pytest.approx(2.5) and over["met"] is False and "gRPC" in over["note"]
     assert "(raw + that) / raw = 2.50x" in over["note"]  # raw 1.0 ms + serving cost 1.5 ms
+    # the 2-worker server's single-client row is no overhead target: its workers have half the threads
+    assert sorted(t["workers"] for t in targets.values() if t["target"].startswith("served p50")) == [1, 1]
+    scaling = bs.evaluate_scaling(rows, cfg)  # batching off has both worker counts at 16 clients; on does not
+    assert [(t["batching"], t["workers"], t["concurrency"]) for t in scaling] == [("off", 2, 16)]
+    assert scaling[0]["value"] == pytest.approx(1.6) and "QPS 1600 with 2 workers vs 1000 with 1" in scaling[0]["note"]

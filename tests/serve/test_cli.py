@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import serve.__main__ as serve_main
 import serve.client as client
@@ -58,7 +59,7 @@ def test_serving_never_imports_torch_or_zoo():
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(exported):
     proc, port, line = start_serve("--model-dir", exported.root, "--port", "0", "--threads", "1",
-                                   "--metrics-port", "0", "--grace", "20")
+                                   "--metrics-port", "0", "--grace", "20", "--drain-delay", "1")
     try:
         assert "resnext_mini:1" in line and "densenet_mini:1" in line and "CPUExecutionProvider" in line
         assert "metrics http://127.0.0.1:" in line
@@ -76,13 +77,16 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(exported):
             stream = stub.ClassifyStream(requests(), timeout=60)
             answers = [next(stream) for _ in range(10)]
             proc.send_signal(signal.SIGTERM)
+            assert proc.stdout.readline().startswith("python -m serve: draining: health NOT_SERVING")
+            # the drain window: health tells balancers to go elsewhere, calls are still answered
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert stub.Classify(tensor_request(x, model="resnext_mini"), timeout=10).classes
             assert "stopping" in proc.stdout.readline()
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as fresh:  # new calls are refused
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as fresh:  # then new calls are refused
                 with pytest.raises(grpc.RpcError) as info:
                     pb_grpc.ClassifierStub(fresh).Classify(tensor_request(x, model="resnext_mini"), timeout=10)
-                # grpc core's answer during shutdown: UNAVAILABLE, or CANCELLED when the call
-                # reached the server's listener just before it closed
-                assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             resume.set()  # ... while the in-flight stream still gets every answer
             answers += list(stream)
         assert [a.request_id for a in answers] == [str(i) for i in range(20)]
@@ -143,6 +147,7 @@ def test_providers_cuda_without_gpu(capsys, exported):
     (["--model-dir", "/nonexistent/models"], 1, "no such directory"),
     (["--max-batch", "0"], 2, "Invalid --max-batch: 0"),
     (["--port", "-1"], 2, "Invalid --port: -1"),
+    (["--drain-delay", "-1"], 2, "Invalid --drain-delay: -1"),
     (["--tls-cert", "cert.pem"], 2, "--tls-cert and --tls-key go together"),
     (["--auth-token-file", "/nonexistent/token"], 2, "--auth-token-file /nonexistent/token"),
     (["--default-model", "nope"], 1, "default model 'nope' is not served"),

@@ -7,7 +7,9 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -60,6 +62,28 @@ def test_round_robin_over_two_servers(repo):
         assert a + b == 20 and a >= 1 and b >= 1, (a, b)  # round robin; pick-first would send all 20 to one
 
 
+def test_round_robin_skips_a_draining_server(repo):
+    """A server in its drain window (health NOT_SERVING, still answering) gets no new calls from a
+    balancing client; the calls go to the replica that is SERVING."""
+    x = np.zeros(INPUT_SIZE, np.float32)
+    with running(repo) as (server_a, port_a), running(repo) as (_, port_b):
+        with client.Classifier(f"127.0.0.1:{port_a},127.0.0.1:{port_b}") as c:
+            for _ in range(10):
+                c.classify(x, model=MODEL)
+            a0, b0 = served(port_a), served(port_b)
+            assert a0 >= 1 and b0 >= 1, (a0, b0)
+            stopping = threading.Thread(target=server_a.stop, kwargs=dict(grace=5, drain_delay=3.0))
+            stopping.start()
+            try:
+                time.sleep(0.5)  # the health Watch stream tells the client within milliseconds
+                for _ in range(20):
+                    assert c.classify(x, model=MODEL).model == MODEL
+                a1, b1 = served(port_a), served(port_b)  # server A still answers this, while draining
+            finally:
+                stopping.join()
+    assert (a1 - a0, b1 - b0) == (0, 20)
+
+
 def test_client_cli_with_a_server_list(repo, tmp_path, capsys):
     image = tmp_path / "digit.png"
     image.write_bytes(png_bytes(random_image(3)))
@@ -104,6 +128,13 @@ def infer_pid(port: int) -> int:
     return response.parameters["server_pid"].int64_param
 
 
+def classify_count(metrics_url: str) -> float:
+    """Successful requests a worker counted, from its Prometheus /metrics."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("zoo_serve_requests_total{") and 'code="OK"' in line)
+
+
 def test_workers_share_one_port_and_stop_on_sigterm(exported):
     proc, port, pids, lines = start_workers("--model-dir", exported.root, "--model", MODEL, "--port", "0",
                                             "--workers", "2", "--metrics-port", "0", "--grace", "5")
@@ -117,6 +148,19 @@ def test_workers_share_one_port_and_stop_on_sigterm(exported):
             if seen == pids:
                 break
         assert seen == pids
+        # Classify clients in one process: by default their channels share one connection, so one
+        # worker; with own_connection each has its own and the kernel spreads them over both
+        metrics = [re.search(r"metrics (http://\S+/metrics)", line).group(1) for line in worker_lines]
+        x = np.zeros(INPUT_SIZE, np.float32)
+        for own, want_workers in ((False, 1), (True, 2)):
+            before = [classify_count(url) for url in metrics]
+            clients = [client.Classifier(f"127.0.0.1:{port}", own_connection=own) for _ in range(12)]
+            for c in clients:
+                c.classify(x, model=MODEL)
+            for c in clients:
+                c.close()
+            grew = sum(classify_count(url) > b for url, b in zip(metrics, before))
+            assert grew == want_workers, (own, before, [classify_count(url) for url in metrics])
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
