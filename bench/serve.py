@@ -7,7 +7,8 @@ Unless ``--server`` names one, starts its own servers on 127.0.0.1 (``python -m 
 with ``--max-batch 16`` for batching on and ``--max-batch 1`` for off, each with every
 ``--workers`` count; all at once, idle while another is measured) and stops them when done, on
 Ctrl-C, SIGTERM or an error (SIGTERM, wait, kill). A server of W workers gets ``--threads``/W
-onnxruntime threads per worker, so every server has the same threads in all; with a W > 1 in
+onnxruntime threads per worker (at least 1), so with ``--threads`` a multiple of W every server
+has the same threads in all; with a W > 1 in
 the run every client opens a connection of its own (the kernel spreads connections, not calls,
 over the workers), in every setting of the run alike.
 
@@ -94,7 +95,9 @@ CALL_TIMEOUT_S = 30.0  # every call's deadline
 MAX_REQUESTS = 100_000  # per setting, over all rounds and clients (--max-requests)
 SERVER_START_TIMEOUT_S = 300.0  # loading resnext50 on a busy machine takes seconds, not minutes
 SERVER_GRACE_S = 2.0  # python -m serve --grace
-KILL_AFTER_S = 15.0  # after SIGTERM, beyond the grace, before SIGKILL
+# After SIGTERM, beyond the grace, before SIGKILL; longer than a --workers parent waits for a
+# stuck worker (serve.__main__.WORKER_KILL_AFTER_S), so the parent gets to kill it.
+KILL_AFTER_S = 45.0
 CLIENT_START_TIMEOUT_S = 600.0  # client processes load the model and compute their expectations
 EXPORT_TIMEOUT_S = 1800.0
 # The targets, reported and never asserted.
@@ -629,10 +632,10 @@ READY_RE = re.compile(r"listening on (\[[^\]]+\]|[^\s:]+):(\d+)\b")
 class ServerProcess:
     """``python -m serve ...`` in a subprocess: its ready line, CPU time and a bounded stop."""
 
-    def __init__(self, label: str, command: list[str]) -> None:
+    def __init__(self, label: str, command: list[str], workers: int = 1) -> None:
         from serve.__main__ import PARENT_ENV
 
-        self.label = label
+        self.label, self.workers = label, workers
         # With PARENT_ENV the server stops by itself if this process dies without stopping it.
         env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
         self.proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -670,7 +673,7 @@ class ServerProcess:
         """User + system CPU seconds so far of the server process and its children (the
         ``--workers`` processes), from Linux /proc; None where that cannot be read."""
         try:
-            pids = [self.proc.pid] + _children(self.proc.pid)
+            pids = [self.proc.pid] + (_children(self.proc.pid) if self.workers > 1 else [])
             total = 0
             for pid in pids:
                 with open(f"/proc/{pid}/stat", encoding="ascii") as f:
@@ -696,11 +699,14 @@ class ServerProcess:
 
 
 def _children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (Linux /proc)."""
+    """Direct children of ``pid`` (Linux /proc; a thread that ends while it is read is skipped)."""
     out: list[int] = []
     for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
-            out += [int(c) for c in f.read().split()]
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
+                out += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            continue
     return out
 
 
@@ -1048,7 +1054,7 @@ def measure(cfg: Config, root: str, model: Any) -> tuple[list[Setting], common.S
         if cfg.server is None:
             for b in cfg.batching:  # all started at once: their model loads overlap
                 for w in cfg.workers:
-                    servers[b, w] = ServerProcess(server_label(b, w), server_command(cfg, root, MAX_BATCH[b], w))
+                    servers[b, w] = ServerProcess(server_label(b, w), server_command(cfg, root, MAX_BATCH[b], w), w)
                     stack.callback(servers[b, w].stop)
         pool = ClientPool(processes, math.ceil(max_c / processes), root, cfg.model, cfg.seed,
                           own_connection=max(cfg.workers) > 1)
@@ -1093,8 +1099,8 @@ def report(cfg: Config, model: Any, rows: list[dict[str, Any]], processes: int, 
     scaling = [r for r in rows if r["kind"] == "scaling"]
     end_load = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     lines = [
-        f"{cfg.model} ({'x'.join(map(str, model.input_size))}), server onnxruntime threads {cfg.threads} "
-        f"(over its workers), {processes} client processes"
+        f"{cfg.model} ({'x'.join(map(str, model.input_size))}), server onnxruntime threads {cfg.threads}"
+        + (" (split over a server's workers)" if max(cfg.workers) > 1 else "") + f", {processes} client processes"
         + (", a connection per client" if max(cfg.workers) > 1 else "")
         + f", {cfg.rounds} rounds, {cfg.duration_s:g} s measured per setting; "
         f"{info['cpu']}, {info['cores']} cores, loadavg {info.get('loadavg', '?')} at start, {end_load} at end",

@@ -3,7 +3,8 @@
 Prints one line when ready (address, models, provider) so scripts can wait for it. SIGTERM or
 SIGINT turn health NOT_SERVING and keep serving for ``--drain-delay`` seconds (clients that
 balance on health move away; every call already sent is answered), then refuse new calls, let
-in-flight ones finish within ``--grace`` seconds and exit 0.
+in-flight ones finish within ``--grace`` seconds and exit 0. A second signal skips what is left
+of both: calls still in flight are cancelled.
 Exit status: 0 after a clean stop, 1 when the models or the address cannot be served (one line
 naming the file or option), 2 for bad options.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import signal
 import socket
@@ -25,7 +27,7 @@ import subprocess
 import sys
 import threading
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 from PIL import Image
 
@@ -123,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              ("--max-concurrency", args.max_concurrency, 1), ("--batch-timeout-ms", args.batch_timeout_ms, 0),
                              ("--grace", args.grace, 0), ("--drain-delay", args.drain_delay, 0),
                              ("--max-message-mb", args.max_message_mb, 0.001)):
-        if value < low:
+        if not value >= low or not math.isfinite(value):
             parser.error(f"Invalid {flag}: {value} (at least {low})")
     if args.port > 65535 or (args.metrics_port is not None and not 0 <= args.metrics_port <= 65535):
         parser.error("ports are 0..65535")
@@ -165,8 +167,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
     stop = threading.Event()
+
+    def on_signal(*_: Any) -> None:  # the first stops gracefully, a second at once (never waits: a handler)
+        if stop.is_set():
+            server.stop_now()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     default = server.servicer.default_model
     models = ", ".join(f"{m.name}:{m.version}" + (" (default)" if m.name == default else "") for m in repo.all())
     providers = ", ".join(sorted({m.provider for m in repo.all()}))
@@ -189,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.begin_stop(args.grace, args.drain_delay)
     print(f"{PROG}: stopping: new calls refused, finishing in-flight ones (grace {args.grace:g} s)", flush=True)
     server.stop(args.grace)
-    print(f"{PROG}: stopped", flush=True)
+    print(f"{PROG}: stopped" + (" (a second signal cancelled the calls still in flight)" if server.hurried else ""),
+          flush=True)
     return 0
 
 
@@ -266,8 +275,17 @@ class _Worker:
 def run_workers(args: argparse.Namespace, argv: list[str], warn_exposed: bool = False) -> int:
     """``--workers N``: N ``python -m serve`` processes on one port; returns the exit status."""
     stop = threading.Event()
+    workers: list[_Worker] = []
+
+    def on_signal(*_: Any) -> None:  # a second signal is passed on: the workers stop at once
+        if stop.is_set():
+            for w in workers:
+                if w.proc.poll() is None:
+                    w.proc.send_signal(signal.SIGTERM)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     reserved = None
     port = args.port
     if port == 0:
@@ -277,7 +295,6 @@ def run_workers(args: argparse.Namespace, argv: list[str], warn_exposed: bool = 
             print(f"{PROG}: error: cannot listen on {args.host}: {e.strerror or e}", file=sys.stderr)
             return 1
         port = reserved.getsockname()[1]
-    workers: list[_Worker] = []
     try:
         # The first worker alone: a bad repository or a taken port fails once, with one message.
         for index in range(args.workers):
@@ -309,7 +326,7 @@ def run_workers(args: argparse.Namespace, argv: list[str], warn_exposed: bool = 
         failed = bad
     else:
         failed = None
-    print(f"{PROG}: stopping {len(workers)} workers (grace {args.grace:g} s)", flush=True)
+    print(f"{PROG}: stopping {len(workers)} workers (drain {args.drain_delay:g} s, grace {args.grace:g} s)", flush=True)
     for w in workers:
         if w.proc.poll() is None:
             w.proc.send_signal(signal.SIGTERM)

@@ -108,6 +108,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.core, self.max_batch = core, max_batch
         self.version = _server_version()
         self.pid = os.getpid()  # per servicer: each --workers process builds its own
+        self.stopping = False  # set by serve.server.Server.begin_stop
 
     def batch_limit(self, model: Model) -> int:
         return model.max_batch_size or self.max_batch
@@ -118,8 +119,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     def ServerReady(self, request: Any, context: grpc.ServicerContext) -> Any:
-        # Every model is loaded (and has run once) before the server starts listening.
-        return pb.ServerReadyResponse(ready=True)
+        # Every model is loaded (and has run once) before the server starts listening; from a
+        # SIGTERM on (the drain) it is not ready, as health says NOT_SERVING.
+        return pb.ServerReadyResponse(ready=not self.stopping)
 
     def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:
         try:

@@ -391,14 +391,27 @@ class Server:
         self._metrics_address = metrics_address
         self.metrics_port: int | None = None
         self._stop_begun = False
+        self._end_drain = threading.Event()  # set: what is left of the drain is skipped
+        self._hurry = False  # stop_now(): no drain, no grace
         self._grpc_stopped: threading.Event | None = None  # grpc's own, set once every call ended
         self._grpc_stop_called = threading.Event()
-        self._closed = False
+        self._closing = False
+        self._closed = threading.Event()
         self._lock = threading.Lock()
 
     @property
     def repository(self) -> Repository:
         return self.servicer.repo
+
+    @property
+    def hurried(self) -> bool:
+        """True when :meth:`stop_now` cut the drain and grace short."""
+        return self._hurry
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`begin_stop` was called (health NOT_SERVING; KServe ServerReady false)."""
+        return self._stop_begun
 
     def start(self) -> None:
         if self._metrics_address is not None:
@@ -407,42 +420,63 @@ class Server:
 
     def begin_stop(self, grace: float | None = 5.0, drain_delay: float = 0.0) -> None:
         """Health turns NOT_SERVING now; after ``drain_delay`` seconds new calls are refused and
-        in-flight ones get ``grace`` seconds. Returns once new calls are refused.
+        in-flight ones get ``grace`` seconds (None: none, they are cancelled). Returns once new
+        calls are refused; a call while another is draining ends the drain there.
 
         Why the delay: gRPC's core holds calls that reached the server but that its Python loop
         has not yet taken for a handler (one is taken at a time), and cancels them when stop()
         begins: a client that sent its call before the signal would get CANCELLED. Serving on for
-        a moment lets every call already sent reach a handler and finish; it is also the window in
-        which load balancers that watch health move traffic elsewhere. A call that reaches the
-        server in the instant its listener closes still gets CANCELLED or UNAVAILABLE: gRPC's
-        own shutdown, with nothing half-done on the server.
+        a moment lets every call already sent reach a handler and, given a ``grace`` longer than
+        a call, finish; it is also the window in which balancers that watch health move traffic
+        elsewhere. A call that reaches the server in the instant its listener closes still gets
+        CANCELLED or UNAVAILABLE: gRPC's own shutdown, with nothing half-done on the server.
         """
         with self._lock:
-            if self._stop_begun:
-                first = False
-            else:
-                first = self._stop_begun = True
+            first = not self._stop_begun
+            self._stop_begun = True
+            if first:
                 self.health.enter_graceful_shutdown()
+                if self.kserve is not None:
+                    self.kserve.stopping = True
         if not first:
+            self._end_drain.set()
             self._grpc_stop_called.wait()
             return
-        if drain_delay > 0:
-            time.sleep(drain_delay)
-        self._grpc_stopped = self.grpc_server.stop(grace)
-        self._grpc_stop_called.set()
+        try:
+            if drain_delay > 0:
+                self._end_drain.wait(drain_delay)
+        finally:  # whatever interrupts the drain, the server still stops
+            self._grpc_stopped = self.grpc_server.stop(0 if self._hurry else grace)
+            self._grpc_stop_called.set()
+
+    def stop_now(self) -> None:
+        """Skip what is left of the drain and of the grace: calls in flight are cancelled.
+
+        Safe from a signal handler (it never waits): ``python -m serve`` calls it on a second
+        SIGTERM/SIGINT.
+        """
+        self._hurry = True
+        self._end_drain.set()
+        if self._grpc_stop_called.is_set():
+            self.grpc_server.stop(0)
 
     def stop(self, grace: float | None = 5.0, drain_delay: float = 0.0) -> None:
-        """:meth:`begin_stop`, wait for in-flight calls to finish, then release everything."""
+        """:meth:`begin_stop`, wait for in-flight calls to finish, then release everything.
+        Returns once all of that is done, whichever caller did it."""
         self.begin_stop(grace, drain_delay)
         assert self._grpc_stopped is not None
         self._grpc_stopped.wait()
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        for batcher in self.servicer.batchers.values():
-            batcher.close(timeout=5.0)
-        self.metrics.close()
+            closing, self._closing = self._closing, True
+        if closing:
+            self._closed.wait()
+            return
+        try:
+            for batcher in self.servicer.batchers.values():
+                batcher.close(timeout=5.0)
+            self.metrics.close()
+        finally:
+            self._closed.set()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self.grpc_server.wait_for_termination(timeout)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -17,6 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import serve.__main__ as serve_main
 import serve.client as client
+from serve._proto.inference import grpc_predict_v2_pb2 as kpb
+from serve._proto.inference import grpc_predict_v2_pb2_grpc as kpb_grpc
 from serve._proto.zoo.serving.v1 import classifier_pb2_grpc as pb_grpc
 from serve.runtime import RepositoryError, load_repository
 from tests.serve.conftest import INPUT_SIZE, REPO_ROOT, png_bytes, random_image, running, tensor_request
@@ -59,7 +62,7 @@ def test_serving_never_imports_torch_or_zoo():
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(exported):
     proc, port, line = start_serve("--model-dir", exported.root, "--port", "0", "--threads", "1",
-                                   "--metrics-port", "0", "--grace", "20", "--drain-delay", "1")
+                                   "--metrics-port", "0", "--grace", "20", "--drain-delay", "3")
     try:
         assert "resnext_mini:1" in line and "densenet_mini:1" in line and "CPUExecutionProvider" in line
         assert "metrics http://127.0.0.1:" in line
@@ -81,9 +84,12 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(exported):
             # the drain window: health tells balancers to go elsewhere, calls are still answered
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            ready = kpb_grpc.GRPCInferenceServiceStub(channel).ServerReady(kpb.ServerReadyRequest(), timeout=10)
+            assert not ready.ready
             assert stub.Classify(tensor_request(x, model="resnext_mini"), timeout=10).classes
             assert "stopping" in proc.stdout.readline()
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as fresh:  # then new calls are refused
+            # then new calls are refused: a new connection (not the one the stream holds) is not accepted
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as fresh:
                 with pytest.raises(grpc.RpcError) as info:
                     pb_grpc.ClassifierStub(fresh).Classify(tensor_request(x, model="resnext_mini"), timeout=10)
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -94,6 +100,39 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(exported):
         assert proc.wait(timeout=30) == 0
         assert "stopped" in proc.stdout.read()
     finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_second_signal_stops_at_once(exported):
+    """Drain and grace both long; a second SIGTERM cancels the call in flight and exits 0 at once."""
+    proc, port, _ = start_serve("--model-dir", exported.root, "--port", "0", "--threads", "1",
+                                "--grace", "60", "--drain-delay", "60")
+    try:
+        x = np.zeros(INPUT_SIZE, np.float32)
+        hold = threading.Event()
+
+        def requests():
+            yield tensor_request(x, model="resnext_mini", request_id="0")
+            hold.wait(60)  # the stream stays open: a call in flight
+
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stream = pb_grpc.ClassifierStub(channel).ClassifyStream(requests(), timeout=120)
+            assert next(stream).request_id == "0"
+            proc.send_signal(signal.SIGTERM)
+            assert "draining" in proc.stdout.readline()
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+            assert time.monotonic() - start < 20  # not the 60 s drain, nor the 60 s grace
+            with pytest.raises(grpc.RpcError) as info:
+                next(stream)
+            assert info.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+            hold.set()
+        assert "a second signal cancelled the calls still in flight" in proc.stdout.read()
+    finally:
+        hold.set()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -148,6 +187,8 @@ def test_providers_cuda_without_gpu(capsys, exported):
     (["--max-batch", "0"], 2, "Invalid --max-batch: 0"),
     (["--port", "-1"], 2, "Invalid --port: -1"),
     (["--drain-delay", "-1"], 2, "Invalid --drain-delay: -1"),
+    (["--grace", "inf"], 2, "Invalid --grace: inf"),
+    (["--drain-delay", "nan"], 2, "Invalid --drain-delay: nan"),
     (["--tls-cert", "cert.pem"], 2, "--tls-cert and --tls-key go together"),
     (["--auth-token-file", "/nonexistent/token"], 2, "--auth-token-file /nonexistent/token"),
     (["--default-model", "nope"], 1, "default model 'nope' is not served"),

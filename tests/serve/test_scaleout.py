@@ -72,15 +72,17 @@ def test_round_robin_skips_a_draining_server(repo):
                 c.classify(x, model=MODEL)
             a0, b0 = served(port_a), served(port_b)
             assert a0 >= 1 and b0 >= 1, (a0, b0)
-            stopping = threading.Thread(target=server_a.stop, kwargs=dict(grace=5, drain_delay=3.0))
+            stopping = threading.Thread(target=server_a.stop, kwargs=dict(grace=5, drain_delay=60.0))
             stopping.start()
             try:
-                time.sleep(0.5)  # the health Watch stream tells the client within milliseconds
+                time.sleep(1.0)  # the health Watch stream tells the client within milliseconds
                 for _ in range(20):
                     assert c.classify(x, model=MODEL).model == MODEL
                 a1, b1 = served(port_a), served(port_b)  # server A still answers this, while draining
             finally:
-                stopping.join()
+                server_a.begin_stop()  # a second call ends the drain
+                stopping.join(30)
+            assert not stopping.is_alive()
     assert (a1 - a0, b1 - b0) == (0, 20)
 
 

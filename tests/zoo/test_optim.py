@@ -249,6 +249,40 @@ def test_state_dict_round_trip(name, foreach):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+STATE_KEYS = {"sgd": set(), "momentum": {"momentum_buffer"}, "nesterov": {"momentum_buffer"},
+              "adagrad": {"sum"}, "adadelta": {"square_avg", "acc_delta"}, "rmsprop": {"square_avg"},
+              "adam": {"step", "exp_avg", "exp_avg_sq"}}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_state_is_lazy_and_named_per_rule(name):
+    """State appears at a parameter's first step, with the rule's names; plain SGD keeps none
+    (as torch.optim.SGD: no empty entries in a checkpoint); a parameter without a gradient gets none."""
+    params = _make_params()
+    opt = create_optimizer(name, params)
+    assert opt.state_dict()["state"] == {}
+    _loss(params[:-1]).backward()  # the last parameter gets no gradient
+    opt.step()
+    state = opt.state_dict()["state"]
+    if not STATE_KEYS[name]:
+        assert state == {}
+    else:
+        assert sorted(state) == list(range(len(params) - 1))
+        assert all(set(s) == STATE_KEYS[name] for s in state.values())
+
+
+def test_momentum_turned_on_later_starts_from_a_zero_buffer():
+    params = _make_params()
+    opt = create_optimizer("sgd", params, lr=0.1)
+    _run(opt, params, 2)
+    opt.param_groups[0]["momentum"] = 0.9  # e.g. a warm-up without momentum
+    before = [p.detach().clone() for p in params]
+    _run(opt, params, 1)
+    # a zero buffer: the first step with momentum is a plain step, v = lr * g
+    for p, b in zip(params, before):
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], b - p.detach(), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_closure(name):
     params = _make_params()

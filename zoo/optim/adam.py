@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from zoo.optim._base import SeedOptimizer, check_hyperparameters
 
-class Adam(Optimizer):
+
+class Adam(SeedOptimizer):
     r"""Adam (seed §1.3.6; Kingma & Ba 2015, https://arxiv.org/abs/1412.6980):
 
     ``m = beta1 * m + (1 - beta1) * g``,  ``v = beta2 * v + (1 - beta2) * g**2``,
@@ -39,54 +40,26 @@ class Adam(Optimizer):
         *,
         foreach: bool = True,
     ) -> None:
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
+        check_hyperparameters(lr, weight_decay, eps)
         for i, beta in enumerate(betas):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
 
-    def _init_group(self, group: dict):
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("Adam does not support sparse gradients")
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        return params, grads, exp_avgs, exp_avg_sqs, steps
+    def state_keys(self, group: dict) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One update of every parameter that has a gradient; returns ``closure()`` if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps = self._init_group(group)
-            if not params:
-                continue
-            beta1, beta2 = group["betas"]
-            update = _multi_tensor_adam if group["foreach"] else _single_tensor_adam
-            update(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1,
-                   beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
-        return loss
+    def _update(self, group, params, grads, states):
+        steps = []
+        for p in params:
+            state = self.state[p]
+            state["step"] = state.get("step", 0) + 1
+            steps.append(state["step"])
+        beta1, beta2 = group["betas"]
+        update = _multi_tensor_adam if group["foreach"] else _single_tensor_adam
+        update(params, grads, *states, steps, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+               weight_decay=group["weight_decay"])
 
 
 def _single_tensor_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],

@@ -6,62 +6,13 @@ gradients are refused.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
-from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-
-def _check_common(lr: float, eps: float, weight_decay: float) -> None:
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+from zoo.optim._base import SeedOptimizer, check_hyperparameters
 
 
-class _Adaptive(Optimizer):
-    """Shared ``step``: lazy zero state named by ``_state_keys``, then the group's update."""
-
-    _state_keys: tuple[str, ...] = ()
-
-    def _init_group(self, group: dict) -> tuple[list[Tensor], list[Tensor], list[list[Tensor]]]:
-        params, grads, states = [], [], [[] for _ in self._state_keys]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            params.append(p)
-            grads.append(p.grad)
-            state = self.state[p]
-            for key, out in zip(self._state_keys, states):
-                if key not in state:
-                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                out.append(state[key])
-        return params, grads, states
-
-    def _update(self, group: dict, params: list[Tensor], grads: list[Tensor],
-                states: list[list[Tensor]]) -> None:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One update of every parameter that has a gradient; returns ``closure()`` if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads, states = self._init_group(group)
-            if params:
-                self._update(group, params, grads, states)
-        return loss
-
-
-class Adagrad(_Adaptive):
+class Adagrad(SeedOptimizer):
     r"""Adagrad (seed §1.3.3): ``G = G + g**2;  theta = theta - lr * g / sqrt(G + eps)``.
 
     Departure from ``torch.optim.Adagrad``: torch divides by ``sqrt(G) + eps`` (eps outside the
@@ -76,13 +27,14 @@ class Adagrad(_Adaptive):
         foreach: use the multi-tensor ``torch._foreach_*`` path (default).
     """
 
-    _state_keys = ("sum",)
-
     def __init__(self, params: ParamsT, lr: float = 0.01, eps: float = 1e-8,
                  weight_decay: float = 0.0, *, foreach: bool = True) -> None:
-        _check_common(lr, eps, weight_decay)
+        check_hyperparameters(lr, weight_decay, eps)
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
+
+    def state_keys(self, group: dict) -> tuple[str, ...]:
+        return ("sum",)
 
     def _update(self, group, params, grads, states):
         update = _multi_tensor_adagrad if group["foreach"] else _single_tensor_adagrad
@@ -90,7 +42,7 @@ class Adagrad(_Adaptive):
                weight_decay=group["weight_decay"])
 
 
-class Adadelta(_Adaptive):
+class Adadelta(SeedOptimizer):
     r"""Adadelta (seed §1.3.4), which needs no learning rate:
 
     ``E[g2] = rho * E[g2] + (1 - rho) * g**2``,
@@ -112,15 +64,16 @@ class Adadelta(_Adaptive):
         foreach: use the multi-tensor ``torch._foreach_*`` path (default).
     """
 
-    _state_keys = ("square_avg", "acc_delta")
-
     def __init__(self, params: ParamsT, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6,
                  weight_decay: float = 0.0, *, foreach: bool = True) -> None:
-        _check_common(lr, eps, weight_decay)
+        check_hyperparameters(lr, weight_decay, eps)
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"Invalid rho value: {rho}")
         defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
+
+    def state_keys(self, group: dict) -> tuple[str, ...]:
+        return ("square_avg", "acc_delta")
 
     def _update(self, group, params, grads, states):
         update = _multi_tensor_adadelta if group["foreach"] else _single_tensor_adadelta
@@ -128,7 +81,7 @@ class Adadelta(_Adaptive):
                weight_decay=group["weight_decay"])
 
 
-class RMSprop(_Adaptive):
+class RMSprop(SeedOptimizer):
     r"""RMSprop (seed §1.3.5):
     ``E[g2] = alpha * E[g2] + (1 - alpha) * g**2;  theta = theta - lr * g / sqrt(E[g2] + eps)``.
 
@@ -145,15 +98,16 @@ class RMSprop(_Adaptive):
         foreach: use the multi-tensor ``torch._foreach_*`` path (default).
     """
 
-    _state_keys = ("square_avg",)
-
     def __init__(self, params: ParamsT, lr: float = 1e-3, alpha: float = 0.9, eps: float = 1e-8,
                  weight_decay: float = 0.0, *, foreach: bool = True) -> None:
-        _check_common(lr, eps, weight_decay)
+        check_hyperparameters(lr, weight_decay, eps)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"Invalid alpha value: {alpha}")
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
+
+    def state_keys(self, group: dict) -> tuple[str, ...]:
+        return ("square_avg",)
 
     def _update(self, group, params, grads, states):
         update = _multi_tensor_rmsprop if group["foreach"] else _single_tensor_rmsprop

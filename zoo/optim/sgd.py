@@ -1,14 +1,14 @@
 """Gradient descent, Momentum and Nesterov momentum as the seed writes them (§1.1, §1.3.1-2)."""
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from zoo.optim._base import SeedOptimizer, check_hyperparameters
 
-class SGD(Optimizer):
+
+class SGD(SeedOptimizer):
     r"""Gradient descent with optional (Nesterov) momentum, velocity in the seed's form.
 
     With ``g = grad + weight_decay * theta`` (L2 added to the gradient, as torch.optim does):
@@ -50,49 +50,22 @@ class SGD(Optimizer):
         *,
         foreach: bool = True,
     ) -> None:
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
+        check_hyperparameters(lr, weight_decay)
         if not 0.0 <= momentum:
             raise ValueError(f"Invalid momentum value: {momentum}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if nesterov and momentum <= 0:
             raise ValueError(f"Nesterov momentum requires momentum > 0, got momentum={momentum}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov,
                         weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
 
-    def _init_group(self, group: dict) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        params, grads, bufs = [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("SGD does not support sparse gradients")
-            params.append(p)
-            grads.append(p.grad)
-            if group["momentum"] != 0:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                bufs.append(state["momentum_buffer"])
-        return params, grads, bufs
+    def state_keys(self, group: dict) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One update of every parameter that has a gradient; returns ``closure()`` if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads, bufs = self._init_group(group)
-            if not params:
-                continue
-            update = _multi_tensor_sgd if group["foreach"] else _single_tensor_sgd
-            update(params, grads, bufs, lr=group["lr"], momentum=group["momentum"],
-                   nesterov=group["nesterov"], weight_decay=group["weight_decay"])
-        return loss
+    def _update(self, group, params, grads, states):
+        update = _multi_tensor_sgd if group["foreach"] else _single_tensor_sgd
+        update(params, grads, states[0] if states else [], lr=group["lr"], momentum=group["momentum"],
+               nesterov=group["nesterov"], weight_decay=group["weight_decay"])
 
 
 def _single_tensor_sgd(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *,
