@@ -502,6 +502,28 @@ def count_ops(model: Any, op_type: str) -> int:
     return sum(1 for n in model.graph.node if n.op_type == op_type)
 
 
+def count_batchnorm_with_statistics(model: Any) -> int:
+    """BatchNormalization nodes that still normalize: all but the folded scale/shift ones
+    (:class:`zoo.nn.ScaleShift`: mean 0, variance 1, epsilon 0), which are a plain affine map."""
+    from onnx import numpy_helper
+
+    consts = {t.name: t for t in model.graph.initializer}
+    consts.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value"})
+
+    def is_all(name: str, value: float) -> bool:
+        return name in consts and bool((numpy_helper.to_array(consts[name]) == value).all())
+
+    count = 0
+    for n in model.graph.node:
+        if n.op_type != "BatchNormalization":
+            continue
+        eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
+        if not (eps == 0 and is_all(n.input[3], 0.0) and is_all(n.input[4], 1.0)):
+            count += 1
+    return count
+
+
 def check_graph(model: Any, input_size: Sequence[int], num_classes: int) -> Any:
     """onnx.checker (full) and strict shape inference; returns the model with inferred shapes."""
     import onnx
@@ -868,9 +890,11 @@ def _export(args: argparse.Namespace) -> int:
         onnx.checker.check_model(onnx_model, full_check=True)
     with steps.step("shape inference") as note:
         onnx_model = check_graph(onnx_model, c, len(plan.labels))
-        bn_nodes = count_ops(onnx_model, "BatchNormalization")
+        bn_nodes = count_batchnorm_with_statistics(onnx_model)
+        scale_shift = count_ops(onnx_model, "BatchNormalization") - bn_nodes
         note["msg"] = f"input [batch, {', '.join(map(str, c))}] -> logits [batch, {len(plan.labels)}], " \
-                      f"{len(onnx_model.graph.node)} nodes, {bn_nodes} BatchNormalization"
+                      f"{len(onnx_model.graph.node)} nodes, {bn_nodes} BatchNormalization" \
+                      + (f" (+ {scale_shift} folded to scale/shift)" if scale_shift else "")
 
     renorm = _renormalizer(bundle, plan.mean, plan.std) if bundle is not None else None
     if args.precision == "fp16":
@@ -924,7 +948,8 @@ def _export(args: argparse.Namespace) -> int:
 
         bn_note = f"{bn_nodes}"
         if folded:
-            bn_note += f" (folded {bn_modules} BatchNorm2d)"
+            bn_note += f" (folded {bn_modules} BatchNorm2d" + (
+                f"; {scale_shift} with no conv before them run as scale/shift nodes)" if scale_shift else ")")
         elif bn_modules:
             bn_note += f" (not folded: {bn_modules} BatchNorm2d in the model; the exporter fuses Conv->BN itself)"
         rows = [

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from zoo.flops import count_flops
 from zoo.registry import ALIASES, count_params, create_model, get_model_spec, list_models
 
@@ -12,7 +14,8 @@ def model_table(names: list[str]) -> list[dict]:
     rows = []
     for name in names:
         spec = get_model_spec(name)
-        model = create_model(name)
+        with torch.device("meta"):  # shapes only: no weights initialised, no forward pass computed
+            model = create_model(name)
         rows.append(dict(
             name=name,
             params=count_params(model),

@@ -17,19 +17,28 @@ import warnings
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 
 class ScaleShift(nn.Module):
-    """y = x * scale + shift, per channel: an eval-mode BatchNorm with its statistics folded in."""
+    """y = x * scale + shift, per channel: an eval-mode BatchNorm with its statistics folded in.
+
+    Computed as a batch norm with identity statistics (mean 0, variance 1, eps 0), which is the
+    same map: it exports to one ONNX BatchNormalization node, one pass over the activations in
+    onnxruntime, where ``x * scale + shift`` exports to a Mul and an Add, two passes (and
+    ``torch.addcmul`` to three). Measured by ``python -m bench.export`` on densenet121.
+    """
 
     def __init__(self, scale: Tensor, shift: Tensor) -> None:
         super().__init__()
         self.register_buffer("scale", scale.detach().clone())
         self.register_buffer("shift", shift.detach().clone())
+        # Not saved: they are constants, and checkpoints of folded models stay scale + shift.
+        self.register_buffer("zeros", torch.zeros_like(self.scale), persistent=False)
+        self.register_buffer("ones", torch.ones_like(self.scale), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return torch.addcmul(self.shift.view(shape), x, self.scale.view(shape))
+        return F.batch_norm(x, self.zeros, self.ones, self.scale, self.shift, training=False, momentum=0.0, eps=0.0)
 
 
 def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
