@@ -2,21 +2,25 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch is installed first so that pip never resolves the multi-GB CUDA build.
-# Users with a GPU: make TORCH_SPEC="torch" test
+# The CPU build of torch is installed first so that pip never resolves the multi-GB CUDA build,
+# and onnxruntime's CPU build (the cpu extra). Users with a GPU:
+#   make TORCH_SPEC=torch EXTRAS=dev,gpu test
 TORCH_SPEC ?= torch==2.13.0
-STAMP := $(VENV)/.installed
+EXTRAS ?= dev,cpu
+# One stamp per (torch spec, extras): changing either reinstalls.
+STAMP := $(VENV)/.installed-$(shell echo '$(TORCH_SPEC) $(EXTRAS)' | cksum | cut -d' ' -f1)
 
 .PHONY: test demo reliability venv clean
 
 venv: $(STAMP)
 
-# Reinstall only when pyproject.toml (or the torch spec) changes.
+# Reinstall only when pyproject.toml, the torch spec or the extras change.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	rm -f $(VENV)/.installed*
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -1,4 +1,4 @@
-"""Time ``step()`` of each seed optimizer against its torch.optim twin, both on the foreach path.
+"""Time ``step()`` of each zoo.optim rule against its torch.optim twin, both on the foreach path.
 
     python -m bench.optim [--model resnext50_32x4d] [--steps N] [--rounds N] [--device cpu]
 

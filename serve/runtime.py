@@ -22,7 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-import onnxruntime as ort
+
+try:
+    import onnxruntime as ort
+except ImportError as e:  # it comes from an extra: say which
+    raise ImportError(f"{e}: onnxruntime is not installed; pip install -e '.[cpu]' "
+                      "(or '.[gpu]' for onnxruntime-gpu)") from e
 
 from export.metadata import INPUT_NAME, OUTPUT_NAME, MetadataError, decode_metadata
 

@@ -1,4 +1,4 @@
-"""``python -m zoo.experiments NAME``: small, reproducible checks of the seed's claims.
+"""``python -m zoo.experiments NAME``: small, reproducible checks of the textbook's claims.
 
     python -m zoo.experiments optimizers     # the seven rules on one CNN + 2-D trajectories
     python -m zoo.experiments norm-batch     # BN / GN / LN / IN at batch 32, 16, 8, 4, 2
@@ -7,12 +7,12 @@
 Each writes ``OUT/NAME/report.md`` (command, settings, tables and a verdict computed from the
 numbers), ``OUT/NAME/NAME.png`` and ``OUT/NAME/results.json`` (the raw numbers).
 
-- ``optimizers`` (seed §1): every rule of :data:`zoo.optim.OPTIMIZERS` trains the same model
+- ``optimizers``: every rule of :data:`zoo.optim.OPTIMIZERS` trains the same model
   from the same initial weights on the same batches, each at its :data:`zoo.train.TRAIN_LR`;
   the table gives the final train loss, val top-1 and the time per step. The same rules also
   run on two 2-D surfaces (:data:`SURFACES`): Rosenbrock from (-1.5, 2) and the saddle
-  ``x^2 - y^2`` from (1, 1e-3), next to which plain gradient descent should linger (§1.2, §1.4).
-- ``norm-batch`` (seed §2.2.4): the four norms of :data:`zoo.nn.norm.NORMS` at each batch size,
+  ``x^2 - y^2`` from (1, 1e-3), next to which plain gradient descent should linger.
+- ``norm-batch``: the four norms of :data:`zoo.nn.norm.NORMS` at each batch size,
   momentum SGD with the learning rate scaled linearly with the batch (as in the GN paper). The
   budget is a fixed number of training images: every cell sees the same images in the same
   order, only grouped into batches differently, so a batch of 2 takes 16x the steps of 32.
@@ -364,7 +364,7 @@ def optimizers_report(results: dict[str, dict[str, Any]], paths: dict[str, dict[
     verdicts = optimizers_verdict(results, paths, n_val)
     ros, sad = SURFACES["rosenbrock"], SURFACES["saddle"]
     steps_per_epoch = per_epoch // cfg["batch_size"]
-    return f"""# Experiment: optimizers (seed §1)
+    return f"""# Experiment: optimizers
 
 Command: `{command}`
 
@@ -390,7 +390,7 @@ of the noise)
 
 ![training curves and trajectories](optimizers.png)
 
-## Does it bear out the seed?
+## Does it bear out the textbook?
 {verdicts}
 """
 
@@ -408,13 +408,13 @@ def optimizers_verdict(results: dict[str, dict[str, Any]], paths: dict[str, dict
     sgd_txt = "did not get below f = -1 within {} steps".format(budget) if esc["sgd"] is None \
         else f"took {esc['sgd']} steps to get below f = -1"
     if key["sgd"] > max(others):
-        lines.append(f"- Saddle (§1.2, §1.4): plain sgd {sgd_txt}, the slowest of the seven (the others: "
+        lines.append(f"- Saddle: plain sgd {sgd_txt}, the slowest of the seven (the others: "
                      + ", ".join(f"{n} {'never' if esc[n] is None else esc[n]}" for n in OPTIMIZERS if n != "sgd")
-                     + "). This bears out the seed's remark that plain gradient descent lingers near saddle "
+                     + "). This bears out the textbook's remark that plain gradient descent lingers near saddle "
                      "points: the gradient along the escape direction is proportional to the tiny offset "
                      "from the saddle, and only momentum or per-coordinate scaling makes it grow fast.")
     else:
-        lines.append(f"- Saddle (§1.2, §1.4): plain sgd {sgd_txt}; the slowest was "
+        lines.append(f"- Saddle: plain sgd {sgd_txt}; the slowest was "
                      f"{', '.join(slow_names)}. This does not bear out the remark that plain gradient descent "
                      "is the one that lingers near saddle points, at these learning rates.")
     # §1.4: among the adaptive rules, Adam works best.
@@ -430,11 +430,11 @@ def optimizers_verdict(results: dict[str, dict[str, Any]], paths: dict[str, dict
             rel, bears = "better than", "bears out"
         else:
             rel, bears = "worse than", "does not bear out"
-        lines.append(f"- Adaptive rules (§1.4): adam reached {100 * ok['adam']['val_acc']:.2f}% val top-1 "
+        lines.append(f"- Adaptive rules: adam reached {100 * ok['adam']['val_acc']:.2f}% val top-1 "
                      f"(train loss {ok['adam']['train_loss']:.4f}), {rel} the best other adaptive rule, "
                      f"{best_other}, at {100 * ok[best_other]['val_acc']:.2f}% (train loss "
                      f"{ok[best_other]['train_loss']:.4f}); a difference counts when it exceeds twice its "
-                     f"binomial standard error on {n_val} val images. This {bears} the seed's statement that "
+                     f"binomial standard error on {n_val} val images. This {bears} the textbook's statement that "
                      "Adam works better than the other adaptive methods, on this small budget and one seed.")
     best = max((n for n in results if results[n]["diverged"] is None), key=lambda n: results[n]["val_acc"],
                default=None)
@@ -524,7 +524,7 @@ def norm_batch_report(results: dict[tuple[str, int], dict[str, Any]], cfg: dict[
                        fmt(100 * r["val_acc"], ".2f"), fmt(r["train_loss"], ".4f"), f"{r['seconds']:.1f}"]
                       for (norm, b), r in results.items()])
     images = cfg["epochs"] * per_epoch
-    return f"""# Experiment: norm-batch (seed §2.2.4)
+    return f"""# Experiment: norm-batch
 
 Command: `{command}`
 
@@ -549,7 +549,7 @@ LN and IN are GN with 1 and C groups
 
 ![val error vs batch size](norm-batch.png)
 
-## Does it bear out the seed?
+## Does it bear out the textbook?
 {norm_batch_verdict(err, norms, batch_sizes, len(data.val), {k: r["train_loss"] for k, r in results.items()})}
 """
 
@@ -596,21 +596,21 @@ def norm_batch_verdict(err: dict[tuple[str, int], float], norms: Sequence[str], 
         f"{pct(err[('gn', small)])} ({change(gn_d, gn_sig)}); at batch {small} GN's error is "
         + (f"{100 * abs(gap):.2f} points {'below' if gap > 0 else 'above'} BN's" if gap else "equal to BN's")
         + f"{'' if gap_sig or not gap else ' (within noise)'}. "
-        f"This {verdict} the seed's claim (§2.2.4) that GN holds as the batch shrinks while BN degrades{reason}.",
+        f"This {verdict} the textbook's claim that GN holds as the batch shrinks while BN degrades{reason}.",
     ]
     if train_loss is not None:
         lines.append(
             f"Final train loss (train mode, so BN normalises with the batch's own statistics) from batch {big} "
             f"to {small}: " + ", ".join(f"{n.upper()} {train_loss[(n, big)]:.3f} -> {train_loss[(n, small)]:.3f}"
                                         for n in norms)
-            + ". " + ("BN's rises the most: the noisier batch statistics that the seed's claim rests on show in "
+            + ". " + ("BN's rises the most: the noisier batch statistics that the textbook's claim rests on show in "
                       "training" + (" and carry over to the val error." if bn_degrades else ", but they do not "
                                     "carry over to the val error, for which BN uses its running statistics.")
                       if max(norms, key=lambda n: train_loss[(n, small)] - train_loss[(n, big)]) == "bn"
                       else "BN's does not rise the most."))
     order = sorted(norms, key=lambda n: err[(n, big)])
     lines.append(f"At batch {big} the order is " + " < ".join(f"{n.upper()} ({pct(err[(n, big)])})" for n in order)
-                 + "; the seed has BN best and GN second there, which "
+                 + "; the textbook has BN best and GN second there, which "
                  + ("this matches." if order[:2] == ["bn", "gn"] else "this does not match (by ranking; "
                     "see the noise note).")
                  + " " + se_note)
@@ -631,7 +631,7 @@ def plot_norm_batch(results: dict[tuple[str, int], dict[str, Any]], cfg: dict[st
         ax.set_xscale("log", base=2)
         ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
         ax.minorticks_off()
-        ax.invert_xaxis()  # the batch shrinks to the right, as in the seed's figure
+        ax.invert_xaxis()  # the batch shrinks to the right, as in the textbook's figure
         ax.set(xlabel="batch size", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -57,7 +57,7 @@ _DMINI = dict(growth_rate=16, block_config=(4, 6, 8), num_init_features=32, stem
 _MINI_IN = (3, 32, 32)
 
 for spec in [
-    ModelSpec("resnet50", "resnext", dict(_R50), description="ResNet-50, cardinality 1 (seed §3.1.4 baseline)"),
+    ModelSpec("resnet50", "resnext", dict(_R50), description="ResNet-50, cardinality 1 (the baseline)"),
     ModelSpec("resnext50_32x4d", "resnext", dict(_R50, groups=32, width_per_group=4), description="ResNeXt-50 32x4d"),
     ModelSpec("resnext101_32x8d", "resnext", dict(_R101, groups=32, width_per_group=8), description="ResNeXt-101 32x8d"),
     ModelSpec("resnext101_64x4d", "resnext", dict(_R101, groups=64, width_per_group=4), description="ResNeXt-101 64x4d"),

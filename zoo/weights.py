@@ -61,9 +61,26 @@ def describe_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], limit
     return "; ".join(parts) or None
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load ``path`` into ``model`` strictly; a mismatch raises :class:`WeightsError` naming the keys."""
+def classifier_prefix(model: nn.Module) -> str:
+    """The state_dict prefix of ``model``'s classifier head: its last Linear (``fc.``, ``classifier.``)."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise WeightsError(f"{type(model).__name__} has no Linear classifier head")
+    return names[-1] + "."
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, *, head: bool = True) -> nn.Module:
+    """Load ``path`` into ``model`` strictly; a mismatch raises :class:`WeightsError` naming the keys.
+
+    ``head=False`` loads everything but the classifier head, which keeps its fresh initialisation:
+    fine-tuning ImageNet weights (1000 classes) into a model with ``num_classes`` of your own.
+    """
     state = read_state_dict(path)
+    if not head:
+        prefix = classifier_prefix(model)
+        own = model.state_dict()
+        state = {**{k: v for k, v in state.items() if not k.startswith(prefix)},
+                 **{k: v for k, v in own.items() if k.startswith(prefix)}}
     problem = describe_mismatch(model, state)
     if problem:
         raise WeightsError(f"{os.fspath(path)} does not fit {type(model).__name__}: {problem}")

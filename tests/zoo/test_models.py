@@ -89,7 +89,7 @@ def test_in_chans_and_norms_build():
 
 
 def test_seed_bottleneck_parameter_counts():
-    """Seed §3.1.4: at 256 channels in and out, ResNet's bottleneck (width 64) has 69,632 conv
+    """at 256 channels in and out, ResNet's bottleneck (width 64) has 69,632 conv
     weights and ResNeXt 32x4d's (width 128) has 70,144."""
     def conv_weights(block):
         return sum(m.weight.numel() for m in block.modules() if isinstance(m, nn.Conv2d))
@@ -98,7 +98,7 @@ def test_seed_bottleneck_parameter_counts():
 
 
 def test_seed_three_equivalent_resnext_forms():
-    """Seed §3.1.3: (a) 32 branches 1x1->3x3->1x1 summed, (b) the branches' 3x3 outputs
+    """(a) 32 branches 1x1->3x3->1x1 summed, (b) the branches' 3x3 outputs
     concatenated then one 1x1, (c) one grouped conv, are one function when weights are shared."""
     torch.manual_seed(0)
     cardinality, d, cin, cout = 32, 4, 256, 256
@@ -161,6 +161,24 @@ def test_load_weights_names_mismatches(tmp_path):
     torch.save(create_model("resnext_mini", num_classes=3).state_dict(), path)
     with pytest.raises(WeightsError, match=r"shape mismatch \(file vs model\): fc.weight \(3, 256\) vs \(10, 256\)"):
         load_weights(create_model("resnext_mini", num_classes=10), path)
+
+
+@pytest.mark.parametrize("name, head_prefix", [("resnext_mini", "fc."), ("densenet_mini", "classifier.")])
+def test_load_weights_without_head_fine_tunes_to_new_classes(tmp_path, name, head_prefix):
+    """ImageNet-style weights (1000 classes) into a 10-class model: the body is loaded, the new head kept."""
+    torch.manual_seed(0)
+    src = create_model(name)  # 1000 classes
+    path = tmp_path / "w.pth"
+    torch.save(src.state_dict(), path)
+    dst = create_model(name, num_classes=10)
+    head_before = {k: v.clone() for k, v in dst.state_dict().items() if k.startswith(head_prefix)}
+    with pytest.raises(WeightsError, match="shape mismatch"):  # strict by default
+        load_weights(dst, path)
+    load_weights(dst, path, head=False)
+    for k, v in dst.state_dict().items():
+        want = head_before[k] if k.startswith(head_prefix) else src.state_dict()[k]
+        assert torch.equal(v, want), k
+    assert set(head_before) == {head_prefix + "weight", head_prefix + "bias"}
 
 
 def test_load_weights_refuses_corrupt_and_code(tmp_path):

@@ -7,7 +7,7 @@ from zoo.nn.norm import NORMS, get_norm_layer, gn_num_groups
 
 def test_factory_names_and_unknown():
     assert isinstance(get_norm_layer("bn")(8), nn.BatchNorm2d)
-    assert get_norm_layer("bn")(8).momentum == 0.1  # the seed's running-average beta 0.9
+    assert get_norm_layer("bn")(8).momentum == 0.1  # the textbook's running-average beta 0.9
     gn, ln, inorm = (get_norm_layer(n)(64) for n in ("gn", "ln", "in"))
     assert (gn.num_groups, ln.num_groups, inorm.num_groups) == (32, 1, 64)
     assert inorm.weight.shape == (64,)  # IN keeps a per-channel affine
@@ -33,7 +33,7 @@ def _affine_identity(m):
 
 
 def test_gn_with_one_group_is_ln_and_with_c_groups_is_in():
-    """Seed §2.2.3: G=1 gives LN, G=C gives IN."""
+    """G=1 gives LN, G=C gives IN."""
     x = torch.randn(3, 6, 5, 5)
     assert torch.allclose(get_norm_layer("gn", 1)(6)(x), get_norm_layer("ln")(6)(x), atol=1e-6)
     assert torch.allclose(get_norm_layer("gn", 6)(6)(x), get_norm_layer("in")(6)(x), atol=1e-6)
@@ -49,7 +49,7 @@ def _hand_normalize(x, dims):
 
 
 def test_statistics_axes_match_the_seed_figure():
-    """Batch=3, C=6 as in the seed's figure: BN over (N,H,W), LN over (C,H,W), IN over (H,W),
+    """Batch=3, C=6 as in the textbook's figure: BN over (N,H,W), LN over (C,H,W), IN over (H,W),
     GN over (C/G,H,W) within each of G=2 groups."""
     x = torch.randn(3, 6, 4, 4, dtype=torch.float64)
     bn = _affine_identity(get_norm_layer("bn")(6).double()).train()

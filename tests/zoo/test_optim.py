@@ -1,4 +1,4 @@
-"""The seed's optimizers: hand-computed steps, torch.optim parity, both code paths, convergence,
+"""The textbook's optimizers: hand-computed steps, torch.optim parity, both code paths, convergence,
 state-dict round trip, argument checking, and the lr schedules. Table-driven over the registry."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from zoo.optim import OPTIMIZERS, SCHEDULERS, create_optimizer, create_scheduler
 
 F64 = torch.float64
 
-# --- two steps of each seed formula, by hand, in plain floats ----------------------------------
+# --- two steps of each textbook formula, by hand, in plain floats ----------------------------------
 # Gradients are given, not computed, so each rule is checked on its own arithmetic. eps is large
 # (0.01) so that eps inside vs outside the square root gives visibly different numbers.
 P0, G1, G2 = [1.0, -2.0, 0.5], [0.5, -1.0, 2.0], [0.2, 0.4, -1.0]
@@ -32,7 +32,7 @@ def _hand_momentum(t, g1, g2, lr=0.1, gamma=0.9):
 
 
 def _hand_nesterov(t, g1, g2, lr=0.1, gamma=0.9):
-    # Seed form: v = gamma v + lr * grad J(theta - gamma v); theta -= v. The g's stand for the
+    # Textbook form: v = gamma v + lr * grad J(theta - gamma v); theta -= v. The g's stand for the
     # gradients at the look-ahead points, which is where the parameters live: phi = theta - gamma v.
     v1 = lr * g1
     t1 = t - v1
@@ -168,7 +168,7 @@ def test_foreach_equals_single_tensor(name):
 
 @pytest.mark.parametrize("foreach", [True, False])
 def test_nesterov_equals_seed_literal_form(foreach):
-    """The stored look-ahead point phi equals theta - gamma * v of the seed's literal rule."""
+    """The stored look-ahead point phi equals theta - gamma * v of the textbook's literal rule."""
     a = torch.tensor([[3.0, 0.5], [0.5, 1.0]], dtype=F64)  # J = x.A.x / 2 - b.x, SPD
     b = torch.tensor([1.0, -2.0], dtype=F64)
     lr, gamma = 0.1, 0.9
@@ -203,7 +203,7 @@ ROSENBROCK = {
     "momentum": (1e-3, 500),
     "nesterov": (1e-3, 500),
     "adagrad": (2.0, 500),
-    "adadelta": (1.0, 1000),  # the seed's rule, no learning rate; slow start of ~sqrt(eps) steps
+    "adadelta": (1.0, 1000),  # the textbook's rule, no learning rate; slow start of ~sqrt(eps) steps
     "rmsprop": (1e-2, 500),
     "adam": (0.1, 500),
 }

@@ -1,9 +1,9 @@
-"""DenseNet-BC (seed §3.2), with torchvision's module names so its checkpoints load.
+"""DenseNet-BC, with torchvision's module names so its checkpoints load.
 
 A dense layer is the pre-activation bottleneck BN-ReLU-Conv1x1(bn_size*k)-BN-ReLU-Conv3x3(k);
 its input is the concatenation of every earlier output of the block. Transitions are
 BN-ReLU-Conv1x1 (compression 0.5) then 2x2 average pooling. ``depthwise=True`` replaces each
-3x3 conv by a depthwise 3x3 + pointwise 1x1 (seed §6).
+3x3 conv by a depthwise 3x3 + pointwise 1x1.
 """
 from __future__ import annotations
 

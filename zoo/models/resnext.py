@@ -1,9 +1,9 @@
-"""ResNet / ResNeXt (seed §3.1), with torchvision's module names so its checkpoints load.
+"""ResNet / ResNeXt, with torchvision's module names so its checkpoints load.
 
 A ResNeXt block is the ResNet bottleneck whose 3x3 conv is grouped: cardinality C groups of
-width d each (``groups=C, width_per_group=d``); seed §3.1.3 shows that C summed branches,
+width d each (``groups=C, width_per_group=d``); the textbook shows that C summed branches,
 C concatenated branches + one 1x1 conv and one grouped conv are the same function.
-``depthwise=True`` makes the 3x3 conv depthwise (groups = its channels, seed §6).
+``depthwise=True`` makes the 3x3 conv depthwise (groups = its channels).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A reference BatchNorm whose backward is the seed's derivation written out (seed §2.1.1).
+"""A reference BatchNorm whose backward is the textbook's derivation written out.
 
 Forward, training, per channel over the m = N*H*W values of a mini-batch:
 
@@ -14,7 +14,7 @@ Backward, from the computation graph, nearest variables first:
     dx_i   = dmu / m + dvar * 2 (x_i - mu) / m + dxhat_i / sqrt(var + eps)
 
 Running statistics follow torch's convention: r = (1 - momentum) r + momentum * batch stat,
-so torch's momentum 0.1 is the seed's beta 0.9; the running variance stores the unbiased
+so torch's momentum 0.1 is the textbook's beta 0.9; the running variance stores the unbiased
 m/(m-1) * var (seed: Var(x) = m/(m-1) E[var_B]). In eval mode y = gamma (x - r_mu)/sqrt(r_var + eps) + beta
 and the backward is the same chain with mu, var held constant.
 

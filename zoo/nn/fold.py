@@ -1,7 +1,7 @@
 """Fold BatchNorm into the layers around it for inference.
 
 In eval mode BatchNorm is the affine map y = gamma * (x - mean) / sqrt(var + eps) + beta with
-fixed statistics (seed §2.1.1, test phase). After a conv it merges into the conv:
+fixed statistics (test phase). After a conv it merges into the conv:
 
     W' = W * gamma / sqrt(var + eps)          b' = (b - mean) * gamma / sqrt(var + eps) + beta
 

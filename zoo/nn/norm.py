@@ -1,14 +1,14 @@
-"""Normalization layers resolved from a string, in one place (seed §2).
+"""Normalization layers resolved from a string, in one place.
 
 Every block calls the returned factory only as ``norm_layer(num_channels)``.
 
-- ``bn``: BatchNorm2d. The seed's running average ``r = 0.9 r + 0.1 x`` is torch's
+- ``bn``: BatchNorm2d. The textbook's running average ``r = 0.9 r + 0.1 x`` is torch's
   ``momentum=0.1`` (torch weights the *new* value); the running variance is the unbiased
-  estimate ``m / (m - 1) * var`` as in seed §2.1.1.
+  estimate ``m / (m - 1) * var`` as in the textbook
 - ``gn``: GroupNorm over groups of channels of one sample. When ``gn_groups`` does not divide
   the channel count, the largest divisor of the channel count that is <= ``gn_groups`` is used
   (so 24 channels with 32 groups -> 24 groups; 48 with 32 -> 24).
-- ``ln``: GroupNorm with one group: per sample over (C, H, W), as the seed's figure draws it.
+- ``ln``: GroupNorm with one group: per sample over (C, H, W), as the textbook's figure draws it.
 - ``in``: GroupNorm with C groups: per sample and channel over (H, W), affine per channel.
 
 GN/LN/IN use the statistics of the sample at hand, in training and at test time alike, so a

@@ -1,4 +1,4 @@
-"""The seed's optimizers (§1.3), resolved from a name in one place.
+"""The textbook's optimizers, resolved from a name in one place.
 
 >>> opt = create_optimizer("nesterov", model.parameters(), lr=0.1, weight_decay=1e-4)
 >>> sched = create_scheduler("cosine", opt, epochs=90, steps_per_epoch=len(loader), warmup_epochs=5)

@@ -1,4 +1,4 @@
-"""What every rule of the seed shares: argument checks, lazily created zero state, the closure step.
+"""What every rule of the textbook shares: argument checks, lazily created zero state, the closure step.
 
 A rule names its per-parameter state tensors (``state_keys``) and implements ``_update``, which
 gets, for one param group, the parameters that have a gradient, those gradients and the state
@@ -23,7 +23,7 @@ def check_hyperparameters(lr: float, weight_decay: float, eps: float | None = No
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
-class SeedOptimizer(Optimizer):
+class TextbookOptimizer(Optimizer):
     """A torch Optimizer whose ``step`` gathers a group's gradients and state and calls ``_update``."""
 
     def state_keys(self, group: dict) -> tuple[str, ...]:

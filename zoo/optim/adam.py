@@ -1,4 +1,4 @@
-"""Adam as the seed writes it (§1.3.6), with bias correction."""
+"""Adam as the textbook writes it, with bias correction."""
 from __future__ import annotations
 
 import math
@@ -7,11 +7,11 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from zoo.optim._base import SeedOptimizer, check_hyperparameters
+from zoo.optim._base import TextbookOptimizer, check_hyperparameters
 
 
-class Adam(SeedOptimizer):
-    r"""Adam (seed §1.3.6; Kingma & Ba 2015, https://arxiv.org/abs/1412.6980):
+class Adam(TextbookOptimizer):
+    r"""Adam (Kingma & Ba 2015, https://arxiv.org/abs/1412.6980):
 
     ``m = beta1 * m + (1 - beta1) * g``,  ``v = beta2 * v + (1 - beta2) * g**2``,
     ``m_hat = m / (1 - beta1**t)``,  ``v_hat = v / (1 - beta2**t)``,
@@ -24,8 +24,8 @@ class Adam(SeedOptimizer):
     Args:
         params: iterable of parameters or of param-group dicts.
         lr: learning rate ``eta``; 1e-3.
-        betas: ``(beta1, beta2)``; (0.9, 0.999) as in the seed.
-        eps: added to ``sqrt(v_hat)``; 1e-8 as in the seed.
+        betas: ``(beta1, beta2)``; (0.9, 0.999) as in the textbook.
+        eps: added to ``sqrt(v_hat)``; 1e-8 as in the textbook.
         weight_decay: L2 coefficient added to the gradient.
         foreach: use the multi-tensor ``torch._foreach_*`` path (default).
     """

@@ -1,6 +1,6 @@
-"""Per-coordinate step sizes as the seed writes them: Adagrad, Adadelta, RMSprop (§1.3.3-5).
+"""Per-coordinate step sizes as the textbook writes them: Adagrad, Adadelta, RMSprop.
 
-All three keep ``eps`` inside the square root, exactly as the seed's formulas do. In every rule
+All three keep ``eps`` inside the square root, exactly as the textbook's formulas do. In every rule
 ``g = grad + weight_decay * theta`` (L2 added to the gradient, as torch.optim does), and sparse
 gradients are refused.
 """
@@ -9,20 +9,20 @@ from __future__ import annotations
 import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from zoo.optim._base import SeedOptimizer, check_hyperparameters
+from zoo.optim._base import TextbookOptimizer, check_hyperparameters
 
 
-class Adagrad(SeedOptimizer):
-    r"""Adagrad (seed §1.3.3): ``G = G + g**2;  theta = theta - lr * g / sqrt(G + eps)``.
+class Adagrad(TextbookOptimizer):
+    r"""Adagrad: ``G = G + g**2;  theta = theta - lr * g / sqrt(G + eps)``.
 
     Departure from ``torch.optim.Adagrad``: torch divides by ``sqrt(G) + eps`` (eps outside the
-    root); here eps sits inside it as in the seed, so the effective floor on the denominator is
+    root); here eps sits inside it as in the textbook, so the effective floor on the denominator is
     ``sqrt(eps)`` (1e-4 for the default 1e-8). No ``lr_decay`` or ``initial_accumulator_value``.
 
     Args:
         params: iterable of parameters or of param-group dicts.
-        lr: learning rate ``eta``; 0.01 by default (the seed gives none; torch's default).
-        eps: added to ``G`` under the square root; 1e-8 as in the seed.
+        lr: learning rate ``eta``; 0.01 by default (the textbook gives none; torch's default).
+        eps: added to ``G`` under the square root; 1e-8 as in the textbook.
         weight_decay: L2 coefficient added to the gradient.
         foreach: use the multi-tensor ``torch._foreach_*`` path (default).
     """
@@ -42,23 +42,23 @@ class Adagrad(SeedOptimizer):
                weight_decay=group["weight_decay"])
 
 
-class Adadelta(SeedOptimizer):
-    r"""Adadelta (seed §1.3.4), which needs no learning rate:
+class Adadelta(TextbookOptimizer):
+    r"""Adadelta, which needs no learning rate:
 
     ``E[g2] = rho * E[g2] + (1 - rho) * g**2``,
     ``delta = sqrt(E[dx2] + eps) / sqrt(E[g2] + eps) * g``,
     ``E[dx2] = rho * E[dx2] + (1 - rho) * delta**2``,
     ``theta = theta - lr * delta``.
 
-    ``lr`` is only a multiplier on the seed's step and defaults to 1.0, which is the seed's rule
+    ``lr`` is only a multiplier on the textbook's step and defaults to 1.0, which is the textbook's rule
     exactly. With ``lr=1`` this matches ``torch.optim.Adadelta(lr=1.0, rho=rho, eps=eps)``, which
     also keeps eps inside both roots.
 
     Args:
         params: iterable of parameters or of param-group dicts.
-        lr: multiplier on the step; 1.0 (the seed's rule) by default.
-        rho: decay of both running averages (the seed's ``gamma``); 0.9 as in the seed.
-        eps: added under both square roots; 1e-6 (the seed gives no value; Zeiler 2012 and
+        lr: multiplier on the step; 1.0 (the textbook's rule) by default.
+        rho: decay of both running averages (the textbook's ``gamma``); 0.9 as in the textbook.
+        eps: added under both square roots; 1e-6 (the textbook gives no value; Zeiler 2012 and
             torch use 1e-6). It also sets the size of the first steps, ``~sqrt(eps)``.
         weight_decay: L2 coefficient added to the gradient.
         foreach: use the multi-tensor ``torch._foreach_*`` path (default).
@@ -81,18 +81,18 @@ class Adadelta(SeedOptimizer):
                weight_decay=group["weight_decay"])
 
 
-class RMSprop(SeedOptimizer):
-    r"""RMSprop (seed §1.3.5):
+class RMSprop(TextbookOptimizer):
+    r"""RMSprop:
     ``E[g2] = alpha * E[g2] + (1 - alpha) * g**2;  theta = theta - lr * g / sqrt(E[g2] + eps)``.
 
     Departures from ``torch.optim.RMSprop``: torch divides by ``sqrt(E[g2]) + eps`` (eps
-    outside the root; here inside, as in the seed, so the floor is ``sqrt(eps)``), and its
-    defaults are ``alpha=0.99, lr=0.01``; the seed uses 0.9 and 1e-3. No momentum or centering.
+    outside the root; here inside, as in the textbook, so the floor is ``sqrt(eps)``), and its
+    defaults are ``alpha=0.99, lr=0.01``; the textbook uses 0.9 and 1e-3. No momentum or centering.
 
     Args:
         params: iterable of parameters or of param-group dicts.
-        lr: learning rate ``eta``; 1e-3 as in the seed.
-        alpha: decay of the running average of ``g**2``; 0.9 as in the seed.
+        lr: learning rate ``eta``; 1e-3 as in the textbook.
+        alpha: decay of the running average of ``g**2``; 0.9 as in the textbook.
         eps: added under the square root; 1e-8.
         weight_decay: L2 coefficient added to the gradient.
         foreach: use the multi-tensor ``torch._foreach_*`` path (default).

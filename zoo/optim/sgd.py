@@ -1,21 +1,21 @@
-"""Gradient descent, Momentum and Nesterov momentum as the seed writes them (§1.1, §1.3.1-2)."""
+"""Gradient descent, Momentum and Nesterov momentum as the textbook writes them."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from zoo.optim._base import SeedOptimizer, check_hyperparameters
+from zoo.optim._base import TextbookOptimizer, check_hyperparameters
 
 
-class SGD(SeedOptimizer):
-    r"""Gradient descent with optional (Nesterov) momentum, velocity in the seed's form.
+class SGD(TextbookOptimizer):
+    r"""Gradient descent with optional (Nesterov) momentum, velocity in the textbook's form.
 
     With ``g = grad + weight_decay * theta`` (L2 added to the gradient, as torch.optim does):
 
     - ``momentum == 0``: ``theta = theta - lr * g``.
-    - ``momentum == gamma > 0`` (seed §1.3.1): ``v = gamma * v + lr * g;  theta = theta - v``.
-    - ``nesterov=True`` (seed §1.3.2): ``v = gamma * v + lr * grad J(theta - gamma * v);
+    - ``momentum == gamma > 0``: ``v = gamma * v + lr * g;  theta = theta - v``.
+    - ``nesterov=True``: ``v = gamma * v + lr * grad J(theta - gamma * v);
       theta = theta - v``. The parameters hold the look-ahead point ``phi = theta - gamma * v``
       (the reparameterisation torch.optim uses), so the gradient the caller computes at the
       parameters is the one the rule asks for; the update becomes
@@ -31,7 +31,7 @@ class SGD(SeedOptimizer):
 
     Args:
         params: iterable of parameters or of param-group dicts.
-        lr: learning rate ``eta``; 0.01 by default (the seed gives none).
+        lr: learning rate ``eta``; 0.01 by default (the textbook gives none).
         momentum: ``gamma``; 0 gives plain gradient descent. The registry's ``momentum`` and
             ``nesterov`` default it to 0.9.
         nesterov: use Nesterov accelerated gradient (needs ``momentum > 0``).
