@@ -12,7 +12,9 @@ Writes a Triton-style model repository::
 
 The model file is written to a temporary name in the version directory and renamed only after
 onnxruntime reproduces PyTorch (the *unfolded* eager model) within tolerance, so a file called
-``model.onnx`` has always passed verification. The metadata keys are documented in
+``model.onnx`` has always passed verification. A new version joins an existing OUT/NAME only with
+the same labels and input size (labels.txt and config.pbtxt are shared by every version): otherwise
+the export is refused before anything is written. The metadata keys are documented in
 :mod:`export.metadata`. Exit status: 0 exported, 1 verification failed, 2 bad input.
 """
 from __future__ import annotations
@@ -387,6 +389,103 @@ def plan_version(model_dir: str, requested: int | None) -> int:
     if os.path.exists(target):
         raise UserError(f"{target} already exists: choose another --version or leave it out for the next free one")
     return requested
+
+
+def _label_lines(text: str) -> list[str]:
+    """The labels of a labels.txt's text (trailing blank lines dropped)."""
+    labels = [line.rstrip("\r") for line in text.split("\n")]
+    while labels and not labels[-1].strip():
+        labels.pop()
+    return labels
+
+
+def _read_label_file(path: str) -> list[str] | None:
+    """The labels of an existing labels.txt, None without one."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return _label_lines(f.read())
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _triton_dims(path: str) -> tuple[list[int] | None, list[int] | None]:
+    """(input dims, output dims) of an existing config.pbtxt as :func:`triton_config` writes it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError):
+        return None, None
+
+    def dims(block: str) -> list[int] | None:
+        m = re.search(rf"^{block}\s*\[\s*\{{(.*?)\}}", text, re.M | re.S)
+        d = re.search(r"dims\s*:\s*\[([^\]]*)\]", m.group(1)) if m else None
+        try:
+            return [int(v) for v in d.group(1).replace(",", " ").split()] if d else None
+        except ValueError:
+            return None
+
+    return dims("input"), dims("output")
+
+
+def _describe_labels(labels: Sequence[str]) -> str:
+    shown = ", ".join(labels[:3]) + (", ..." if len(labels) > 3 else "")
+    return f"{len(labels)} classes ({shown})"
+
+
+def check_same_model(model_dir: str, labels: Sequence[str], input_size: Sequence[int]) -> None:
+    """UserError when ``model_dir`` already holds versions of a model with other classes or another
+    input size: labels.txt and config.pbtxt are shared by every version, so exporting there would
+    rewrite them under the existing versions."""
+    versions = [v for v in _versions(model_dir) if os.path.isfile(os.path.join(model_dir, str(v), "model.onnx"))]
+    if not versions:
+        return
+    from export.metadata import read_metadata
+
+    label_sources: list[list[str]] = []
+    size_sources: list[list[int]] = []
+    for v in reversed(versions):  # the newest version whose metadata reads
+        try:
+            meta = read_metadata(os.path.join(model_dir, str(v), "model.onnx"))
+        except Exception:  # noqa: BLE001 - a corrupt or foreign file says nothing about the classes
+            continue
+        label_sources.append(list(meta["labels"]))
+        size_sources.append([int(d) for d in meta["input_size"]])
+        break
+    new_labels, new_size = list(labels), [int(d) for d in input_size]
+    file_labels = _read_label_file(os.path.join(model_dir, "labels.txt"))
+    # compared with what this export would write there (a label with a line break spans lines)
+    if file_labels and file_labels != _label_lines("\n".join(new_labels) + "\n"):
+        label_sources.append(file_labels)
+    config_in, config_out = _triton_dims(os.path.join(model_dir, "config.pbtxt"))
+    if config_in:
+        size_sources.append(config_in)
+    old_labels = next((x for x in label_sources if x != new_labels), None)
+    old_size = next((x for x in size_sources if x != new_size), None)
+    old_count = None  # a class count only config.pbtxt tells
+    if old_labels is None and config_out is not None and config_out != [len(new_labels)]:
+        old_count = config_out[0] if len(config_out) == 1 else 0
+    if old_labels is None and old_count is None and old_size is None:
+        return
+    if old_labels is not None:
+        old_classes = _describe_labels(old_labels)
+    elif old_count is not None:
+        old_classes = f"{old_count} classes"
+    else:
+        old_classes = _describe_labels(new_labels)
+    differ = []
+    if old_labels is not None and len(old_labels) == len(new_labels):
+        i = next(i for i, (a, b) in enumerate(zip(old_labels, new_labels)) if a != b)
+        differ.append(f"label {i} is {old_labels[i]!r} there, {new_labels[i]!r} here")
+    elif old_labels is not None or old_count is not None:
+        differ.append("the classes differ")
+    if old_size is not None:
+        differ.append("the input size differs")
+    where = "version " if len(versions) == 1 else "versions "
+    raise UserError(
+        f"{model_dir} already holds {where}{', '.join(map(str, versions))} with {old_classes}, "
+        f"input {old_size or new_size}; this export has {_describe_labels(new_labels)}, input {new_size} "
+        f"({' and '.join(differ)}). Every version shares its labels.txt and config.pbtxt: "
+        "export under another --name or into a new --out")
 
 
 class OutputDir:
@@ -838,6 +937,9 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 def _run(args: argparse.Namespace) -> int:
     check_args(args)
+    import importlib.util
+    if importlib.util.find_spec("onnxruntime") is None:  # verification runs it; it comes from an extra
+        raise UserError("onnxruntime is not installed: pip install -e '.[cpu]' (or '.[gpu]' for onnxruntime-gpu)")
     with _torch_threads(args.threads):
         return _export(args)
 
@@ -845,9 +947,10 @@ def _run(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     _check_writable(args.out)
     plan = resolve_plan(args)
-    bundle = load_data(plan, args)
     model_dir = os.path.join(args.out, plan.dir_name)
+    check_same_model(model_dir, plan.labels, plan.input_size)
     version = plan_version(model_dir, args.version)
+    bundle = load_data(plan, args)
     opset = args.opset or DEFAULT_OPSET[args.exporter]
     progress = not args.no_progress
     import torch

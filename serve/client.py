@@ -21,6 +21,7 @@ import argparse
 import ipaddress
 import json
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass
@@ -47,11 +48,25 @@ Input = Union[str, os.PathLike, bytes, np.ndarray]
 
 
 class ClientError(Exception):
-    """A failed call: ``code`` (grpc.StatusCode) and the server's message."""
+    """A failed call: ``code`` (grpc.StatusCode) and the server's message.
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code, self.message = code, message
+    ``message`` is the server's text plus, where one applies, a ``hint`` in parentheses (a
+    plaintext call that found no server, or a server that refused a message as too large).
+    ``index`` and ``path``: the item of :meth:`Classifier.classify_many` (or the file given to
+    :meth:`Classifier.classify`) the error is about, None when it is about the whole call;
+    ``str(error)`` names them.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, hint: str = "", index: int | None = None,
+                 path: str | None = None) -> None:
+        self.code, self.details, self.hint, self.index, self.path = code, message, hint, index, path
+        self.message = f"{message} ({hint})" if hint else message
+        where = []
+        if index is not None:
+            where.append(f"item {index}")
+        if path is not None:
+            where.append(path if index is None else f"({path})")
+        super().__init__(f"{' '.join(where) + ': ' if where else ''}{code.name}: {self.message}")
 
 
 @dataclass
@@ -108,6 +123,40 @@ def make_request(x: Input, model: str = "", top_k: int = 0, version: int = 0, re
         with open(x, "rb") as f:
             request.image = f.read()
     return request
+
+
+def _path_of(x: Input) -> str | None:
+    """The file name of an input given as a path, else None."""
+    return os.fsdecode(x) if isinstance(x, (str, os.PathLike)) else None
+
+
+# "Received message larger than max (27021117 vs. 16777216)": the server refused a request as
+# too large; "Sent ..." is this client's own limit (MAX_MESSAGE_BYTES).
+_TOO_LARGE = re.compile(r"(Received|Sent) message larger than max \((\d+) vs\. (\d+)\)")
+SERVER_LIMIT_FLAG = "python -m serve --max-message-mb"
+
+
+def too_large(message: str) -> tuple[str, int, int] | None:
+    """``("server" | "client", message bytes, limit bytes)`` for a message-size error, else None."""
+    m = _TOO_LARGE.search(message)
+    if m is None:
+        return None
+    return ("server" if m.group(1) == "Received" else "client"), int(m.group(2)), int(m.group(3))
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} bytes"
+
+
+def too_large_hint(message: str) -> str:
+    """Which limit a message-size error hit and how to raise it ("" for other messages)."""
+    found = too_large(message)
+    if found is None:
+        return ""
+    side, _, limit = found
+    if side == "server":
+        return f"the server accepts messages up to {_bytes(limit)}, set by {SERVER_LIMIT_FLAG}"
+    return f"this client sends messages up to {_bytes(limit)}"
 
 
 def _split_host_port(entry: str) -> tuple[str, str]:
@@ -167,8 +216,37 @@ def channel_target(target: str, tls: bool = False) -> tuple[str, list[tuple[str,
     return uri, options
 
 
-def _error(e: grpc.RpcError) -> ClientError:
-    return ClientError(e.code(), e.details() or "")
+# Added to UNAVAILABLE when the call was plaintext: a TLS server closes a plaintext connection
+# ("Socket closed"), which says nothing about TLS.
+TLS_HINT = "is the server using TLS? pass tls_ca= or tls=True; python -m serve.client: --tls-ca"
+
+
+def tls_may_help(code: grpc.StatusCode, details: str, secure: bool) -> bool:
+    """A plaintext call that got UNAVAILABLE from something listening (a refused connection
+    means nothing listens there, TLS or not)."""
+    return code == grpc.StatusCode.UNAVAILABLE and not secure and "Connection refused" not in details
+
+
+def _error(e: grpc.RpcError, secure: bool = True, requests: Sequence[Any] = (),
+           paths: Sequence[str | None] = (), many: bool = False) -> ClientError:
+    """The ClientError for a failed call with ``requests`` (made from inputs whose file names are
+    ``paths``, None where not a path): it names the request a message-size error is about, and
+    with one request (``many`` False) the file of an INVALID_ARGUMENT too."""
+    code, details = e.code(), e.details() or ""
+    hint, index = "", None
+    if tls_may_help(code, details, secure):
+        hint = TLS_HINT
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and too_large(details):
+        hint = too_large_hint(details)
+        _, size, limit = too_large(details)
+        sizes = [r.ByteSize() for r in requests]
+        index = next((i for i, n in enumerate(sizes) if n == size), None)
+        if index is None:
+            index = next((i for i, n in enumerate(sizes) if n > limit), None)
+    elif code == grpc.StatusCode.INVALID_ARGUMENT and len(requests) == 1 and not many:
+        index = 0
+    path = paths[index] if index is not None and index < len(paths) else None
+    return ClientError(code, details, hint=hint, index=index if many else None, path=path)
 
 
 class Classifier:
@@ -204,7 +282,7 @@ class Classifier:
             self.channel = grpc.secure_channel(grpc_target, grpc.ssl_channel_credentials(root_certificates=ca), options)
         else:
             self.channel = grpc.insecure_channel(grpc_target, options)
-        self.target, self.timeout = target, timeout
+        self.target, self.timeout, self.secure = target, timeout, secure
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.stub = pb_grpc.ClassifierStub(self.channel)
 
@@ -224,7 +302,7 @@ class Classifier:
         try:
             response = self.stub.Classify(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise _error(e, self.secure, [request], [_path_of(x)]) from None
         return Result.from_proto(response)
 
     def classify_many(self, inputs: Iterable[Input], model: str = "", top_k: int = 5, version: int = 0,
@@ -233,21 +311,31 @@ class Classifier:
         """Classify many inputs over one pipelined ClassifyStream; results in input order.
 
         With ``raise_on_error=False`` a failed item is returned as its :class:`ClientError`
-        (the others still succeed); otherwise the first failure is raised.
+        (the others still succeed); otherwise the first failure is raised. Either way the error
+        names the item (``index``, and ``path`` for an input given as a path).
+
+        Every input is read and encoded before the stream starts: a file that cannot be read
+        raises its OSError (FileNotFoundError naming the path, as :meth:`classify` does) and
+        nothing is sent.
         """
-        requests = (make_request(x, model, top_k, version, str(i), return_logits) for i, x in enumerate(inputs))
+        inputs = list(inputs)
+        requests = [make_request(x, model, top_k, version, str(i), return_logits) for i, x in enumerate(inputs)]
+        paths = [_path_of(x) for x in inputs]
         out: list[Result | ClientError] = []
         try:
-            for item in self.stub.ClassifyStream(requests, timeout=timeout or self.timeout, metadata=self._metadata):
+            for item in self.stub.ClassifyStream(iter(requests), timeout=timeout or self.timeout,
+                                                 metadata=self._metadata):
                 if item.WhichOneof("result") == "error":
-                    err = ClientError(_CODES.get(item.error.code, grpc.StatusCode.UNKNOWN), item.error.message)
+                    index = int(item.request_id) if item.request_id.isdigit() else len(out)
+                    err = ClientError(_CODES.get(item.error.code, grpc.StatusCode.UNKNOWN), item.error.message,
+                                      index=index, path=paths[index] if index < len(paths) else None)
                     if raise_on_error:
                         raise err
                     out.append(err)
                 else:
                     out.append(Result.from_proto(item.response))
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise _error(e, self.secure, requests, paths, many=True) from None
         return out
 
     def list_models(self, timeout: float | None = None) -> Any:
@@ -255,7 +343,7 @@ class Classifier:
         try:
             return self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise _error(e, self.secure) from None
 
     def latency_report(self, model: str = "", timeout: float | None = None) -> Any:
         """The server's ``LatencyReportResponse``."""
@@ -263,7 +351,7 @@ class Classifier:
             return self.stub.GetLatencyReport(pb.LatencyReportRequest(model=model), timeout=timeout or self.timeout,
                                               metadata=self._metadata)
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise _error(e, self.secure) from None
 
 
 
@@ -291,6 +379,21 @@ def format_result(name: str, r: Result) -> str:
     lines += [f"  {c.label.ljust(width)}  {c.score:.4f}" for c in r.classes]
     lines.append("  timing (us): " + "  ".join(f"{k} {v}" for k, v in r.timing.items()))
     return "\n".join(lines)
+
+
+def _about_the_image(e: ClientError) -> bool:
+    """Whether a failed Classify is about the image sent (not the server, the model or the call)."""
+    return e.code == grpc.StatusCode.INVALID_ARGUMENT or too_large(e.details) is not None
+
+
+def describe_error(e: ClientError, tls: bool) -> str:
+    """``CODE: the server's first line (hint)``, one line, the hints worded for the CLI's flags."""
+    first = e.details.splitlines()[0] if e.details else ""
+    if tls_may_help(e.code, e.details, tls):
+        first += " (is the server using TLS? pass --tls-ca)"
+    elif too_large(e.details):
+        first += f" ({too_large_hint(e.details)})"
+    return f"{e.code.name}: {first}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -322,18 +425,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Classifier(args.server, token=token, tls_ca=args.tls_ca, timeout=args.timeout) as client:
             if len(images) == 1:
-                results: list[Result | ClientError] = [client.classify(images[0], args.model, args.top_k)]
+                try:
+                    results: list[Result | ClientError] = [client.classify(images[0], args.model, args.top_k)]
+                except ClientError as e:
+                    if not _about_the_image(e):
+                        raise
+                    results = [e]  # reported like one of several files: named
             else:
                 results = client.classify_many(images, args.model, args.top_k, raise_on_error=False)
     except ClientError as e:
-        where = f"server {args.server}: " if e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else ""
-        print(f"{PROG}: error: {where}{e.code.name}: {e.message.splitlines()[0] if e.message else ''}", file=sys.stderr)
+        if e.index is not None:  # a stream-level error about one file (too large)
+            where = f"{args.images[e.index]}: "
+        elif e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            where = f"server {args.server}: "
+        else:
+            where = ""
+        print(f"{PROG}: error: {where}{describe_error(e, tls=bool(args.tls_ca))}", file=sys.stderr)
         return 1
     failed = 0
     for path, r in zip(args.images, results):
         if isinstance(r, ClientError):
             failed += 1
-            print(f"{path}: error: {r.code.name}: {r.message}", file=sys.stderr)
+            print(f"{path}: error: {describe_error(r, tls=bool(args.tls_ca))}", file=sys.stderr)
         else:
             print(format_result(path, r))
     return 1 if failed else 0

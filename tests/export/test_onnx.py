@@ -298,6 +298,54 @@ def test_next_free_version(trained, trained_fp32, capsys):
     assert code == 2 and "already exists" in err
 
 
+def _snapshot(root) -> dict[str, bytes]:
+    return {f: open(os.path.join(root, f), "rb").read() for f in onnx_files(root)}
+
+
+def test_other_classes_or_input_size_under_an_existing_name_are_refused(tmp_path, capsys):
+    """labels.txt and config.pbtxt are shared by every version: an export with other classes or
+    another input size must not rewrite them under the versions already there."""
+    out_dir = tmp_path / "models"
+    fast = ["--out", str(out_dir), "--val-samples", "0", "--latency-runs", "0"]
+    for _ in range(2):
+        code, _, err = run(capsys, "resnext_mini", "--num-classes", "10", "--triton", *fast)
+        assert code == 0, err
+    before = _snapshot(out_dir)
+    assert (out_dir / "resnext_mini" / "labels.txt").read_text().count("\n") == 10
+    # the walkthrough: a 3-class checkpoint (its own input size too) into the 10-class model's directory
+    torch.manual_seed(0)
+    ckpt = make_checkpoint(tmp_path / "folder.pt", create_model("resnext_mini", num_classes=3), "resnext_mini",
+                           data=None, classes=["cat", "dog", "fox"])
+    (tmp_path / "labels.txt").write_text("".join(f"class_{i}\n" for i in range(9)) + "ten\n")
+    refused = {
+        "other classes": (["--checkpoint", ckpt, "--triton"], ["10 classes (class_0, class_1, class_2, ...)",
+                                                                 "3 classes (cat, dog, fox)", "the classes differ"]),
+        "other input size": (["resnext_mini", "--num-classes", "10", "--input-size", "48", "48"],
+                             ["input [3, 32, 32]", "input [3, 48, 48]", "the input size differs"]),
+        "same count, other labels": (["resnext_mini", "--labels", str(tmp_path / "labels.txt")],
+                                     ["label 9 is 'class_9' there, 'ten' here"]),
+    }
+    for case, (argv, messages) in refused.items():
+        code, out, err = run(capsys, *argv, *fast)
+        assert code == 2, (case, err)
+        (line,) = err.strip().splitlines()
+        assert line.startswith("python -m export.onnx: error: "), line
+        assert f"{out_dir / 'resnext_mini'} already holds versions 1, 2 with" in line, line
+        assert "--name" in line and "--out" in line, line
+        assert all(m in line for m in messages), (case, line)
+        assert _snapshot(out_dir) == before, case  # nothing written, nothing rewritten
+    # the same classes and input size: a new version, as before
+    code, _, err = run(capsys, "resnext_mini", "--num-classes", "10", "--triton", *fast)
+    assert code == 0, err
+    assert read_metadata(out_dir / "resnext_mini" / "3" / "model.onnx")["version"] == 3
+    # ... and the refused export goes where it was pointed to
+    code, _, err = run(capsys, "--checkpoint", ckpt, "--name", "folder", "--triton", *fast)
+    assert code == 0, err
+    assert (out_dir / "folder" / "labels.txt").read_text() == "cat\ndog\nfox\n"
+    assert (out_dir / "resnext_mini" / "labels.txt").read_bytes() == before["resnext_mini/labels.txt"]
+    assert (out_dir / "resnext_mini" / "config.pbtxt").read_bytes() == before["resnext_mini/config.pbtxt"]
+
+
 # --------------------------------------------------------------------------- torchvision layout, no-fold, dynamo
 
 

@@ -273,6 +273,42 @@ def test_client_cli_errors(capsys, server, images, make_argv, code, message):
     assert got == code and message in err and len(err.strip().splitlines()) == 1
 
 
+def test_client_cli_names_a_single_bad_file(capsys, server, images):
+    _, junk = images
+    code = client.main([junk, "--server", f"127.0.0.1:{server[1]}", "--model", "resnext_mini"])
+    err = capsys.readouterr().err
+    (line,) = err.strip().splitlines()
+    assert code == 1 and line.startswith(f"{junk}: error: INVALID_ARGUMENT: not a readable image"), err
+
+
+def test_client_cli_plaintext_to_a_tls_server_hints_tls_ca(capsys, repo, images, tmp_path):
+    from tests.serve.test_client import server_cert
+    key, cert = server_cert(tmp_path)
+    with running(repo, tls=(key, cert)) as (_, port):
+        for paths in ([images[0][0]], images[0][:2]):
+            code = client.main([*paths, "--server", f"127.0.0.1:{port}", "--timeout", "10"])
+            err = capsys.readouterr().err
+            (line,) = err.strip().splitlines()
+            assert code == 1 and line.startswith(f"python -m serve.client: error: server 127.0.0.1:{port}: UNAVAILABLE")
+            assert line.endswith("(is the server using TLS? pass --tls-ca)"), line
+        code = client.main([images[0][0], "--server", f"localhost:{port}", "--tls-ca", str(tmp_path / "cert.pem"),
+                            "--model", "resnext_mini"])
+        assert code == 0 and images[0][0] in capsys.readouterr().out
+
+
+def test_client_cli_image_over_the_server_limit(capsys, repo, images, tmp_path):
+    big = tmp_path / "big.png"
+    big.write_bytes(png_bytes(np.random.default_rng(0).integers(0, 256, size=(200, 200, 3), dtype=np.uint8)))
+    paths, _ = images
+    with running(repo, max_message_bytes=64 * 2**10) as (_, port):
+        for argv in ([str(big)], [paths[0], str(big)]):
+            code = client.main([*argv, "--server", f"127.0.0.1:{port}", "--model", "resnext_mini"])
+            err = capsys.readouterr().err
+            (line,) = err.strip().splitlines()
+            assert code == 1 and f"{big}: " in line and "RESOURCE_EXHAUSTED" in line, line
+            assert "python -m serve --max-message-mb" in line and "64.0 KiB" in line, line
+
+
 def test_client_api(server, repo):
     with client.Classifier(f"127.0.0.1:{server[1]}") as c:
         x = np.random.default_rng(0).standard_normal(INPUT_SIZE).astype(np.float32)
