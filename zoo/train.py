@@ -3,11 +3,12 @@
     python -m zoo.train                                   # resnext_mini on digits with adam
     python -m zoo.train --model densenet_mini --norm gn --optimizer nesterov --lr 0.05
     python -m zoo.train --data folder:data/flowers --model resnext50 --batch-size 32
-    python -m zoo.train --resume runs/train/last.pt --epochs 20
+    python -m zoo.train --resume runs/train/last.pt --epochs 20   # continue to epoch 20, in runs/train
     torchrun --nproc-per-node 2 -m zoo.train --data synthetic      # DistributedDataParallel
 
 Under ``--out``: ``last.pt`` and ``best.pt`` (written atomically, see :mod:`zoo.checkpoint`),
-``metrics.jsonl`` (one JSON object per epoch) and ``curves.png``.
+``metrics.jsonl`` (one JSON object per epoch; ``lr`` is the learning rate of the epoch's first
+step) and ``curves.png``.
 """
 from __future__ import annotations
 
@@ -38,11 +39,24 @@ from zoo.registry import get_model_spec, create_model, list_models
 # in well under two minutes on a 2-core CPU.
 DEFAULTS = dict(
     model="resnext_mini", norm="bn", gn_groups=32, optimizer="adam", lr=None, momentum=None,
-    weight_decay=5e-4, epochs=8, batch_size=32, schedule="cosine", warmup_epochs=0, loss="ce",
-    label_smoothing=0.0, focal_gamma=2.0, data="digits", val_fraction=0.2, out="runs/train",
+    weight_decay=5e-4, epochs=8, batch_size=32, schedule="cosine", warmup_epochs=0, step_epochs=None,
+    loss="ce", label_smoothing=0.0, focal_gamma=2.0, data="digits", val_fraction=0.2, out="runs/train",
     seed=0, device="auto", workers=0, amp=False, channels_last=False, input_size=None,
 )
 
+
+# The settings a resumed run takes from its checkpoint (the model, data and optimization); the
+# command line still says how far to go (--epochs), where to write (--out) and how to run.
+RESUME_KEYS = ("model", "norm", "gn_groups", "input_size", "data", "val_fraction", "seed",
+               "optimizer", "lr", "momentum", "weight_decay", "batch_size", "schedule",
+               "warmup_epochs", "step_epochs", "loss", "label_smoothing", "focal_gamma")
+
+# Options whose parser default is None, so train() can tell a value given on the command line
+# from a default: the resumed settings, --epochs and --out (DEFAULTS fills in the rest).
+_UNSET_KEYS = (*RESUME_KEYS, "epochs", "out")
+
+# --schedule step multiplies the lr by this every --step-epochs epochs (torchvision's reference).
+STEP_GAMMA = 0.1
 
 # Learning rates for training these nets with batch 32-64 when --lr is not given (the
 # optimizers' own defaults suit their update rule, not this task).
@@ -58,39 +72,59 @@ class TrainError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m zoo.train", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.set_defaults(**DEFAULTS)
+    """The CLI. Each help text states its default once (taken from :data:`DEFAULTS`)."""
+    p = argparse.ArgumentParser(
+        prog="python -m zoo.train", description=__doc__.split("\n")[0].replace("``", ""),
+        epilog="With --resume, the model, data and optimization settings come from the checkpoint.")
+    p.set_defaults(**{k: None if k in _UNSET_KEYS else v for k, v in DEFAULTS.items()})
+
+    def d(key: str) -> str:
+        return f" (default: {DEFAULTS[key]})"
+
     g = p.add_argument_group("model")
-    g.add_argument("--model", help=f"one of: {', '.join(list_models())}")
-    g.add_argument("--norm", help=f"one of: {', '.join(NORMS)}")
-    g.add_argument("--gn-groups", type=int, help="GroupNorm groups (largest divisor <= this)")
+    g.add_argument("--model", help=f"one of: {', '.join(list_models())}" + d("model"))
+    g.add_argument("--norm", help=f"one of: {', '.join(NORMS)}" + d("norm"))
+    g.add_argument("--gn-groups", type=int, help="GroupNorm groups (largest divisor <= this)" + d("gn_groups"))
     g.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
-                   help="train at H x W instead of the model's default")
+                   help="train at H x W (default: the model's input size)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--optimizer", help=f"one of: {', '.join(OPTIMIZERS)}")
+    g.add_argument("--optimizer", help=f"one of: {', '.join(OPTIMIZERS)}" + d("optimizer"))
     g.add_argument("--lr", type=float, help="learning rate (default per optimizer: "
                    + ", ".join(f"{k} {v:g}" for k, v in TRAIN_LR.items()) + ")")
-    g.add_argument("--momentum", type=float, help="momentum/nesterov gamma (default 0.9)")
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--epochs", type=int, help="total epochs (with --resume: train up to this many)")
-    g.add_argument("--batch-size", type=int, help="per process")
-    g.add_argument("--schedule", help=f"learning-rate schedule, one of: {', '.join(SCHEDULERS)}")
-    g.add_argument("--warmup-epochs", type=int, help="linear warmup before the schedule")
-    g.add_argument("--loss", help=f"one of: {', '.join(LOSSES)}")
-    g.add_argument("--label-smoothing", type=float)
-    g.add_argument("--focal-gamma", type=float)
+    g.add_argument("--momentum", type=float, help="momentum/nesterov gamma (default: 0.9)")
+    g.add_argument("--weight-decay", type=float, metavar="WD",
+                   help="L2 penalty added to the gradient by the optimizer" + d("weight_decay"))
+    g.add_argument("--epochs", type=int, help="total epochs, counted from the start of the run; with "
+                   f"--resume, train up to this many (default: {DEFAULTS['epochs']}; with --resume, the "
+                   "checkpoint's run's --epochs)")
+    g.add_argument("--batch-size", type=int, help="images per step, per process" + d("batch_size"))
+    g.add_argument("--schedule", help="learning-rate schedule, laid out over --epochs, one of: "
+                   f"{', '.join(SCHEDULERS)}" + d("schedule"))
+    g.add_argument("--warmup-epochs", type=int, help="linear warmup before the schedule" + d("warmup_epochs"))
+    g.add_argument("--step-epochs", type=int, metavar="N",
+                   help="--schedule step: multiply the lr by 0.1 every N epochs "
+                        "(default: a third of --epochs, at least 1)")
+    g.add_argument("--loss", help=f"one of: {', '.join(LOSSES)}" + d("loss"))
+    g.add_argument("--label-smoothing", type=float, metavar="EPS",
+                   help="--loss ce: share of the target spread evenly over all classes, in [0, 1)"
+                   + d("label_smoothing"))
+    g.add_argument("--focal-gamma", type=float, metavar="GAMMA",
+                   help="--loss focal: focusing exponent (0 is cross-entropy)" + d("focal_gamma"))
     g = p.add_argument_group("data and output")
-    g.add_argument("--data", help=f"one of: {', '.join(DATA_SPECS)}")
-    g.add_argument("--val-fraction", type=float)
-    g.add_argument("--out", help="output directory")
+    g.add_argument("--data", help=f"one of: {', '.join(DATA_SPECS)}" + d("data"))
+    g.add_argument("--val-fraction", type=float, metavar="F",
+                   help="share of the images held out for validation" + d("val_fraction"))
+    g.add_argument("--out", help=f"output directory (default: {DEFAULTS['out']}; "
+                   "with --resume, the checkpoint's folder)")
     g.add_argument("--resume", metavar="PATH", help="continue from this checkpoint (e.g. OUT/last.pt)")
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=int, help="seed of the weights, the data split and the batch order" + d("seed"))
     g = p.add_argument_group("runtime")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    g.add_argument("--workers", type=int, help="DataLoader worker processes")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                   help="auto: cuda when available, else cpu" + d("device"))
+    g.add_argument("--workers", type=int, help="DataLoader worker processes" + d("workers"))
     g.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
-    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--channels-last", action="store_true",
+                   help="channels-last memory format for the model and inputs")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
     return p
 
@@ -148,6 +182,77 @@ def validate(args: argparse.Namespace) -> None:
         raise TrainError(f"--workers must be >= 0, got {args.workers}")
     if args.lr is not None and not args.lr > 0:
         raise TrainError(f"--lr must be > 0, got {args.lr}")
+    if not 0 <= args.warmup_epochs < args.epochs:
+        raise TrainError(f"--warmup-epochs must be >= 0 and less than --epochs ({args.epochs}), "
+                         f"got {args.warmup_epochs}")
+    if args.step_epochs is not None and args.step_epochs < 1:
+        raise TrainError(f"--step-epochs must be >= 1, got {args.step_epochs}")
+
+
+def step_every(step_epochs: int | None, epochs: int) -> int:
+    """Epochs between the step schedule's decays: --step-epochs, else a third of --epochs."""
+    return step_epochs if step_epochs is not None else max(1, epochs // 3)
+
+
+def schedule_reshaped(config: dict[str, Any], epochs: int) -> bool:
+    """Whether the lr schedule of a run with these settings changes when --epochs becomes ``epochs``."""
+    if config["schedule"] == "cosine":
+        return epochs != config["epochs"]
+    if config["schedule"] == "step":
+        return step_every(config["step_epochs"], epochs) != step_every(config["step_epochs"], config["epochs"])
+    return False
+
+
+def apply_resume(args: argparse.Namespace, saved: dict[str, Any]) -> list[str]:
+    """Take the resumed run's settings from its checkpoint config; return warning lines.
+
+    Options left at None by the parser were not given on the command line: --out becomes the
+    checkpoint's folder and --epochs the checkpoint's run's total.
+    """
+    saved = dict(saved)
+    # Checkpoints from before --step-epochs decayed the step schedule every 30 epochs.
+    saved.setdefault("step_epochs", 30 if saved["schedule"] == "step" else None)
+    ignored = []
+    for key in RESUME_KEYS:
+        given, kept = getattr(args, key), saved[key]
+        if given is not None and _canonical(key, given) != _canonical(key, kept):
+            ignored.append(f"{_flag(key)} {_show(given)} (checkpoint: {_show(kept)})")
+        setattr(args, key, kept)
+    if args.out is None:
+        args.out = os.path.dirname(args.resume) or "."
+    warnings = []
+    if ignored:
+        warnings.append("resuming keeps the checkpoint's settings; ignoring " + ", ".join(ignored))
+    if args.epochs is None:
+        args.epochs = saved["epochs"]
+    elif schedule_reshaped(saved, args.epochs):
+        warnings.append(f"the checkpoint's run was --epochs {saved['epochs']}: resuming with --epochs "
+                        f"{args.epochs} reshapes its {saved['schedule']} lr schedule over {args.epochs} epochs, "
+                        "so the result differs from an uninterrupted run of either length")
+    return warnings
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "default"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _canonical(key: str, value: Any) -> Any:
+    if key == "model":
+        try:
+            return get_model_spec(value).name
+        except ValueError:
+            return value
+    if key == "input_size" and value is not None:
+        return [int(v) for v in value]
+    return value
 
 
 def seed_everything(seed: int) -> None:
@@ -244,8 +349,12 @@ def write_history(path: str, history: list[dict[str, Any]]) -> None:
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Run training as configured; return the last epoch's metrics."""
-    resume_ckpt = None
+    """Run training as configured; return the last epoch's metrics.
+
+    ``args`` comes from :func:`build_parser`; options it leaves at None take their value from
+    the checkpoint (with ``--resume``) or from :data:`DEFAULTS`.
+    """
+    resume_ckpt, warnings = None, []
     if args.resume:
         try:
             resume_ckpt = load_checkpoint(args.resume)
@@ -253,14 +362,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             raise TrainError(str(e)) from None
         # The model and data come from the checkpoint; the run continues with its settings
         # except the ones that only say how far and where to go.
-        saved = resume_ckpt["config"]
-        for key in ("model", "norm", "gn_groups", "input_size", "data", "val_fraction", "seed",
-                    "optimizer", "lr", "momentum", "weight_decay", "batch_size", "schedule",
-                    "warmup_epochs", "loss", "label_smoothing", "focal_gamma"):
-            setattr(args, key, saved[key])
+        warnings = apply_resume(args, resume_ckpt["config"])
+    for key in _UNSET_KEYS:
+        if getattr(args, key, None) is None:
+            setattr(args, key, DEFAULTS[key])
     validate(args)
     device = resolve_device(args.device)
     ddp = init_distributed(device)
+    if ddp.main:
+        for line in warnings:
+            print(f"warning: {line}", file=sys.stderr, flush=True)
     try:
         return _train(args, device, ddp, resume_ckpt)
     finally:
@@ -293,9 +404,13 @@ def _train(args: argparse.Namespace, device: torch.device, ddp: Dist,
         raise TrainError(f"--batch-size {args.batch_size} is larger than the training set "
                          f"({len(data.train)} images per process)")
     scheduler = create_scheduler(args.schedule, optimizer, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
-                                 warmup_epochs=args.warmup_epochs)
-    loss_fn = create_loss(args.loss, num_classes=data.num_classes, label_smoothing=args.label_smoothing,
-                          gamma=args.focal_gamma)
+                                 warmup_epochs=args.warmup_epochs, decay_rate=STEP_GAMMA,
+                                 decay_epochs=step_every(args.step_epochs, args.epochs))
+    try:
+        loss_fn = create_loss(args.loss, num_classes=data.num_classes, label_smoothing=args.label_smoothing,
+                              gamma=args.focal_gamma)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     use_cuda_amp = args.amp and device.type == "cuda"
     amp_dtype = (torch.float16 if use_cuda_amp else torch.bfloat16) if args.amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=use_cuda_amp)
@@ -329,6 +444,9 @@ def _train(args: argparse.Namespace, device: torch.device, ddp: Dist,
               f"on {data.name}: {len(data.train)} train / {len(data.val)} val images, {data.num_classes} classes, "
               f"{args.optimizer} lr={optimizer.param_groups[0]['lr']:g}, {ddp.world} process(es) on {device}",
               flush=True)
+        if resume_ckpt is not None:
+            print(f"resuming {args.resume} after epoch {start_epoch}, up to epoch {args.epochs}; "
+                  f"writing to {args.out}", flush=True)
 
     row: dict[str, Any] = {}
     for epoch in range(start_epoch, args.epochs):
@@ -345,6 +463,7 @@ def _train(args: argparse.Namespace, device: torch.device, ddp: Dist,
                             persistent_workers=False, pin_memory=device.type == "cuda")
         t0 = time.perf_counter()
         loss_sum, seen = 0.0, 0
+        epoch_lr = optimizer.param_groups[0]["lr"]  # the lr of the epoch's first step
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show, leave=False,
                    dynamic_ncols=True, file=sys.stderr)
         for step, (x, y) in enumerate(bar):
@@ -355,8 +474,13 @@ def _train(args: argparse.Namespace, device: torch.device, ddp: Dist,
                 logits = train_model(x)
                 loss = loss_fn(logits.float(), y)
             if not torch.isfinite(loss):
+                if epoch == 0:
+                    kept = "no checkpoint was written"
+                else:  # epoch `epoch` is the last one completed: saved by this run or resumed from
+                    path = os.path.join(args.out, "last.pt") if epoch > start_epoch else args.resume
+                    kept = f"the last good checkpoint, {path} (epoch {epoch}), is untouched"
                 raise TrainError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: stopping; "
-                                 f"the last good checkpoint in {args.out} is untouched (try a lower --lr)", code=1)
+                                 f"{kept} (try a lower --lr)", code=1)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -380,7 +504,7 @@ def _train(args: argparse.Namespace, device: torch.device, ddp: Dist,
             is_best = val_acc > best_acc
             best_acc = max(best_acc, val_acc)
             row = dict(epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss, val_acc=val_acc,
-                       lr=optimizer.param_groups[0]["lr"], epoch_time_s=round(train_time, 3),
+                       lr=epoch_lr, epoch_time_s=round(train_time, 3),
                        img_per_s=round(seen * ddp.world / train_time, 1))
             history.append(row)
             ckpt = dict(

@@ -1,16 +1,30 @@
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import zoo.train
 from zoo.checkpoint import load_checkpoint, model_from_checkpoint
-from zoo.train import main
+from zoo.optim import create_scheduler
+from zoo.train import build_parser, main
 
 FAST = ["--data", "synthetic", "--batch-size", "32", "--no-progress", "--seed", "3"]
+TINY = FAST + ["--input-size", "16", "16"]  # 4x fewer pixels: for tests that only need a run
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_weights(a, b):
+    a, b = load_checkpoint(a), load_checkpoint(b)
+    return a["model"].keys() == b["model"].keys() and all(
+        torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def _sha(path):
@@ -41,19 +55,117 @@ def test_train_writes_checkpoints_metrics_and_plot(tmp_path, capsys):
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
-def test_resume_continues_exactly(tmp_path):
-    """2 epochs + resume to 4 gives the same weights as 4 straight (CPU, fixed seed)."""
-    common = FAST + ["--optimizer", "momentum", "--schedule", "none"]
+def test_interrupted_run_resumes_exactly_into_its_own_folder(tmp_path, monkeypatch, capsys):
+    """A cosine --epochs 2 run stopped after epoch 1 and resumed with just --resume OUT/last.pt
+    ends with the same weights as 2 straight (CPU, fixed seed): --epochs comes from the
+    checkpoint, the outputs go to the checkpoint's folder, and nothing is warned about."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main(common + ["--epochs", "4", "--out", str(straight)]) == 0
-    assert main(common + ["--epochs", "2", "--out", str(split)]) == 0
-    assert main(["--resume", str(split / "last.pt"), "--epochs", "4", "--out", str(split), "--no-progress"]) == 0
-    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(split / "last.pt")
-    assert b["epoch"] == 4
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    rows = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert main(TINY + ["--optimizer", "momentum", "--epochs", "2", "--out", str(straight)]) == 0
+
+    def interrupt(*_):  # Ctrl-C right after epoch 1's checkpoint and metrics are written
+        raise KeyboardInterrupt
+    monkeypatch.setattr(zoo.train, "plot_curves", interrupt)
+    assert main(TINY + ["--optimizer", "momentum", "--epochs", "2", "--out", str(split)]) == 130
+    monkeypatch.undo()
+    assert load_checkpoint(split / "last.pt")["epoch"] == 1
+    capsys.readouterr()
+
+    assert main(["--resume", str(split / "last.pt"), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "warning" not in err
+    assert f"writing to {split}" in out and "epoch 2/2  train_loss" in out
+    assert sorted(os.listdir(split)) == ["best.pt", "curves.png", "last.pt", "metrics.jsonl"]
+    assert load_checkpoint(split / "last.pt")["epoch"] == 2
+    assert _same_weights(straight / "last.pt", split / "last.pt")
+    assert [r["lr"] for r in _rows(split)] == [r["lr"] for r in _rows(straight)]
+    assert [r["epoch"] for r in _rows(split)] == [1, 2]
+
+
+def test_resume_to_more_epochs_with_a_fixed_schedule_equals_a_straight_run(tmp_path, capsys):
+    """--schedule none does not depend on --epochs: 1 epoch + resume to 2 == 2 straight."""
+    common = TINY + ["--optimizer", "momentum", "--schedule", "none"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(common + ["--epochs", "2", "--out", str(straight)]) == 0
+    assert main(common + ["--epochs", "1", "--out", str(split)]) == 0
+    capsys.readouterr()
+    assert main(["--resume", str(split / "last.pt"), "--epochs", "2", "--no-progress"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert load_checkpoint(split / "last.pt")["epoch"] == 2
+    assert _same_weights(straight / "last.pt", split / "last.pt")
+    assert [r["epoch"] for r in _rows(split)] == [1, 2]
+
+
+def test_resume_warns_about_ignored_flags_and_a_reshaped_schedule(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(TINY + ["--epochs", "1", "--out", str(run)]) == 0  # cosine, adam at its default lr
+    capsys.readouterr()
+    # --model and --data repeat the checkpoint's values: not named; --lr and --batch-size differ
+    assert main(["--resume", str(run / "last.pt"), "--epochs", "2", "--model", "resnext_mini", "--data",
+                 "synthetic", "--lr", "0.1", "--batch-size", "16", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2, err
+    ignored, reshaped = warnings
+    assert "--lr 0.1 (checkpoint: default)" in ignored and "--batch-size 16 (checkpoint: 32)" in ignored
+    assert "--model" not in ignored and "--data" not in ignored
+    assert "--epochs 1" in reshaped and "--epochs 2" in reshaped and "cosine" in reshaped
+    ckpt = load_checkpoint(run / "last.pt")  # the checkpoint's settings won, in its own folder
+    assert ckpt["epoch"] == 2 and ckpt["config"]["batch_size"] == 32 and ckpt["config"]["lr"] is None
+    assert [r["lr"] for r in _rows(run)][0] == pytest.approx(3e-3)
+    assert f"outputs in {run}:" in out
+
+
+def test_step_schedule_decays_every_third_of_the_epochs(tmp_path):
+    """--schedule step multiplies the lr by 0.1 every --step-epochs, by default --epochs // 3."""
+    out = tmp_path / "step"
+    assert main(TINY + ["--schedule", "step", "--epochs", "3", "--out", str(out)]) == 0
+    assert [r["lr"] for r in _rows(out)] == pytest.approx([3e-3, 3e-4, 3e-5])
+    assert load_checkpoint(out / "last.pt")["config"]["step_epochs"] is None
+    out = tmp_path / "step2"
+    assert main(TINY + ["--schedule", "step", "--step-epochs", "2", "--epochs", "3", "--out", str(out)]) == 0
+    assert [r["lr"] for r in _rows(out)] == pytest.approx([3e-3, 3e-3, 3e-4])
+
+
+def _decay_epochs(epochs):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = create_scheduler("step", opt, epochs=epochs, steps_per_epoch=1)
+    lrs = []
+    for _ in range(epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return [e for e in range(1, epochs) if lrs[e] < lrs[e - 1]]
+
+
+def test_step_scheduler_default_interval_is_a_third_of_the_epochs():
+    assert _decay_epochs(90) == [30, 60]  # torchvision's reference recipe
+    assert _decay_epochs(8) == [2, 4, 6]
+    assert _decay_epochs(2) == [1]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--step-epochs", "0"], "--step-epochs must be >= 1, got 0"),
+    (["--warmup-epochs", "2", "--epochs", "2"],
+     "--warmup-epochs must be >= 0 and less than --epochs (2), got 2"),
+])
+def test_bad_schedule_settings_are_one_line_exit_2(tmp_path, capsys, flags, message):
+    assert main(TINY + flags + ["--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_states_each_default_once_and_describes_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and not re.search(r"\(default[^()]*\) \(default", text)
+    for flag, default in (("--weight-decay", "0.0005"), ("--epochs", "8"), ("--seed", "0"),
+                          ("--val-fraction", "0.2"), ("--focal-gamma", "2.0"), ("--momentum", "0.9")):
+        assert f"(default: {default}" in text, flag
+    assert "--step-epochs N --schedule step: multiply the lr by 0.1 every N epochs" in text
+    for action in build_parser()._actions:
+        assert action.help, action.option_strings
+        assert action.help.count("default") <= 1, action.help
 
 
 def test_resume_of_a_finished_run_and_corrupt_checkpoint(tmp_path, capsys):
@@ -82,16 +194,38 @@ def test_bad_input_is_one_line_exit_2(tmp_path, flag, value, message):
     assert not os.listdir(tmp_path)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+def test_nan_loss_in_the_first_epoch_stops_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(FAST + ["--epochs", "1", "--out", str(out)]) == 0
+    assert main(TINY + ["--epochs", "1", "--out", str(out)]) == 0
     before = _sha(out / "last.pt")
-    code = main(FAST + ["--epochs", "1", "--out", str(out), "--optimizer", "sgd", "--lr", "1e30"])
+    code = main(TINY + ["--epochs", "1", "--out", str(out), "--optimizer", "sgd", "--lr", "1e30"])
     assert code == 1
     err = capsys.readouterr().err
-    assert "at epoch 1, step" in err and "last good checkpoint" in err
-    assert _sha(out / "last.pt") == before
+    assert "at epoch 1, step" in err and "no checkpoint was written" in err
+    assert "last good checkpoint" not in err
+    assert _sha(out / "last.pt") == before  # an earlier run's checkpoint is left alone
     load_checkpoint(out / "last.pt")
+
+
+def test_nan_loss_after_a_good_epoch_names_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real_create_loss = zoo.train.create_loss
+
+    def create_loss(*args, **kwargs):
+        loss_fn, evaluated = real_create_loss(*args, **kwargs), []
+
+        def nan_after_first_eval(logits, y):  # val runs under no_grad; then training goes NaN
+            if not torch.is_grad_enabled():
+                evaluated.append(True)
+            loss = loss_fn(logits, y)
+            return loss * float("nan") if evaluated and torch.is_grad_enabled() else loss
+        return nan_after_first_eval
+    monkeypatch.setattr(zoo.train, "create_loss", create_loss)
+    out = tmp_path / "run"
+    assert main(TINY + ["--epochs", "2", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "at epoch 2, step 1" in err
+    assert f"the last good checkpoint, {out / 'last.pt'} (epoch 1), is untouched" in err
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
 
 
 def test_torchrun_two_processes_gloo(tmp_path):

@@ -22,7 +22,7 @@ def create_scheduler(
     warmup_epochs: int = 0,
     *,
     warmup_start_factor: float = 0.1,
-    decay_epochs: int = 30,
+    decay_epochs: int | None = None,
     decay_rate: float = 0.1,
     min_lr_factor: float = 0.0,
 ) -> LambdaLR:
@@ -34,7 +34,10 @@ def create_scheduler(
       up to 1 (as ``torch.optim.lr_scheduler.LinearLR``);
     - ``none``: 1;
     - ``step``: ``decay_rate ** (s // (decay_epochs * steps_per_epoch))``, i.e. milestones at
-      epochs ``decay_epochs, 2 * decay_epochs, ...`` counted from the start of training;
+      epochs ``decay_epochs, 2 * decay_epochs, ...`` counted from the start of training
+      (warmup included); by default ``decay_epochs = max(1, epochs // 3)``, so the schedule is
+      laid out over the whole run and decays twice, like torchvision's reference recipe
+      (every 30 of 90 epochs);
     - ``cosine``: ``min_lr_factor + (1 - min_lr_factor) * (1 + cos(pi * (s - W) / (T - W))) / 2``,
       from 1 right after warmup down to ``min_lr_factor`` at the end of training.
 
@@ -45,7 +48,8 @@ def create_scheduler(
         steps_per_epoch: optimizer steps per epoch (1 for a per-epoch schedule).
         warmup_epochs: epochs of linear warmup before the schedule (``< epochs``).
         warmup_start_factor: factor of the first warmup step, in (0, 1].
-        decay_epochs: ``step`` only: epochs between decays.
+        decay_epochs: ``step`` only: epochs between decays (default: a third of ``epochs``,
+            at least 1).
         decay_rate: ``step`` only: factor applied at each decay.
         min_lr_factor: ``cosine`` only: final factor.
     """
@@ -59,6 +63,8 @@ def create_scheduler(
         raise ValueError(f"Invalid warmup_epochs: {warmup_epochs!r} (an int in [0, epochs))")
     if not 0.0 < warmup_start_factor <= 1.0:
         raise ValueError(f"Invalid warmup_start_factor: {warmup_start_factor}")
+    if decay_epochs is None:
+        decay_epochs = max(1, epochs // 3)
     if not (isinstance(decay_epochs, int) and decay_epochs >= 1):
         raise ValueError(f"Invalid decay_epochs: {decay_epochs!r}")
     if not 0.0 < decay_rate <= 1.0:
