@@ -34,6 +34,7 @@ from zoo.losses import LOSSES, create_loss
 from zoo.nn.norm import NORMS
 from zoo.optim import OPTIMIZERS, SCHEDULERS, create_optimizer, create_scheduler
 from zoo.registry import get_model_spec, create_model, list_models
+from zoo.weights import WeightsError, load_weights
 
 # Every default in one place. The defaults train resnext_mini on digits to >= 95% val top-1
 # in well under two minutes on a 2-core CPU.
@@ -41,7 +42,7 @@ DEFAULTS = dict(
     model="resnext_mini", norm="bn", gn_groups=32, optimizer="adam", lr=None, momentum=None,
     weight_decay=5e-4, epochs=8, batch_size=32, schedule="cosine", warmup_epochs=0, step_epochs=None,
     loss="ce", label_smoothing=0.0, focal_gamma=2.0, data="digits", val_fraction=0.2, out="runs/train",
-    seed=0, device="auto", workers=0, amp=False, channels_last=False, input_size=None,
+    seed=0, device="auto", workers=0, amp=False, channels_last=False, input_size=None, init_weights=None,
 )
 
 
@@ -87,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gn-groups", type=int, help="GroupNorm groups (largest divisor <= this)" + d("gn_groups"))
     g.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
                    help="train at H x W (default: the model's input size)")
+    g.add_argument("--init-weights", metavar="PATH",
+                   help="fine-tune: start from these weights (a torchvision .pth of the same model, e.g. "
+                        "resnext50_32x4d-7cdf4587.pth, or a zoo checkpoint), all but the classifier head, "
+                        "which is sized for --data's classes (default: random initialisation)")
     g = p.add_argument_group("optimization")
     g.add_argument("--optimizer", help=f"one of: {', '.join(OPTIMIZERS)}" + d("optimizer"))
     g.add_argument("--lr", type=float, help="learning rate (default per optimizer: "
@@ -391,7 +396,13 @@ def _train(args: argparse.Namespace, device: torch.device, ddp: Dist,
 
     model_args = dict(num_classes=data.num_classes, norm=args.norm, gn_groups=args.gn_groups,
                       in_chans=input_size[0])
-    model = create_model(args.model, **model_args).to(device)
+    model = create_model(args.model, **model_args)
+    if args.init_weights and resume_ckpt is None:
+        try:
+            load_weights(model, args.init_weights, head=False)
+        except WeightsError as e:
+            raise TrainError(f"--init-weights {e}") from None
+    model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     hparams = optimizer_hparams(args)

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import zoo
 import zoo.train
 from zoo.checkpoint import load_checkpoint, model_from_checkpoint
 from zoo.optim import create_scheduler
@@ -241,3 +242,29 @@ def test_torchrun_two_processes_gloo(tmp_path):
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["epoch"] == 2
     assert sorted(os.listdir(out)) == ["best.pt", "curves.png", "last.pt", "metrics.jsonl"]
+
+
+def test_init_weights_fine_tunes_a_1000_class_file_into_the_data_classes(tmp_path, capsys):
+    """--init-weights loads every weight but the head; an lr of 1e-20 leaves them as loaded."""
+    torch.manual_seed(1)
+    pretrained = zoo.create_model("resnext_mini")  # 1000 classes, like an ImageNet file
+    path = tmp_path / "imagenet.pth"
+    torch.save(pretrained.state_dict(), path)
+    out = tmp_path / "run"
+    assert main(TINY + ["--epochs", "1", "--optimizer", "sgd", "--lr", "1e-20", "--weight-decay", "0",
+                        "--init-weights", str(path),
+                        "--out", str(out)]) == 0
+    trained = load_checkpoint(out / "last.pt")["model"]
+    source = pretrained.state_dict()
+    body = [k for k, v in source.items() if not k.startswith("fc.") and v.is_floating_point()
+            and "running" not in k]  # BN running statistics move in training mode whatever the lr
+    assert body
+    for k in body:  # loaded: a fresh initialisation would differ by ~0.1, the 1e-20 steps by ~1e-20
+        torch.testing.assert_close(trained[k], source[k], rtol=0, atol=1e-12)
+    assert trained["fc.weight"].shape[0] == 4 != source["fc.weight"].shape[0]  # synthetic data: 4 classes
+
+    wrong = tmp_path / "densenet.pth"
+    torch.save(zoo.create_model("densenet_mini").state_dict(), wrong)
+    assert main(TINY + ["--epochs", "1", "--init-weights", str(wrong), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--init-weights {wrong} does not fit ResNet" in err[0]
