@@ -14,10 +14,11 @@ STAMP := $(VENV)/.installed-$(shell echo '$(TORCH_SPEC) $(EXTRAS)' | cksum | cut
 
 venv: $(STAMP)
 
-# Reinstall only when pyproject.toml, the torch spec or the extras change.
+# Rebuilt from scratch when pyproject.toml, the torch spec or the extras change: pip would keep
+# what an earlier spec installed (a CPU torch, or onnxruntime beside onnxruntime-gpu).
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	rm -f $(VENV)/.installed*
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"

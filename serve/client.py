@@ -221,10 +221,22 @@ def channel_target(target: str, tls: bool = False) -> tuple[str, list[tuple[str,
 TLS_HINT = "is the server using TLS? pass tls_ca= or tls=True; python -m serve.client: --tls-ca"
 
 
+# How a TLS server's end of a plaintext connection reads in grpc's UNAVAILABLE details.
+_CLOSED_BY_PEER = ("Socket closed", "Connection reset", "handshake", "Broken pipe")
+
+
 def tls_may_help(code: grpc.StatusCode, details: str, secure: bool) -> bool:
-    """A plaintext call that got UNAVAILABLE from something listening (a refused connection
-    means nothing listens there, TLS or not)."""
-    return code == grpc.StatusCode.UNAVAILABLE and not secure and "Connection refused" not in details
+    """A plaintext call whose connection the other end closed: what a TLS server does. Not a
+    refused connection (nothing listens), nor an UNAVAILABLE the server sent itself (draining)."""
+    return (code == grpc.StatusCode.UNAVAILABLE and not secure
+            and any(marker in details for marker in _CLOSED_BY_PEER))
+
+
+def _about_input(details: str) -> bool:
+    """The server's INVALID_ARGUMENT is about the image or tensor sent (serve.preprocess's
+    messages), not about the request's other fields (model, version, top_k)."""
+    return details.startswith(("image", "not a readable image", "cannot decode image", "unsupported channel",
+                               "tensor", "uint8 tensor", "request has no input"))
 
 
 def _error(e: grpc.RpcError, secure: bool = True, requests: Sequence[Any] = (),
@@ -243,7 +255,7 @@ def _error(e: grpc.RpcError, secure: bool = True, requests: Sequence[Any] = (),
         index = next((i for i, n in enumerate(sizes) if n == size), None)
         if index is None:
             index = next((i for i, n in enumerate(sizes) if n > limit), None)
-    elif code == grpc.StatusCode.INVALID_ARGUMENT and len(requests) == 1 and not many:
+    elif code == grpc.StatusCode.INVALID_ARGUMENT and len(requests) == 1 and not many and _about_input(details):
         index = 0
     path = paths[index] if index is not None and index < len(paths) else None
     return ClientError(code, details, hint=hint, index=index if many else None, path=path)
@@ -383,7 +395,7 @@ def format_result(name: str, r: Result) -> str:
 
 def _about_the_image(e: ClientError) -> bool:
     """Whether a failed Classify is about the image sent (not the server, the model or the call)."""
-    return e.code == grpc.StatusCode.INVALID_ARGUMENT or too_large(e.details) is not None
+    return (e.code == grpc.StatusCode.INVALID_ARGUMENT and _about_input(e.details)) or too_large(e.details) is not None
 
 
 def describe_error(e: ClientError, tls: bool) -> str:

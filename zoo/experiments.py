@@ -398,7 +398,7 @@ of the noise)
 def optimizers_verdict(results: dict[str, dict[str, Any]], paths: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
                        n_val: int) -> str:
     lines = []
-    # §1.2 / §1.4: plain gradient descent easily gets stuck near saddle points.
+    # The textbook: plain gradient descent easily gets stuck near saddle points.
     budget = SURFACES["saddle"].steps
     esc = {name: escape_step(paths["saddle"][name][1]) for name in OPTIMIZERS}
     key = {n: (budget + 1 if s is None else s) for n, s in esc.items()}
@@ -417,7 +417,7 @@ def optimizers_verdict(results: dict[str, dict[str, Any]], paths: dict[str, dict
         lines.append(f"- Saddle: plain sgd {sgd_txt}; the slowest was "
                      f"{', '.join(slow_names)}. This does not bear out the remark that plain gradient descent "
                      "is the one that lingers near saddle points, at these learning rates.")
-    # §1.4: among the adaptive rules, Adam works best.
+    # The textbook: among the adaptive rules, Adam works best.
     adaptive = [n for n in ("adagrad", "adadelta", "rmsprop", "adam") if n in results]
     ok = {n: results[n] for n in adaptive if results[n]["diverged"] is None}
     if "adam" in ok and len(ok) > 1:
@@ -556,7 +556,7 @@ LN and IN are GN with 1 and C groups
 
 def norm_batch_verdict(err: dict[tuple[str, int], float], norms: Sequence[str], batch_sizes: Sequence[int],
                        n_val: int, train_loss: dict[tuple[str, int], float] | None = None) -> str:
-    """The report's verdict on §2.2.4, from val errors (and train losses) keyed by (norm, batch)."""
+    """The report's verdict on the norm-vs-batch claim, from val errors (and train losses) keyed by (norm, batch)."""
     big, small = max(batch_sizes), min(batch_sizes)
     se_note = (f"A change counts when it exceeds twice its binomial standard error on {n_val} val images "
                f"(one seed per cell).")

@@ -48,7 +48,7 @@ DEFAULTS = dict(
 
 # The settings a resumed run takes from its checkpoint (the model, data and optimization); the
 # command line still says how far to go (--epochs), where to write (--out) and how to run.
-RESUME_KEYS = ("model", "norm", "gn_groups", "input_size", "data", "val_fraction", "seed",
+RESUME_KEYS = ("model", "norm", "gn_groups", "input_size", "init_weights", "data", "val_fraction", "seed",
                "optimizer", "lr", "momentum", "weight_decay", "batch_size", "schedule",
                "warmup_epochs", "step_epochs", "loss", "label_smoothing", "focal_gamma")
 
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{', '.join(SCHEDULERS)}" + d("schedule"))
     g.add_argument("--warmup-epochs", type=int, help="linear warmup before the schedule" + d("warmup_epochs"))
     g.add_argument("--step-epochs", type=int, metavar="N",
-                   help="--schedule step: multiply the lr by 0.1 every N epochs "
+                   help=f"--schedule step: multiply the lr by {STEP_GAMMA:g} every N epochs "
                         "(default: a third of --epochs, at least 1)")
     g.add_argument("--loss", help=f"one of: {', '.join(LOSSES)}" + d("loss"))
     g.add_argument("--label-smoothing", type=float, metavar="EPS",
@@ -217,6 +217,7 @@ def apply_resume(args: argparse.Namespace, saved: dict[str, Any]) -> list[str]:
     saved = dict(saved)
     # Checkpoints from before --step-epochs decayed the step schedule every 30 epochs.
     saved.setdefault("step_epochs", 30 if saved["schedule"] == "step" else None)
+    saved.setdefault("init_weights", None)  # before --init-weights
     ignored = []
     for key in RESUME_KEYS:
         given, kept = getattr(args, key), saved[key]
@@ -224,7 +225,12 @@ def apply_resume(args: argparse.Namespace, saved: dict[str, Any]) -> list[str]:
             ignored.append(f"{_flag(key)} {_show(given)} (checkpoint: {_show(kept)})")
         setattr(args, key, kept)
     if args.out is None:
-        args.out = os.path.dirname(args.resume) or "."
+        folder = os.path.dirname(args.resume) or "."
+        last = os.path.join(folder, "last.pt")
+        if os.path.isfile(last) and not os.path.samefile(last, args.resume):
+            raise TrainError(f"{folder} holds the run's last.pt, which resuming {args.resume} there would "
+                             "overwrite (with its later epochs of metrics.jsonl): pass --out for the resumed run")
+        args.out = folder
     warnings = []
     if ignored:
         warnings.append("resuming keeps the checkpoint's settings; ignoring " + ", ".join(ignored))
@@ -431,6 +437,11 @@ def _train(args: argparse.Namespace, device: torch.device, ddp: Dist,
         model.load_state_dict(resume_ckpt["model"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         scheduler.load_state_dict(resume_ckpt["scheduler"])
+        # The lr the (possibly reshaped: another --epochs) schedule gives at this step; the
+        # optimizer's saved lr is the old schedule's. Equal when nothing was reshaped.
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         if resume_ckpt.get("scaler"):
             scaler.load_state_dict(resume_ckpt["scaler"])
         start_epoch, best_acc = resume_ckpt["epoch"], resume_ckpt["best_metric"]

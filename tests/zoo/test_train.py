@@ -268,3 +268,25 @@ def test_init_weights_fine_tunes_a_1000_class_file_into_the_data_classes(tmp_pat
     assert main(TINY + ["--epochs", "1", "--init-weights", str(wrong), "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--init-weights {wrong} does not fit ResNet" in err[0]
+
+
+def test_resume_with_more_epochs_starts_on_the_reshaped_schedule(tmp_path):
+    """A cosine run of 2 epochs resumed to 4: epoch 3 starts at the 4-epoch schedule's lr (half
+    the base lr, at the halfway step), not at the end of the 2-epoch one (near 0)."""
+    out = tmp_path / "run"
+    assert main(TINY + ["--epochs", "2", "--out", str(out)]) == 0
+    assert main(["--resume", str(out / "last.pt"), "--epochs", "4", "--no-progress"]) == 0
+    rows = _rows(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2]["lr"] == pytest.approx(zoo.train.TRAIN_LR["adam"] * 0.5, rel=1e-6)
+
+
+def test_resuming_best_pt_into_a_folder_with_a_later_last_pt_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(TINY + ["--epochs", "1", "--out", str(out)]) == 0
+    before = _sha(out / "last.pt")
+    capsys.readouterr()
+    assert main(["--resume", str(out / "best.pt"), "--epochs", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pass --out for the resumed run" in err[0]
+    assert _sha(out / "last.pt") == before

@@ -15,7 +15,7 @@ Backward, from the computation graph, nearest variables first:
 
 Running statistics follow torch's convention: r = (1 - momentum) r + momentum * batch stat,
 so torch's momentum 0.1 is the textbook's beta 0.9; the running variance stores the unbiased
-m/(m-1) * var (seed: Var(x) = m/(m-1) E[var_B]). In eval mode y = gamma (x - r_mu)/sqrt(r_var + eps) + beta
+m/(m-1) * var (the textbook: Var(x) = m/(m-1) E[var_B]). In eval mode y = gamma (x - r_mu)/sqrt(r_var + eps) + beta
 and the backward is the same chain with mu, var held constant.
 
 This is for checking and teaching, not speed: models use ``nn.BatchNorm2d``.
