@@ -243,6 +243,23 @@ def apply_resume(args: argparse.Namespace, saved: dict[str, Any]) -> list[str]:
     return warnings
 
 
+def check_init_checkpoint(path: str, model: str, norm: str, gn_groups: int) -> None:
+    """For a zoo checkpoint given to --init-weights: the same model and normalization (GroupNorm
+    with another group count, or LN/IN, would load silently: their weights have the same shapes)."""
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError:
+        return  # a bare state_dict (torchvision's files): load_weights checks its keys and shapes
+    args = ckpt.get("model_args", {})
+    theirs = (get_model_spec(ckpt["model_name"]).name, args.get("norm", "bn"),
+              args.get("gn_groups", 32) if args.get("norm") == "gn" else None)
+    ours = (model, norm, gn_groups if norm == "gn" else None)
+    if theirs != ours:
+        def show(t: tuple) -> str:
+            return f"{t[0]} (norm={t[1]}" + (f", gn_groups={t[2]})" if t[2] else ")")
+        raise TrainError(f"--init-weights {path} holds {show(theirs)}; this run trains {show(ours)}")
+
+
 def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
@@ -404,6 +421,7 @@ def _train(args: argparse.Namespace, device: torch.device, ddp: Dist,
                       in_chans=input_size[0])
     model = create_model(args.model, **model_args)
     if args.init_weights and resume_ckpt is None:
+        check_init_checkpoint(args.init_weights, spec.name, args.norm, args.gn_groups)
         try:
             load_weights(model, args.init_weights, head=False)
         except WeightsError as e:

@@ -290,3 +290,17 @@ def test_resuming_best_pt_into_a_folder_with_a_later_last_pt_is_refused(tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pass --out for the resumed run" in err[0]
     assert _sha(out / "last.pt") == before
+
+
+def test_init_weights_from_a_checkpoint_of_another_norm_is_refused(tmp_path, capsys):
+    """GN and LN weights have the same shapes: the checkpoint's own settings must match."""
+    out = tmp_path / "gn"
+    assert main(TINY + ["--epochs", "1", "--norm", "gn", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(TINY + ["--epochs", "1", "--norm", "ln", "--init-weights", str(out / "last.pt"),
+                        "--out", str(tmp_path / "ln")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds resnext_mini (norm=gn, gn_groups=32); this run trains resnext_mini (norm=ln)" in err[0]
+    assert not (tmp_path / "ln" / "last.pt").exists()
+    assert main(TINY + ["--epochs", "1", "--norm", "gn", "--init-weights", str(out / "last.pt"),
+                        "--out", str(tmp_path / "gn2")]) == 0  # the same settings: fine-tunes
