@@ -20,6 +20,7 @@ from __future__ import annotations
 import hmac
 import logging
 import queue
+import socket
 import threading
 import time
 from concurrent import futures
@@ -444,11 +445,11 @@ class Server:
                     self.kserve.stopping = True
         if not first:
             self._end_drain.set()
-            self._grpc_stop_called.wait()
+            _wait(self._grpc_stop_called)
             return
         try:
             if drain_delay > 0:
-                self._end_drain.wait(drain_delay)
+                _wait(self._end_drain, drain_delay)
         finally:  # whatever interrupts the drain, the server still stops
             self._grpc_stopped = self.grpc_server.stop(0 if self._hurry else grace)
             self._grpc_stop_called.set()
@@ -469,11 +470,11 @@ class Server:
         Returns once all of that is done, whichever caller did it."""
         self.begin_stop(grace, drain_delay)
         assert self._grpc_stopped is not None
-        self._grpc_stopped.wait()
+        _wait(self._grpc_stopped)
         with self._lock:
             closing, self._closing = self._closing, True
         if closing:
-            self._closed.wait()
+            _wait(self._closed)
             return
         try:
             for batcher in self.servicer.batchers.values():
@@ -484,6 +485,33 @@ class Server:
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self.grpc_server.wait_for_termination(timeout)
+
+
+def _wait(event: threading.Event, timeout: float | None = None) -> bool:
+    """``event.wait(timeout)`` in short slices. A signal the kernel delivers to another thread (gRPC
+    and onnxruntime have many) reaches Python's handler only once the main thread wakes up; a
+    long wait would hold back, say, the second SIGTERM that ends the drain."""
+    end = None if timeout is None else time.monotonic() + timeout
+    while not event.wait(0.1 if end is None else max(0.0, min(0.1, end - time.monotonic()))):
+        if end is not None and time.monotonic() >= end:
+            return False
+    return True
+
+
+def _can_bind(host: str, port: int) -> bool:
+    """Whether ``host:port`` can be bound now. Checked before gRPC binds: its C core would log a
+    failed bind to stderr itself before the one clear line the CLI prints."""
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, IndexError):
+        return True  # not resolvable here: gRPC reports it
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no obstacle
+        try:
+            sock.bind(sockaddr)
+        except OSError:
+            return False
+    return True
 
 
 def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_batch: int = DEFAULT_MAX_BATCH,
@@ -529,7 +557,10 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
         raise ValueError(f"default model {default_model!r} is not served; models: {', '.join(names)}")
     if default_model is None and len(names) == 1:
         default_model = names[0]
-    host = address.rsplit(":", 1)[0].strip("[]")
+    host, _, port_text = address.rpartition(":")
+    host = host.strip("[]")
+    if not reuse_port and port_text.isdigit() and int(port_text) and not _can_bind(host, int(port_text)):
+        raise RuntimeError(f"cannot listen on {address}: the port is taken or the host is not an address of this machine")
 
     metrics = Metrics()
     stream_window = max(4, STREAM_WINDOW_FACTOR * max_batch)

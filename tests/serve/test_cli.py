@@ -214,6 +214,21 @@ def test_port_in_use(capsys, repo, exported):
     assert code == 1 and f"cannot listen on 127.0.0.1:{port}" in err
 
 
+def test_port_in_use_is_one_line_on_stderr(exported):
+    """The whole stderr of the process, gRPC's own C-core logging included."""
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "serve", "--model-dir", exported.root, "--port", str(port)],
+                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"python -m serve: error: cannot listen on 127.0.0.1:{port}: the port is taken or the host is not an "
+        "address of this machine"], result.stderr
+
+
 def test_versions_newest_by_default_or_pinned(copy_repo):
     shutil.copytree(copy_repo / "resnext_mini" / "1", copy_repo / "resnext_mini" / "3")
     (copy_repo / "resnext_mini" / "tmp-in-progress").mkdir()  # not a version: ignored
