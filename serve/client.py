@@ -248,9 +248,9 @@ def _error(e: grpc.RpcError, secure: bool = True, requests: Sequence[Any] = (),
     hint, index = "", None
     if tls_may_help(code, details, secure):
         hint = TLS_HINT
-    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and too_large(details):
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and (found := too_large(details)):
         hint = too_large_hint(details)
-        _, size, limit = too_large(details)
+        _, size, limit = found
         sizes = [r.ByteSize() for r in requests]
         index = next((i for i, n in enumerate(sizes) if n == size), None)
         if index is None:

@@ -413,11 +413,6 @@ class Server:
         """True when :meth:`stop_now` cut the drain and grace short."""
         return self._hurry
 
-    @property
-    def stopping(self) -> bool:
-        """True once :meth:`begin_stop` was called (health NOT_SERVING; KServe ServerReady false)."""
-        return self._stop_begun
-
     def start(self) -> None:
         if self._metrics_address is not None:
             self.metrics_port = self.metrics.serve_http(*self._metrics_address)

@@ -34,7 +34,7 @@ from zoo.losses import LOSSES, create_loss
 from zoo.nn.norm import NORMS
 from zoo.optim import OPTIMIZERS, SCHEDULERS, create_optimizer, create_scheduler
 from zoo.registry import get_model_spec, create_model, list_models
-from zoo.weights import WeightsError, load_weights
+from zoo.weights import WeightsError, load_state, read_weights
 
 # Every default in one place. The defaults train resnext_mini on digits to >= 95% val top-1
 # in well under two minutes on a 2-core CPU.
@@ -243,15 +243,23 @@ def apply_resume(args: argparse.Namespace, saved: dict[str, Any]) -> list[str]:
     return warnings
 
 
-def check_init_checkpoint(path: str, model: str, norm: str, gn_groups: int) -> None:
-    """For a zoo checkpoint given to --init-weights: the same model and normalization (GroupNorm
-    with another group count, or LN/IN, would load silently: their weights have the same shapes)."""
+def init_weights(model: nn.Module, path: str, name: str, norm: str, gn_groups: int) -> None:
+    """--init-weights: load all but the head of ``path`` (read once) into ``model``. A zoo
+    checkpoint must hold the same model and normalization: GroupNorm with another group count,
+    or LN/IN, would load silently, their weights having the same shapes. Other files (torchvision's)
+    are checked by their keys and shapes."""
     try:
-        ckpt = load_checkpoint(path)
-    except CheckpointError:
-        return  # a bare state_dict (torchvision's files): load_weights checks its keys and shapes
-    args = ckpt.get("model_args", {})
-    theirs = (get_model_spec(ckpt["model_name"]).name, args.get("norm", "bn"),
+        state, about = read_weights(path)
+        if about:
+            check_same_model(path, about, name, norm, gn_groups)
+        load_state(model, state, head=False, source=path)
+    except WeightsError as e:
+        raise TrainError(f"--init-weights {e}") from None
+
+
+def check_same_model(path: str, about: dict[str, Any], model: str, norm: str, gn_groups: int) -> None:
+    args = about.get("model_args", {})
+    theirs = (get_model_spec(about["model_name"]).name, args.get("norm", "bn"),
               args.get("gn_groups", 32) if args.get("norm") == "gn" else None)
     ours = (model, norm, gn_groups if norm == "gn" else None)
     if theirs != ours:
@@ -421,11 +429,7 @@ def _train(args: argparse.Namespace, device: torch.device, ddp: Dist,
                       in_chans=input_size[0])
     model = create_model(args.model, **model_args)
     if args.init_weights and resume_ckpt is None:
-        check_init_checkpoint(args.init_weights, spec.name, args.norm, args.gn_groups)
-        try:
-            load_weights(model, args.init_weights, head=False)
-        except WeightsError as e:
-            raise TrainError(f"--init-weights {e}") from None
+        init_weights(model, args.init_weights, spec.name, args.norm, args.gn_groups)
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)

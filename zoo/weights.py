@@ -26,6 +26,12 @@ def read_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     Loads with ``weights_only=True``: the file cannot run code. DistributedDataParallel's
     ``module.`` prefix and torchvision's legacy DenseNet names (``norm.1``) are translated.
     """
+    return read_weights(path)[0]
+
+
+def read_weights(path: str | os.PathLike) -> tuple[Mapping[str, torch.Tensor], dict[str, Any]]:
+    """:func:`read_state_dict`, read once, and what a zoo checkpoint says of its model
+    (``model_name``, ``model_args``); ``{}`` for other files."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: no such file")
@@ -33,6 +39,11 @@ def read_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated, or not a torch file at all
         raise WeightsError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    about = {k: obj[k] for k in ("model_name", "model_args") if k in obj} if isinstance(obj, Mapping) else {}
+    if isinstance(obj, Mapping) and "checksum" in obj and isinstance(obj.get("model"), Mapping):
+        from zoo.checkpoint import state_checksum  # here: zoo.checkpoint builds on this module
+        if state_checksum(obj["model"]) != obj["checksum"]:
+            raise WeightsError(f"{path}: checksum mismatch, the weights are corrupt")
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), Mapping):
@@ -43,7 +54,7 @@ def read_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     # DistributedDataParallel saves parameters under "module.".
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
-    return {_LEGACY_DENSENET.sub(r"\1\2", k): v for k, v in obj.items()}
+    return {_LEGACY_DENSENET.sub(r"\1\2", k): v for k, v in obj.items()}, about
 
 
 def describe_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], limit: int = 5) -> str | None:
@@ -75,7 +86,12 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, head: bool = True
     ``head=False`` loads everything but the classifier head, which keeps its fresh initialisation:
     fine-tuning ImageNet weights (1000 classes) into a model with ``num_classes`` of your own.
     """
-    state = read_state_dict(path)
+    return load_state(model, read_state_dict(path), head=head, source=os.fspath(path))
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, head: bool = True,
+               source: str = "state_dict") -> nn.Module:
+    """:func:`load_weights` for a state_dict already read (``source`` names it in errors)."""
     if not head:
         prefix = classifier_prefix(model)
         own = model.state_dict()
@@ -83,6 +99,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, head: bool = True
                  **{k: v for k, v in own.items() if k.startswith(prefix)}}
     problem = describe_mismatch(model, state)
     if problem:
-        raise WeightsError(f"{os.fspath(path)} does not fit {type(model).__name__}: {problem}")
+        raise WeightsError(f"{source} does not fit {type(model).__name__}: {problem}")
     model.load_state_dict(state, strict=True)
     return model

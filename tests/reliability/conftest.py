@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 
 # The serving fixtures (session-scoped mini-model export, in-process repository), shared.
-from tests.serve.conftest import INPUT_SIZE, REPO_ROOT, exported, repo, running  # noqa: F401
+from tests.serve.conftest import INPUT_SIZE, REPO_ROOT, exported, repo, running, tls_files  # noqa: F401
 
 FULL = os.environ.get("ZOO_RELIABILITY", "") == "full"
 READY = re.compile(r"listening on (\S+):(\d+) ")
@@ -89,19 +89,6 @@ class ServeProcess:
     def __exit__(self, *exc) -> None:
         self.kill()
         self._err.close()
-
-
-@pytest.fixture(scope="session")
-def tls_files(tmp_path_factory):
-    """A self-signed certificate for localhost and 127.0.0.1, and a token file."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not found")
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
-    (d / "token").write_text("s3cret-token\n")
-    return d
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from serve._proto.zoo.serving.v1 import classifier_pb2 as pb
 from serve._proto.zoo.serving.v1 import classifier_pb2_grpc as pb_grpc
 from serve.runtime import load_repository
 from tests.reliability.conftest import FULL, INPUT_SIZE, REPO_ROOT, Load, ServeProcess, report, running
-from tests.serve.conftest import tensor_request
+from tests.serve.conftest import Gate, tensor_request
 
 CLIENTS = 16 if FULL else 6
 LOAD_S = 5.0 if FULL else 1.5
@@ -154,19 +154,6 @@ def test_truncated_model_at_start_is_a_clear_error(copy_models, cut):
     assert path in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert ("empty" if cut == "empty" else "corrupt or truncated") in result.stderr
     assert "Traceback" not in result.stderr and "listening" not in result.stdout
-
-
-class Gate:
-    """Wraps a model's run so a test can hold the batch worker busy."""
-
-    def __init__(self, run):
-        self.run, self.open, self.entered = run, threading.Event(), threading.Event()
-        self.open.set()
-
-    def __call__(self, x):
-        self.entered.set()
-        assert self.open.wait(60)
-        return self.run(x)
 
 
 def _wait_for(predicate, timeout: float = 15) -> bool:

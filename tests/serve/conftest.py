@@ -9,6 +9,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
+import subprocess
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -111,3 +114,29 @@ def tensor_request(x: np.ndarray, **kwargs) -> pb.ClassifyRequest:
     x = np.ascontiguousarray(x)
     dtype = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(np.uint8): "uint8"}[x.dtype]
     return pb.ClassifyRequest(tensor=pb.Tensor(shape=list(x.shape), dtype=dtype, data=x.tobytes()), **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    """A self-signed certificate (key.pem, cert.pem) for localhost and 127.0.0.1, and a token file."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not found")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    (d / "token").write_text("s3cret-token\n")
+    return d
+
+
+class Gate:
+    """Wraps a model's run so a test can hold the batch worker busy."""
+
+    def __init__(self, run):
+        self.run, self.open, self.entered = run, threading.Event(), threading.Event()
+        self.open.set()
+
+    def __call__(self, x):
+        self.entered.set()
+        assert self.open.wait(60)
+        return self.run(x)

@@ -296,9 +296,8 @@ def test_client_cli_names_a_single_bad_file(capsys, server, images):
     assert code == 1 and line.startswith(f"{junk}: error: INVALID_ARGUMENT: not a readable image"), err
 
 
-def test_client_cli_plaintext_to_a_tls_server_hints_tls_ca(capsys, repo, images, tmp_path):
-    from tests.serve.test_client import server_cert
-    key, cert = server_cert(tmp_path)
+def test_client_cli_plaintext_to_a_tls_server_hints_tls_ca(capsys, repo, images, tls_files):
+    key, cert = (tls_files / "key.pem").read_bytes(), (tls_files / "cert.pem").read_bytes()
     with running(repo, tls=(key, cert)) as (_, port):
         for paths in ([images[0][0]], images[0][:2]):
             code = client.main([*paths, "--server", f"127.0.0.1:{port}", "--timeout", "10"])
@@ -306,7 +305,7 @@ def test_client_cli_plaintext_to_a_tls_server_hints_tls_ca(capsys, repo, images,
             (line,) = err.strip().splitlines()
             assert code == 1 and line.startswith(f"python -m serve.client: error: server 127.0.0.1:{port}: UNAVAILABLE")
             assert line.endswith("(is the server using TLS? pass --tls-ca)"), line
-        code = client.main([images[0][0], "--server", f"localhost:{port}", "--tls-ca", str(tmp_path / "cert.pem"),
+        code = client.main([images[0][0], "--server", f"localhost:{port}", "--tls-ca", str(tls_files / "cert.pem"),
                             "--model", "resnext_mini"])
         assert code == 0 and images[0][0] in capsys.readouterr().out
 

@@ -2,9 +2,6 @@
 hints for a plaintext call to a TLS server and for a message over the server's size limit."""
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import grpc
 import numpy as np
 import pytest
@@ -26,17 +23,6 @@ def files(tmp_path_factory):
     big.write_bytes(png_bytes(noise))
     assert big.stat().st_size > SMALL_LIMIT
     return dict(good=str(good), junk=str(junk), big=str(big), missing=str(d / "missing.png"))
-
-
-def server_cert(directory) -> tuple[bytes, bytes]:
-    """(key, certificate) PEM of a self-signed certificate for localhost and 127.0.0.1."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not found")
-    key, cert = directory / "key.pem", directory / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
-    return key.read_bytes(), cert.read_bytes()
 
 
 def test_classify_many_reads_every_file_before_streaming(server, files):
@@ -65,8 +51,8 @@ def test_item_errors_name_the_item(server, files):
         assert str(info.value).startswith(f"{files['junk']}: INVALID_ARGUMENT: not a readable image")
 
 
-def test_plaintext_call_to_a_tls_server_hints_tls(repo, tmp_path):
-    key, cert = server_cert(tmp_path)
+def test_plaintext_call_to_a_tls_server_hints_tls(repo, tls_files):
+    key, cert = (tls_files / "key.pem").read_bytes(), (tls_files / "cert.pem").read_bytes()
     with running(repo, tls=(key, cert)) as (_, port):
         with client.Classifier(f"127.0.0.1:{port}", timeout=10) as c:
             for call in (lambda: c.classify(np.zeros((8, 8, 3), np.uint8), model="resnext_mini"),

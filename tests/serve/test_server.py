@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import subprocess
 import threading
 import time
 import urllib.request
@@ -20,8 +19,18 @@ from PIL import Image
 from serve._proto.zoo.serving.v1 import classifier_pb2 as pb
 from serve._proto.zoo.serving.v1 import classifier_pb2_grpc as pb_grpc
 from serve.runtime import load_repository
-from tests.serve.conftest import (CLASSES, INPUT_SIZE, MEAN, SERVE_MODELS, STD, png_bytes, random_image, running,
-                                  tensor_request)
+from tests.serve.conftest import (
+    CLASSES,
+    INPUT_SIZE,
+    MEAN,
+    SERVE_MODELS,
+    STD,
+    Gate,
+    png_bytes,
+    random_image,
+    running,
+    tensor_request,
+)
 from zoo import data as zdata
 from zoo.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -259,19 +268,6 @@ def test_max_batch_one_turns_batching_off(repo):
         assert s.ListModels(pb.ListModelsRequest()).models[0].max_batch == 1
 
 
-class Gate:
-    """Wraps a model's run so a test can hold the batch worker busy."""
-
-    def __init__(self, run):
-        self.run, self.open, self.entered = run, threading.Event(), threading.Event()
-        self.open.set()
-
-    def __call__(self, x):
-        self.entered.set()
-        assert self.open.wait(30)
-        return self.run(x)
-
-
 def test_expired_deadline_dropped_from_queue(exported):
     repo = load_repository(exported.root, providers="cpu", threads=1, models=["resnext_mini"])
     model = repo.get("resnext_mini")
@@ -371,18 +367,6 @@ def test_metrics_scrape(server, stub):
 
 
 # --------------------------------------------------------------------------- security
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not found")
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
-    (d / "token").write_text("s3cret-token\n")
-    return d
 
 
 def test_tls_and_bearer_token(repo, tls_files):
