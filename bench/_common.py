@@ -1,6 +1,6 @@
 """Measurement helpers shared by the benchmarks: interleaved timing, medians, page faults, threads.
 
-This machine is shared and noisy (BENCHMARKING.md: medians of one configuration moved by up to
+This machine is shared and noisy (docs/benchmarking.md: medians of one configuration moved by up to
 1.7x within two minutes), so every comparison here is measured in the same run with the
 configurations interleaved in rounds, and only medians (and p90) are quoted.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 # glibc: larger blocks are mmap'ed and unmapped on every free, which costs PyTorch eager
-# 50k-120k page faults per call at batch 8 (BENCHMARKING.md "Traps"). These are the values of
+# 50k-120k page faults per call at batch 8 (docs/benchmarking.md "Traps"). These are the values of
 # MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ that removed most of it.
 MMAP_THRESHOLD = 32 * 2**20
 TRIM_THRESHOLD = 2**30

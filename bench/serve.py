@@ -28,7 +28,7 @@ gRPC and the client, how busy the model was, and the CPU used by the server and 
 Raw onnxruntime ``session.run`` at batch 1 on the same inputs, in this process with the server's
 thread count, is measured in the same run: served p50 at one client over raw p50 is the cost of
 serving. Raw and every setting are interleaved in rounds (order rotating), because this
-machine's timings drift by up to 1.7x within minutes (BENCHMARKING.md). Nothing is asserted: the
+machine's timings drift by up to 1.7x within minutes (docs/benchmarking.md). Nothing is asserted: the
 targets are reported, each with what bounds it.
 
 Exit status: 0 when every request was answered correctly, 1 when any failed or mismatched (the
@@ -194,7 +194,7 @@ class Config:
 
 def resolve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
     """Validate everything before any work; a bad value is one parser error."""
-    from serve.runtime import NAME_RE
+    from contract.repository import NAME_RE
 
     model = args.model or DEFAULT_MODEL
     if not NAME_RE.fullmatch(model):

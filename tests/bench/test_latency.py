@@ -299,3 +299,21 @@ def test_quick_run_writes_every_column_and_file(tmp_path, capsys):
                    "== sweep", "ort/torch", "gap (ort)", "time share"):
         assert header in out, header
     assert "threads: onnxruntime intra_op=1" in out
+
+
+def _report(load_start: str, load_end: str, cores: str = "2") -> lat.Report:
+    env = {"command": "python -m bench.latency", "started": "now", "versions": "v", "machine": "m", "nice": "0",
+           "load_start": load_start, "load_end": load_end, "threads_n": "2", "threads": "2", "malloc": "pinned",
+           "timing": "medians"}
+    ceil = rl.Ceilings(peak_gflops=100.0, bandwidth_gbps=10.0, detail={}, cpu_cores=2.0)
+    return lat.Report(env=env, ceil=ceil, models=[], twins=[], ops=[], sweep=[], machine={"cores": cores})
+
+
+@pytest.mark.parametrize("start, end, warned", [("0.10 0.1 0.1", "0.40 0.3 0.2", False),
+                                                ("1.20 0.5 0.2", "0.40 0.3 0.2", True),
+                                                ("0.10 0.1 0.1", "5.00 3.0 1.0", True)])
+def test_a_recorded_document_warns_when_the_machine_was_busy(start, end, warned):
+    # Half the cores, not all: on 2 cores a 1-minute load above 1 means another process held a core.
+    md = _report(start, end).markdown()
+    assert ("Warning: recorded on a busy machine" in md) is warned
+    assert ("**the machine was shared**" in md) is warned
