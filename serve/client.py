@@ -7,7 +7,11 @@
         results = c.classify_many(["a.jpg", "b.png"])    # one pipelined ClassifyStream
 
 An ndarray is sent as a tensor: ``uint8`` as raw ``[H, W, C]`` pixels (the server preprocesses
-them like a decoded image), float as a model-ready ``[C, H, W]`` or ``[1, C, H, W]``.
+them like a decoded image), float as a model-ready ``[C, H, W]`` or ``[1, C, H, W]``. A PIL image
+is sent as a lossless PNG, exactly as if it had been saved to a file and the file given.
+
+A model is named ``NAME`` (the newest version the server serves) or ``NAME:VERSION``, as
+``python -m serve --model`` names them; ``version=N`` says the same.
 
 Several replicas behind one client-side load balancer: the target may be a comma-separated list
 ``"10.0.0.5:50051,10.0.0.6:50051"`` or ``"dns:///serve.ns.svc.cluster.local:50051"`` (every
@@ -44,7 +48,37 @@ MAX_MESSAGE_BYTES = 64 * 2**20  # the server sets the real limit; the client onl
 ROUND_ROBIN = ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}],
                                                   "healthCheckConfig": {"serviceName": ""}}))
 
-Input = Union[str, os.PathLike, bytes, np.ndarray]
+Input = Union[str, os.PathLike, bytes, np.ndarray, "PIL.Image.Image"]  # noqa: F821 (PIL only when the caller has it)
+
+
+def split_model(model: str, version: int = 0) -> tuple[str, int]:
+    """``("NAME", VERSION)`` for ``NAME`` or ``NAME:VERSION`` (the server's ``--model`` syntax).
+
+    Raises:
+        ValueError: a version that is not a positive integer, or one given twice differently.
+    """
+    name, sep, tail = model.rpartition(":")
+    if not sep:
+        return model, version
+    if not tail.isdigit() or int(tail) < 1:
+        raise ValueError(f"invalid model {model!r}: expected NAME or NAME:VERSION with VERSION a positive integer")
+    if version and version != int(tail):
+        raise ValueError(f"model {model!r} names version {tail} but version={version} was given")
+    return name, int(tail)
+
+
+def _pil_image(x: Any) -> Any:
+    """``x`` if it is a PIL image, else None. PIL is looked up only where the caller imported it."""
+    image_module = sys.modules.get("PIL.Image")
+    return x if image_module is not None and isinstance(x, image_module.Image) else None
+
+
+def _png_bytes(image: Any) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 class ClientError(Exception):
@@ -109,10 +143,14 @@ _CODES = {c.value[0]: c for c in grpc.StatusCode}  # ItemError.code number -> St
 
 def make_request(x: Input, model: str = "", top_k: int = 0, version: int = 0, request_id: str = "",
                  return_logits: bool = False) -> Any:
-    """A ``ClassifyRequest`` for a path, encoded image bytes or an ndarray."""
+    """A ``ClassifyRequest`` for a path, encoded image bytes, an ndarray or a PIL image; ``model``
+    may be ``NAME:VERSION`` (see :func:`split_model`)."""
+    model, version = split_model(model, version)
     request = pb.ClassifyRequest(model=model, version=version, top_k=top_k, request_id=request_id,
                                  return_logits=return_logits)
-    if isinstance(x, np.ndarray):
+    if _pil_image(x) is not None:
+        request.image = _png_bytes(x)
+    elif isinstance(x, np.ndarray):
         array = x if x.dtype in _DTYPES else x.astype(np.float32)
         array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
         request.tensor.CopyFrom(pb.Tensor(shape=list(array.shape), dtype=_DTYPES[np.dtype(array.dtype.name)],
@@ -267,7 +305,8 @@ class Classifier:
     Args:
         target: ``HOST:PORT``; or several servers, round robin per call: ``HOST:PORT,HOST:PORT``
             or ``dns:///NAME:PORT`` (see :func:`channel_target`).
-        token: sent as ``authorization: Bearer TOKEN``.
+        token: sent as ``authorization: Bearer TOKEN``; surrounding whitespace (the newline at the
+            end of a token file) is dropped, as the server drops it from its own file.
         tls_ca: PEM bytes or a file path of the CA that signed the server's certificate; turns TLS on.
         tls: TLS with the system's CAs (when ``tls_ca`` is not given).
         timeout: default seconds per call.
@@ -280,6 +319,11 @@ class Classifier:
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
                  tls_ca: bytes | str | os.PathLike | None = None, tls: bool = False,
                  timeout: float = DEFAULT_TIMEOUT_S, own_connection: bool = False) -> None:
+        if token is not None:
+            token = token.strip()
+            if not token or any(c.isspace() or not c.isprintable() for c in token):
+                raise ValueError("invalid token: it must be one non-empty word of printable characters "
+                                 "(gRPC metadata cannot carry spaces or control characters)")
         secure = tls_ca is not None or tls
         grpc_target, balancing = channel_target(target, tls=secure)
         options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -374,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Classify images with a python -m serve server.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, BMP or WebP files")
-    p.add_argument("--model", default="", help="model name (default: the server's default model)")
+    p.add_argument("--model", default="", metavar="NAME[:VERSION]",
+                   help="model as NAME or NAME:VERSION (no VERSION: the newest served; no --model: the server's "
+                        "only model)")
     p.add_argument("--top-k", type=int, default=5, help="classes shown per image")
     p.add_argument("--server", default=DEFAULT_TARGET, metavar="HOST:PORT",
                    help="the server; or several, round robin per call: HOST:PORT,HOST:PORT,... or dns:///NAME:PORT")
@@ -420,6 +466,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 token = f.read().strip()
         except OSError as e:
             parser.error(f"--token-file {args.token_file}: {e.strerror or e}")
+    try:
+        split_model(args.model)
+    except ValueError as e:
+        parser.error(f"--model: {e}")
     if args.tls_ca and not os.path.isfile(args.tls_ca):
         parser.error(f"--tls-ca {args.tls_ca}: no such file")
     images = []

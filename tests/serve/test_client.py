@@ -86,3 +86,48 @@ def test_message_over_the_server_limit_names_the_item_and_the_flag(repo, files):
             e = info.value
             assert (e.code, e.index, e.path) == (CODE.RESOURCE_EXHAUSTED, 1, files["big"])
             assert str(e).startswith(f"item 1 ({files['big']}): RESOURCE_EXHAUSTED") and "--max-message-mb" in str(e)
+
+
+def test_a_pil_image_is_classified_like_its_file(server, files):
+    from PIL import Image
+
+    with client.Classifier(f"127.0.0.1:{server[1]}") as c:
+        from_file = c.classify(files["good"], model="resnext_mini", return_logits=True)
+        with Image.open(files["good"]) as image:
+            from_pil = c.classify(image, model="resnext_mini", return_logits=True)
+        assert from_pil.logits == from_file.logits
+        [many] = c.classify_many([Image.open(files["good"])], model="resnext_mini", return_logits=True)
+        assert many.logits == from_file.logits
+
+
+def test_token_with_the_newline_of_its_file_is_accepted(repo):
+    with running(repo, token="s3cret") as (_, port):
+        with client.Classifier(f"127.0.0.1:{port}", token="s3cret\n", timeout=10) as c:
+            assert c.list_models().models
+        for bad in ("", " \n", "two words"):
+            with pytest.raises(ValueError, match="invalid token"):
+                client.Classifier(f"127.0.0.1:{port}", token=bad)
+
+
+@pytest.mark.parametrize("model, version, expected", [("resnext_mini", 0, ("resnext_mini", 0)),
+                                                      ("resnext_mini:1", 0, ("resnext_mini", 1)),
+                                                      ("resnext_mini:2", 2, ("resnext_mini", 2))])
+def test_model_names_take_the_servers_name_version_syntax(model, version, expected):
+    assert client.split_model(model, version) == expected
+
+
+@pytest.mark.parametrize("model, version", [("resnext_mini:0", 0), ("resnext_mini:x", 0), ("resnext_mini:1", 2)])
+def test_bad_model_versions_are_refused_before_sending(model, version):
+    with pytest.raises(ValueError, match="resnext_mini"):
+        client.split_model(model, version)
+
+
+def test_client_cli_and_api_reach_a_version_by_name(server, files, capsys):
+    with client.Classifier(f"127.0.0.1:{server[1]}") as c:
+        r = c.classify(files["good"], model="resnext_mini:1")
+        assert (r.model, r.version) == ("resnext_mini", 1)
+    assert client.main([files["good"], "--model", "resnext_mini:1", "--server", f"127.0.0.1:{server[1]}"]) == 0
+    assert "(resnext_mini v1," in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        client.main([files["good"], "--model", "resnext_mini:v1", "--server", f"127.0.0.1:{server[1]}"])
+    assert e.value.code == 2 and "--model: invalid model 'resnext_mini:v1'" in capsys.readouterr().err
