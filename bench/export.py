@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from bench import _common as common
+from contract.cli import HelpFormatter
 
 VARIANTS = ("folded", "unfolded", "fp16", "int8")
 RUNNERS_BASE = "ort folded"  # the baseline every ratio is taken against
@@ -134,14 +135,27 @@ def print_report(rows: list[dict], threads: int) -> None:
     print("BN nodes: BatchNormalization nodes that normalize with statistics (folded scale/shift nodes not counted)")
 
 
+DEFAULTS = dict(models="resnext50_32x4d,densenet121", batch="1,8", runs=20)
+# A smoke run (tests, a first look): the mini models, few rounds; explicit options still win.
+QUICK = dict(models="resnext_mini,densenet_mini", batch="1,8", runs=5)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.export", description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="resnext50_32x4d,densenet121")
-    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
-    p.add_argument("--runs", type=int, default=20, help="interleaved rounds (median of this many)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p = argparse.ArgumentParser(prog="python -m bench.export", description=__doc__.split("\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--models", help=f"comma-separated model names (default {DEFAULTS['models']}; "
+                                    f"--quick: {QUICK['models']})")
+    p.add_argument("--batch", help=f"comma-separated batch sizes (default {DEFAULTS['batch']})")
+    p.add_argument("--runs", type=int, help=f"interleaved rounds, median of this many (default {DEFAULTS['runs']}; "
+                                            f"--quick: {QUICK['runs']})")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime and torch threads")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    p.add_argument("--quick", action="store_true", help="a smoke run: " + ", ".join(f"--{k} {v}" for k, v in QUICK.items()))
     args = p.parse_args(argv)
+    chosen = QUICK if args.quick else DEFAULTS
+    for key, value in chosen.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     try:
         from zoo.registry import get_model_spec
         names = [get_model_spec(n).name for n in args.models.split(",") if n]

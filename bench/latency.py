@@ -38,6 +38,8 @@ import numpy as np
 
 from bench import _common as common
 from bench import roofline as rl
+from contract.cli import HelpFormatter
+from zoo.fileio import atomic_write
 
 # Every default in one place.
 DEFAULT_MODELS = ("resnext50_32x4d", "resnext50_dw", "densenet121", "densenet121_dw",
@@ -89,7 +91,7 @@ def row(**kw: Any) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     w = p.add_argument_group("what to measure")
     w.add_argument("--models", type=common.csv_list(str), default=None,
                    help=f"comma-separated registry names (default: {','.join(DEFAULT_MODELS)})")
@@ -595,13 +597,13 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     print()
     print(report.terminal())
     if args.json:
-        _write(args.json, json.dumps([_clean(r) for r in rows], indent=1) + "\n")
+        atomic_write(args.json, json.dumps([_clean(r) for r in rows], indent=1) + "\n")
     if args.plot:
         rl.plot_roofline(args.plot, ceil, report.points(),
                          f"Roofline, {machine.get('cpu')}, {cfg.threads} threads, fp32 "
                          f"(onnxruntime {ort.__version__})")
     if args.markdown:
-        _write(args.markdown, report.markdown())
+        atomic_write(args.markdown, report.markdown())
     written = [p for p in (args.json, args.markdown, args.plot) if p]
     print(f"\nwritten: {', '.join(written)}" if written else "", flush=True)
     return 0
@@ -626,15 +628,6 @@ def _clean(r: dict[str, Any]) -> dict[str, Any]:
             v = v.item()
         out[k] = v
     return out
-
-
-def _write(path: str, text: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- report

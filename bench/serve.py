@@ -59,6 +59,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from bench import _common as common
+from contract.cli import HelpFormatter
+from zoo.fileio import atomic_write
 
 PROG = "python -m bench.serve"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,7 +139,7 @@ def row(**kw: Any) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     cores = os.cpu_count() or 1
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     w = p.add_argument_group("what to serve")
     w.add_argument("--model", default=None, help=f"model name (default {DEFAULT_MODEL})")
     w.add_argument("--model-dir", metavar="DIR", default=None,
@@ -168,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="seed of the clients' inputs")
     m.add_argument("--quick", action="store_true",
                    help=f"{DEFAULT_MODEL}, concurrency {','.join(map(str, QUICK_CONCURRENCY))}, "
-                        f"{QUICK_DURATION_S:g} s each (for tests); explicit options still win")
+                        f"{QUICK_DURATION_S:g} s each (a smoke run: the targets at {TARGET_CONCURRENCY} clients are "
+                        "not measured); explicit options still win")
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", help="every row (settings, raw, targets) as a JSON list")
     return p
@@ -897,6 +900,24 @@ def evaluate_targets(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, 
     return out
 
 
+def unmeasured_targets(cfg: Config) -> list[str]:
+    """The targets this run's settings cannot measure, each with what it needs (a --quick run
+    has no 16-client setting: without this line two of the three targets would just be absent)."""
+    if cfg.server:
+        return []
+    have = set(cfg.concurrency)
+    missing = []
+    if TARGET_CONCURRENCY not in have or not {"on", "off"} <= set(cfg.batching):
+        missing.append(f"batching QPS gain at {TARGET_CONCURRENCY} clients: needs --concurrency with "
+                       f"{TARGET_CONCURRENCY} and --batching on,off")
+    if not {1, TARGET_CONCURRENCY} <= have or "on" not in cfg.batching:
+        missing.append(f"p99 with batching at {TARGET_CONCURRENCY} clients / lone p50: needs --concurrency with 1 and "
+                       f"{TARGET_CONCURRENCY}, and --batching on")
+    if 1 not in have or 1 not in cfg.workers:
+        missing.append("served p50 / raw session.run p50: needs --concurrency with 1 and --workers with 1")
+    return missing
+
+
 def evaluate_scaling(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
     """QPS of each W-worker server over the one-worker server, batching alike, at the most clients measured."""
     cores = os.cpu_count() or 1
@@ -969,20 +990,8 @@ def _json_safe(v: Any) -> Any:
 
 
 def write_json(path: str, rows: list[dict[str, Any]]) -> None:
-    """Atomically: a temp file in the same directory, fsync, rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".bench-serve-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump([{k: _json_safe(v) for k, v in r.items()} for r in rows], f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Every row as a JSON list, written atomically (:func:`zoo.fileio.atomic_write`)."""
+    atomic_write(path, json.dumps([{k: _json_safe(v) for k, v in r.items()} for r in rows], indent=1))
 
 
 # --------------------------------------------------------------------------- the run
@@ -1120,6 +1129,11 @@ def report(cfg: Config, model: Any, rows: list[dict[str, Any]], processes: int, 
             lines.append(f"  {t['target']}: {t['value']:.2f}x (target {sign} {t['threshold']:g}x): "
                          f"{'met' if t['met'] else 'MISSED'}")
             lines.append(f"    {'detail' if t['met'] else 'bound'}: {t['note']}")
+    missing = unmeasured_targets(cfg)
+    if missing:
+        lines.append(f"targets not measured by this run's settings (the defaults measure all; --quick measures "
+                     f"{','.join(map(str, QUICK_CONCURRENCY))} clients only):")
+        lines += [f"  {m}" for m in missing]
     if scaling:
         lines.append("scale-out on this machine (measured):")
         for t in scaling:

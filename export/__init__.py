@@ -1,5 +1,5 @@
 """Export zoo models for serving: ``python -m export.onnx NAME`` (see :mod:`export.onnx`).
 
-Importing this package imports neither torch nor onnx, so a torch-free server can use
-:mod:`export.metadata`, the metadata contract between the exported file and its readers.
+What the exported files promise their readers (metadata keys, repository layout, the
+preprocessing) is in :mod:`contract`, which a torch-free server imports instead of this package.
 """

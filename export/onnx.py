@@ -15,7 +15,7 @@ onnxruntime reproduces PyTorch (the *unfolded* eager model) within tolerance, so
 ``model.onnx`` has always passed verification. A new version joins an existing OUT/NAME only with
 the same labels and input size (labels.txt and config.pbtxt are shared by every version): otherwise
 the export is refused before anything is written. The metadata keys are documented in
-:mod:`export.metadata`. Exit status: 0 exported, 1 verification failed, 2 bad input.
+:mod:`contract.metadata`. Exit status: 0 exported, 1 verification failed, 2 bad input.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ import io
 import logging
 import math
 import os
-import re
 import sys
 import tempfile
 import time
@@ -37,7 +36,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from export.metadata import INPUT_NAME, OUTPUT_NAME, PRECISIONS, encode_metadata
+from contract.cli import HelpFormatter
+from contract import repository as layout
+from contract.metadata import INPUT_NAME, OUTPUT_NAME, PRECISIONS, encode_metadata
 
 # Every default in one place.
 DEFAULT_OUT = "models"  # ignored by git
@@ -81,7 +82,7 @@ class VerificationError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m export.onnx", description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("model", nargs="?", help="registry name or alias (resnext50, densenet121, resnext_mini, ...); "
                    "optional with --checkpoint")
     w = p.add_argument_group("weights (default: random initialisation, for benchmarks)")
@@ -200,7 +201,7 @@ def _read_labels(path: str) -> list[str]:
 
 def resolve_plan(args: argparse.Namespace) -> Plan:
     """Check every argument and load the weights; UserError names the first problem."""
-    from zoo.data import CROP_PCT
+    from contract.preprocess import CROP_PCT
     from zoo.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
     from zoo.registry import create_model, get_model_spec, resolve_name
     from zoo.weights import WeightsError, describe_mismatch, read_state_dict
@@ -308,7 +309,7 @@ def resolve_plan(args: argparse.Namespace) -> Plan:
     if any("\n" in v or "\r" in v for v in labels):
         raise UserError("class labels may not contain line breaks (labels.txt holds one per line)")
     dir_name = args.name or name
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", dir_name):
+    if not layout.is_model_name(dir_name):
         raise UserError(f"Invalid --name {dir_name!r}: letters, digits, '_', '.', '-' only")
     return Plan(name=name, dir_name=dir_name, model=model.eval(), norm=norm, labels=labels,
                 input_size=tuple(input_size), mean=mean, std=std, source=source, crop_pct=crop_pct,
@@ -318,8 +319,7 @@ def resolve_plan(args: argparse.Namespace) -> Plan:
 
 
 def _classifier(model: Any) -> Any:
-    head = getattr(model, "fc", None)
-    return head if head is not None else getattr(model, "classifier", None)
+    return model.get_classifier()
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -375,56 +375,27 @@ def _check_writable(out: str) -> None:
         raise UserError(f"--out {out}: {probe} is not a writable directory")
 
 
-def _versions(model_dir: str) -> list[int]:
-    if not os.path.isdir(model_dir):
-        return []
-    return sorted(int(d) for d in os.listdir(model_dir) if d.isdigit() and os.path.isdir(os.path.join(model_dir, d)))
-
-
 def plan_version(model_dir: str, requested: int | None) -> int:
     if requested is None:
-        existing = _versions(model_dir)
+        existing = layout.versions(model_dir)
         return existing[-1] + 1 if existing else 1
-    target = os.path.join(model_dir, str(requested), "model.onnx")
+    target = layout.model_file(model_dir, requested)
     if os.path.exists(target):
         raise UserError(f"{target} already exists: choose another --version or leave it out for the next free one")
     return requested
 
 
-def _label_lines(text: str) -> list[str]:
-    """The labels of a labels.txt's text (trailing blank lines dropped)."""
-    labels = [line.rstrip("\r") for line in text.split("\n")]
-    while labels and not labels[-1].strip():
-        labels.pop()
-    return labels
-
-
-def _read_label_file(path: str) -> list[str] | None:
-    """The labels of an existing labels.txt, None without one."""
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            return _label_lines(f.read())
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
 def _triton_dims(path: str) -> tuple[list[int] | None, list[int] | None]:
-    """(input dims, output dims) of an existing config.pbtxt as :func:`triton_config` writes it."""
+    """(first input's dims, first output's dims) of an existing config.pbtxt; None where it says nothing."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError):
+        config = layout.read_config(path)
+    except layout.ConfigError:
         return None, None
 
-    def dims(block: str) -> list[int] | None:
-        m = re.search(rf"^{block}\s*\[\s*\{{(.*?)\}}", text, re.M | re.S)
-        d = re.search(r"dims\s*:\s*\[([^\]]*)\]", m.group(1)) if m else None
-        try:
-            return [int(v) for v in d.group(1).replace(",", " ").split()] if d else None
-        except ValueError:
-            return None
+    def dims(tensors: Any) -> list[int] | None:
+        return [int(d) for d in tensors[0].dims] if tensors and tensors[0].dims else None
 
-    return dims("input"), dims("output")
+    return (dims(config.input), dims(config.output)) if config is not None else (None, None)
 
 
 def _describe_labels(labels: Sequence[str]) -> str:
@@ -436,27 +407,27 @@ def check_same_model(model_dir: str, labels: Sequence[str], input_size: Sequence
     """UserError when ``model_dir`` already holds versions of a model with other classes or another
     input size: labels.txt and config.pbtxt are shared by every version, so exporting there would
     rewrite them under the existing versions."""
-    versions = [v for v in _versions(model_dir) if os.path.isfile(os.path.join(model_dir, str(v), "model.onnx"))]
+    versions = [v for v in layout.versions(model_dir) if os.path.isfile(layout.model_file(model_dir, v))]
     if not versions:
         return
-    from export.metadata import read_metadata
+    from contract.metadata import read_metadata
 
     label_sources: list[list[str]] = []
     size_sources: list[list[int]] = []
     for v in reversed(versions):  # the newest version whose metadata reads
         try:
-            meta = read_metadata(os.path.join(model_dir, str(v), "model.onnx"))
+            meta = read_metadata(layout.model_file(model_dir, v))
         except Exception:  # noqa: BLE001 - a corrupt or foreign file says nothing about the classes
             continue
         label_sources.append(list(meta["labels"]))
         size_sources.append([int(d) for d in meta["input_size"]])
         break
     new_labels, new_size = list(labels), [int(d) for d in input_size]
-    file_labels = _read_label_file(os.path.join(model_dir, "labels.txt"))
-    # compared with what this export would write there (a label with a line break spans lines)
-    if file_labels and file_labels != _label_lines("\n".join(new_labels) + "\n"):
+    file_labels = layout.read_labels(os.path.join(model_dir, layout.LABELS_FILE))
+    # compared with what this export would write there
+    if file_labels and file_labels != layout.parse_labels(layout.labels_text(new_labels)):
         label_sources.append(file_labels)
-    config_in, config_out = _triton_dims(os.path.join(model_dir, "config.pbtxt"))
+    config_in, config_out = _triton_dims(os.path.join(model_dir, layout.CONFIG_FILE))
     if config_in:
         size_sources.append(config_in)
     old_labels = next((x for x in label_sources if x != new_labels), None)
@@ -526,7 +497,7 @@ class OutputDir:
         return self.tmp
 
     def commit(self) -> str:
-        final = os.path.join(self.version_dir, "model.onnx")
+        final = os.path.join(self.version_dir, layout.MODEL_FILE)
         os.replace(self.tmp, final)
         self.tmp = None
         _fsync_dir(self.version_dir)
@@ -858,39 +829,6 @@ def median_latency_ms(session: Any, input_size: Sequence[int], runs: int) -> flo
     return 1000.0 * float(np.median(times))
 
 
-# --------------------------------------------------------------------------- Triton
-
-
-def triton_config(name: str, input_size: Sequence[int], num_classes: int, max_batch_size: int,
-                  label_file: str = "labels.txt") -> str:
-    """config.pbtxt text (Triton ``ModelConfig`` in protobuf text format); dims exclude the batch."""
-    dims_in = ", ".join(str(int(d)) for d in input_size)
-    return (
-        f'name: "{name}"\n'
-        'platform: "onnxruntime_onnx"\n'
-        f"max_batch_size: {int(max_batch_size)}\n"
-        "input [\n"
-        "  {\n"
-        f'    name: "{INPUT_NAME}"\n'
-        "    data_type: TYPE_FP32\n"
-        "    format: FORMAT_NCHW\n"
-        f"    dims: [ {dims_in} ]\n"
-        "  }\n"
-        "]\n"
-        "output [\n"
-        "  {\n"
-        f'    name: "{OUTPUT_NAME}"\n'
-        "    data_type: TYPE_FP32\n"
-        f"    dims: [ {int(num_classes)} ]\n"
-        f'    label_filename: "{label_file}"\n'
-        "  }\n"
-        "]\n"
-        "dynamic_batching {\n"
-        f"  max_queue_delay_microseconds: {TRITON_QUEUE_DELAY_US}\n"
-        "}\n"
-    )
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -1080,18 +1018,19 @@ def _export(args: argparse.Namespace) -> int:
         with steps.step("commit model repository") as note:
             del session
             final = out.commit()
-            from zoo.checkpoint import atomic_write_bytes
-            labels_path = os.path.join(out.model_dir, "labels.txt")
-            labels_text = ("\n".join(plan.labels) + "\n").encode()
+            from zoo.fileio import atomic_write
+            labels_path = os.path.join(out.model_dir, layout.LABELS_FILE)
+            labels_text = layout.labels_text(plan.labels).encode()
             if os.path.exists(labels_path) and _read_bytes(labels_path) != labels_text:
                 print(f"warning: replacing {labels_path}: its labels differ from this export's "
                       "(Triton reads one labels file for every version)", file=sys.stderr)
-            atomic_write_bytes(labels_path, labels_text)
+            atomic_write(labels_path, labels_text)
             written = [final, labels_path]
             if args.triton:
-                config_path = os.path.join(out.model_dir, "config.pbtxt")
-                atomic_write_bytes(config_path, triton_config(plan.dir_name, c, len(plan.labels),
-                                                              args.max_batch_size).encode())
+                config_path = os.path.join(out.model_dir, layout.CONFIG_FILE)
+                config = layout.triton_config(plan.dir_name, c, len(plan.labels), args.max_batch_size,
+                                              TRITON_QUEUE_DELAY_US)
+                atomic_write(config_path, layout.config_text(config))
                 written.append(config_path)
             note["msg"] = ", ".join(written)
     except BaseException:

@@ -1,7 +1,7 @@
 """Serve exported ONNX models over gRPC on onnxruntime: ``python -m serve --model-dir DIR``.
 
 - :mod:`serve.runtime`: the model repository, onnxruntime sessions and providers
-- :mod:`serve.preprocess`: image decoding and training's val transform, numpy + Pillow only
+- :mod:`serve.preprocess`: the image formats, size limits and wire tensors a server accepts
 - :mod:`serve.batching`: the dynamic batcher
 - :mod:`serve.server`: the ``zoo.serving.v1.Classifier`` servicer, health, reflection, auth
 - :mod:`serve.kserve`: the Open Inference Protocol (KServe v2 / Triton) ``GRPCInferenceService``
@@ -9,6 +9,6 @@
 - :mod:`serve.client`: a Python client and ``python -m serve.client IMAGE...``
 
 The APIs are ``protos/zoo/serving/v1/classifier.proto`` and ``protos/inference/grpc_predict_v2.proto``; its generated stubs live in
-``serve._proto``. Nothing here imports torch or ``zoo``: the contract with the exporter is the
-ONNX file and its metadata (:mod:`export.metadata`).
+``serve._proto``. Nothing here imports torch, ``zoo`` or ``export``: the contract with the
+exporter is the ONNX file, its metadata and the repository layout (:mod:`contract`).
 """

@@ -31,6 +31,8 @@ from typing import Any, Sequence
 
 from PIL import Image
 
+from contract.cli import HelpFormatter
+
 from serve.preprocess import MAX_IMAGE_PIXELS
 from serve.runtime import PROVIDER_CHOICES, RepositoryError, load_repository
 from serve.server import (DEFAULT_BATCH_TIMEOUT_MS, DEFAULT_MAX_BATCH, DEFAULT_MAX_CONCURRENCY, MAX_MESSAGE_BYTES,
@@ -53,11 +55,11 @@ WORKER_KILL_AFTER_S = 30.0
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Serve the ONNX models of a model repository "
                                 "(DIR/NAME/VERSION/model.onnx, as python -m export.onnx writes) over gRPC.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     m = p.add_argument_group("models")
     m.add_argument("--model-dir", required=True, metavar="DIR", help="model repository root")
     m.add_argument("--model", action="append", default=[], metavar="NAME[:VERSION]",
-                   help="serve only these (repeatable; VERSION pins one, default the newest); default: every model")
+                   help="serve only these (repeatable; VERSION pins one, else the newest; none given: every model)")
     m.add_argument("--default-model", default=None, metavar="NAME",
                    help="model for requests that name none (default: the only model, when there is one)")
     m.add_argument("--providers", choices=PROVIDER_CHOICES, default="auto",

@@ -36,6 +36,7 @@ import numpy as np
 
 from serve._proto.zoo.serving.v1 import classifier_pb2 as pb
 from serve._proto.zoo.serving.v1 import classifier_pb2_grpc as pb_grpc
+from contract.cli import HelpFormatter
 
 PROG = "python -m serve.client"
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -416,7 +417,7 @@ class Classifier:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Classify images with a python -m serve server.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, BMP or WebP files")
     p.add_argument("--model", default="", metavar="NAME[:VERSION]",
                    help="model as NAME or NAME:VERSION (no VERSION: the newest served; no --model: the server's "

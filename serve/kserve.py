@@ -33,7 +33,7 @@ from typing import Any, Callable
 import grpc
 import numpy as np
 
-from export.metadata import INPUT_NAME, OUTPUT_NAME
+from contract.metadata import INPUT_NAME, OUTPUT_NAME
 from serve import preprocess
 from serve._proto.inference import grpc_predict_v2_pb2 as pb
 from serve._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc

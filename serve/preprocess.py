@@ -1,17 +1,18 @@
 """Server-side input preparation, numpy + Pillow only: images and tensors -> model-ready arrays.
 
-:func:`val_transform` mirrors ``zoo.data.val_transform`` step for step (a test proves them
-equal), without importing ``zoo``, which imports torch. Every failure raises
-:class:`InputError` with a message meant for the client.
+Images go through ``contract.preprocess``, the transform training validated with; this module
+adds what only a server needs: the formats and sizes it accepts, and wire tensors. Every
+failure raises :class:`InputError` with a message meant for the client.
 """
 from __future__ import annotations
 
-import io
 import math
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+from contract import preprocess
 
 # Decoded images above this many pixels are refused before any pixel is decoded: 40 MP covers
 # a 7,300 x 5,470 photo and bounds one decode at ~120 MB of RGB. A few KB of PNG can declare
@@ -36,26 +37,12 @@ class InputError(ValueError):
 def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode JPEG/PNG/BMP/WebP bytes into a loaded image, EXIF orientation applied.
 
-    The declared size is checked against ``max_pixels`` before decoding (as
-    ``zoo.data.decode_image`` otherwise does: ``ImageOps.exif_transpose`` of the opened image).
+    The declared size is checked against ``max_pixels`` before any pixel is decoded.
     """
-    if not data:
-        raise InputError("image is empty (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise InputError(f"image too large: {width}x{height} = {width * height:,} pixels, "
-                                 f"the limit is {max_pixels:,}")
-            return ImageOps.exif_transpose(image)  # loads (decodes) a rotated copy
-    except Image.DecompressionBombError as e:  # Pillow's own guard, declared size > 2x its limit
-        raise InputError(f"image too large: {e}") from None
-    except Image.UnidentifiedImageError:
-        raise InputError(f"not a readable image ({len(data):,} bytes): expected {', '.join(IMAGE_FORMATS)}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:  # PIL's truncated/corrupt-data errors
-        if isinstance(e, InputError):
-            raise
-        raise InputError(f"cannot decode image: {e}") from None
+        return preprocess.decode_image(data, IMAGE_FORMATS, max_pixels)
+    except preprocess.PreprocessError as e:
+        raise InputError(str(e)) from None
 
 
 def image_from_pixels(pixels: np.ndarray) -> Image.Image:
@@ -66,47 +53,18 @@ def image_from_pixels(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels), mode=mode)
 
 
-def _image_mode(channels: int) -> str:
-    if channels not in (1, 3):
-        raise InputError(f"unsupported channel count {channels}: images are 1 (L) or 3 (RGB) channels")
-    return "L" if channels == 1 else "RGB"
-
-
-def to_chw(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    array = np.asarray(image, dtype=np.float32) / np.float32(255.0)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(array.transpose(2, 0, 1))
-
-
 def val_transform(image: Image.Image, input_size: Sequence[int], mean: Sequence[float],
                   std: Sequence[float], crop_pct: float, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Training's eval transform (``zoo.data.val_transform``), float32 ``[C, H, W]``.
+    """Training's eval transform (``contract.preprocess.val_transform``), float32 ``[C, H, W]``.
 
-    Convert to L/RGB; resize the shorter side to ``round(H / crop_pct)`` (bilinear, the longer
-    side truncated as torchvision does); center-crop ``H x W`` at Python-``round``ed offsets;
-    ``/ 255``; ``(x - mean) / std``; HWC -> CHW. An aspect ratio so extreme that the resized
-    image would exceed ``max_pixels`` is refused (a 1 x 10^6 strip would resize to 10^9 pixels).
+    An aspect ratio so extreme that the resized image would exceed ``max_pixels`` is refused (a
+    1 x 10^6 strip would resize to 10^9 pixels).
     """
-    channels, height, width = (int(v) for v in input_size)
-    if height != width:
-        raise InputError(f"val_transform needs a square input size, got {height}x{width}")
-    size = height
-    image = image.convert(_image_mode(channels))
-    resize = round(size / crop_pct)
-    w, h = image.size
-    short, long = min(w, h), max(w, h)
-    new_short, new_long = resize, int(resize * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    if new_w * new_h > max_pixels:
-        raise InputError(f"image aspect ratio too extreme: {w}x{h} would resize to {new_w}x{new_h}, "
-                         f"over the limit of {max_pixels:,} pixels")
-    image = image.resize((new_w, new_h), Image.BILINEAR)
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
-    image = image.crop((left, top, left + size, top + size))
-    return to_chw(image, mean, std)
+    try:
+        config = preprocess.PreprocessConfig(tuple(input_size), tuple(mean), tuple(std), crop_pct)
+        return preprocess.val_transform(image, config, max_pixels)
+    except preprocess.PreprocessError as e:
+        raise InputError(str(e)) from None
 
 
 def _shape_text(shape: Sequence[int]) -> str:

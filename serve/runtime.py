@@ -1,6 +1,6 @@
 """The model repository and its onnxruntime sessions.
 
-A repository is the layout ``python -m export.onnx`` writes (Triton's)::
+A repository is the layout ``python -m export.onnx`` writes (Triton's; :mod:`contract.repository`)::
 
     DIR/NAME/VERSION/model.onnx     VERSION is a positive integer directory
     DIR/NAME/labels.txt             informational: the labels served come from the ONNX metadata
@@ -12,12 +12,11 @@ By default the newest version of every name is loaded; ``--model NAME[:VERSION]`
 picks names and pins versions. Every file is read into memory and the session is built from
 those bytes, so a file deleted or replaced while serving changes nothing until a restart.
 Everything the server needs (labels, input size, mean/std, crop_pct) comes from the metadata of
-:mod:`export.metadata`: the only contract between ``export`` and ``serve``.
+:mod:`contract.metadata`.
 """
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -29,18 +28,13 @@ except ImportError as e:  # it comes from an extra: say which
     raise ImportError(f"{e}: onnxruntime is not installed; pip install -e '.[cpu]' "
                       "(or '.[gpu]' for onnxruntime-gpu)") from e
 
-from export.metadata import INPUT_NAME, OUTPUT_NAME, MetadataError, decode_metadata
+from contract import repository as layout
+from contract.metadata import INPUT_NAME, OUTPUT_NAME, MetadataError, decode_metadata
+from contract.repository import CONFIG_FILE, MODEL_FILE, NAME_RE, ConfigError, read_config
 
-MODEL_FILE = "model.onnx"
-TRITON_CONFIG = "config.pbtxt"
-# The top-level `max_batch_size: N` of a Triton config.pbtxt (nested fields are indented or
-# inside braces; export.onnx.triton_config writes it unindented at the top).
-_MAX_BATCH_RE = re.compile(r"^max_batch_size\s*:\s*(\S+)\s*$", re.MULTILINE)
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-# The names export.onnx writes; anything else in the repository root is ignored.
-NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # onnxruntime's own log: errors only (its warnings about unused initializers are noise here).
 ORT_LOG_SEVERITY = 3
 
@@ -126,8 +120,21 @@ def resolve_providers(choice: str) -> list[str]:
     if choice == "cuda" and CUDA not in available:
         raise RepositoryError(
             f"--providers cuda: this onnxruntime {ort.__version__} has no {CUDA} (available: "
-            f"{', '.join(available)}); install onnxruntime-gpu (pip install -e '.[gpu]') on a machine with a GPU")
+            f"{', '.join(available)}){_gpu_build_hint()}")
     return [CUDA, CPU] if CUDA in available else [CPU]
+
+
+def _gpu_build_hint() -> str:
+    """How to get a CUDA build from here: onnxruntime and onnxruntime-gpu in one environment
+    shadow each other, so the CPU build goes first."""
+    import importlib.metadata as md
+
+    try:
+        md.version("onnxruntime")
+    except md.PackageNotFoundError:
+        return "; on a machine with a GPU and CUDA, onnxruntime-gpu provides it"
+    return ("; on a machine with a GPU, replace the CPU build with onnxruntime-gpu: pip uninstall onnxruntime && "
+            "pip install -e '.[gpu]' (never both in one environment)")
 
 
 def session_options(threads: int) -> Any:
@@ -137,11 +144,6 @@ def session_options(threads: int) -> Any:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = ORT_LOG_SEVERITY
     return opts
-
-
-def _versions(model_dir: str) -> list[int]:
-    return sorted(int(d) for d in os.listdir(model_dir)
-                  if d.isdigit() and int(d) > 0 and os.path.isdir(os.path.join(model_dir, d)))
 
 
 def parse_model_specs(specs: Sequence[str]) -> dict[str, set[int]]:
@@ -162,24 +164,19 @@ def read_triton_max_batch(model_dir: str) -> int | None:
 
     Triton reads the same file: ``max_batch_size`` is the largest batch one request may carry
     (0 there means the model takes no batch dimension, which a zoo export never writes; it is
-    read here as "no per-model limit"). RepositoryError names a file that is unreadable or whose
-    value is not a non-negative integer.
+    read here as "no per-model limit"). RepositoryError names a file that is unreadable, is not a
+    Triton model config, or whose value is negative.
     """
-    path = os.path.join(model_dir, TRITON_CONFIG)
-    if not os.path.isfile(path):
-        return None
+    path = os.path.join(model_dir, CONFIG_FILE)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise RepositoryError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    match = _MAX_BATCH_RE.search(text)
-    if match is None:
+        config = read_config(path)
+    except ConfigError as e:
+        raise RepositoryError(str(e)) from None
+    if config is None:
         return None
-    value = match.group(1)
-    if not value.isdigit():
-        raise RepositoryError(f"{path}: max_batch_size {value!r} is not a non-negative integer")
-    return int(value) or None
+    if config.max_batch_size < 0:
+        raise RepositoryError(f"{path}: max_batch_size {str(config.max_batch_size)!r} is not a non-negative integer")
+    return config.max_batch_size or None
 
 
 def load_model(path: str, name: str, version: int, providers: Sequence[str], threads: int,
@@ -259,20 +256,19 @@ def load_repository(root: str, providers: str = "auto", threads: int = 0,
             if not os.path.isdir(os.path.join(root, name)):
                 raise RepositoryError(f"--model {name}: no directory {os.path.join(root, name)}")
     else:
-        names = sorted(d for d in os.listdir(root) if NAME_RE.fullmatch(d) and os.path.isdir(os.path.join(root, d))
-                       and _versions(os.path.join(root, d)))
+        names = layout.model_names(root)
     if not names:
         raise RepositoryError(f"--model-dir {root}: no models (expected {root}/NAME/VERSION/{MODEL_FILE})")
     repo = Repository(root=root)
     for name in names:
         model_dir = os.path.join(root, name)
-        available = _versions(model_dir)
+        available = layout.versions(model_dir)
         versions = sorted(wanted.get(name) or ([available[-1]] if available else []))
         if not versions:
             raise RepositoryError(f"{model_dir}: no version directories (expected {model_dir}/1/{MODEL_FILE})")
         max_batch_size = read_triton_max_batch(model_dir)
         for version in versions:
-            path = os.path.join(model_dir, str(version), MODEL_FILE)
+            path = layout.model_file(model_dir, version)
             if not os.path.isfile(path):
                 raise RepositoryError(f"missing model file {path}")
             model = load_model(path, name, version, provider_list, threads, require)

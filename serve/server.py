@@ -415,7 +415,12 @@ class Server:
 
     def start(self) -> None:
         if self._metrics_address is not None:
-            self.metrics_port = self.metrics.serve_http(*self._metrics_address)
+            host, port = self._metrics_address
+            try:
+                self.metrics_port = self.metrics.serve_http(host, port)
+            except OSError as e:  # e.g. the port is taken: name it, not just "[Errno 98]"
+                raise RuntimeError(f"cannot serve metrics on {host}:{port} (--metrics-port): "
+                                   f"{e.strerror or e}") from None
         self.grpc_server.start()
 
     def begin_stop(self, grace: float | None = 5.0, drain_delay: float = 0.0) -> None:

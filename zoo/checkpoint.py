@@ -11,22 +11,22 @@ A checkpoint is a dict saved with ``torch.save`` holding only tensors and plain 
     mean, std      per-channel normalization the val transform applies
     crop_pct       the val transform's resize/crop ratio (zoo.data.val_transform)
     data           the --data spec it was trained on
-    epoch, best_metric, config, optimizer, scheduler, rng
+    epoch, best_metric, optimizer, scheduler, rng
+    config         the run's settings, :meth:`zoo.config.TrainConfig.to_dict` (a plain dict)
     checksum       sha256 of the model tensors (names, dtypes, shapes and bytes)
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import os
-import tempfile
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from zoo.fileio import atomic_write
 from zoo.registry import create_model
-from zoo.weights import WeightsError, describe_mismatch
+from zoo.weights import WeightsError, describe_mismatch, state_checksum
 
 REQUIRED_KEYS = ("model", "model_name", "model_args", "classes", "input_size", "mean", "std", "checksum")
 
@@ -35,45 +35,12 @@ class CheckpointError(WeightsError):
     """A checkpoint that is missing, unreadable, corrupt or incomplete; the message names the file."""
 
 
-def state_checksum(state: Mapping[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of one."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    # fsync the directory so the rename itself survives a crash
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
     """Add the checksum and write ``checkpoint`` atomically (temp file, fsync, rename)."""
     checkpoint = dict(checkpoint, checksum=state_checksum(checkpoint["model"]))
     buf = io.BytesIO()
     torch.save(checkpoint, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

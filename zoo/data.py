@@ -21,29 +21,28 @@ which the DataLoader seeds differently in each worker.
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from contract import preprocess
 from zoo.registry import IMAGENET_MEAN, IMAGENET_STD
 
-DATA_SPECS = ("digits", "synthetic", "folder:PATH")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 # Val/serving: resize the shorter side to size / CROP_PCT, then center-crop size (the
 # ImageNet convention: 224 <- 256).
-CROP_PCT = 0.875
+CROP_PCT = preprocess.CROP_PCT
 # Train on folders: torchvision's RandomResizedCrop defaults (Szegedy et al. 2015).
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -92,13 +91,12 @@ def decode_image(data: bytes) -> Image.Image:
     """Decode encoded image bytes (JPEG, PNG, ...) into a loaded PIL image.
 
     EXIF orientation is applied (phone photos store it there). The image keeps its own mode;
-    :func:`val_transform` converts it.
+    :func:`val_transform` converts it. ``contract.preprocess.decode_image``, any Pillow format.
     """
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return ImageOps.exif_transpose(image)  # a loaded copy, rotated if EXIF says so
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's decode errors are OSError subclasses
-        raise DataError(f"not a readable image: {e}") from None
+        return preprocess.decode_image(data)
+    except preprocess.PreprocessError as e:
+        raise DataError(str(e)) from None
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
@@ -123,32 +121,18 @@ def _unreadable(path: str) -> str | None:
 
 
 def _image_mode(channels: int) -> str:
-    if channels not in (1, 3):
-        raise DataError(f"Unsupported channel count {channels}: images are 1 (L) or 3 (RGB) channels")
-    return "L" if channels == 1 else "RGB"
-
-
-def _to_chw(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    array = np.asarray(image, dtype=np.float32) / np.float32(255.0)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(array.transpose(2, 0, 1))
+    try:
+        return preprocess.image_mode(channels)
+    except preprocess.PreprocessError:
+        raise DataError(f"Unsupported channel count {channels}: images are 1 (L) or 3 (RGB) channels") from None
 
 
 def val_transform(image: Image.Image, input_size: Sequence[int], mean: Sequence[float],
                   std: Sequence[float], crop_pct: float = CROP_PCT) -> np.ndarray:
-    """The eval/serving transform in numpy + Pillow only, so a torch-free server can mirror it.
+    """The eval transform the server applies too: ``contract.preprocess.val_transform`` (bilinear).
 
-    Steps, exactly:
-
-    1. ``image.convert("L")`` for a 1-channel model, ``image.convert("RGB")`` for 3 channels.
-    2. Resize so the shorter side is ``S = round(size / crop_pct)`` (Python ``round``) with
-       ``Image.BILINEAR``; the longer side becomes ``int(S * long / short)`` (truncated, as
-       torchvision computes it).
-    3. Center-crop ``size x size`` at ``top = int(round((new_h - size) / 2.0))`` and the same
-       for ``left`` (Python ``round`` rounds halves to even, as torchvision's center_crop does).
-    4. ``float32 / 255``, then ``(x - mean) / std`` per channel in float32, then HWC -> CHW.
+    Resize the shorter side to ``round(size / crop_pct)``, center-crop ``size x size``,
+    ``(x / 255 - mean) / std``, HWC -> CHW; the contract's docstring gives each step exactly.
 
     Args:
         image: a decoded PIL image of any mode and size.
@@ -160,26 +144,16 @@ def val_transform(image: Image.Image, input_size: Sequence[int], mean: Sequence[
 
     Returns:
         float32 array of shape ``(C, H, W)``.
+
+    Raises:
+        DataError: a setting the transform cannot take (a non-square size, mean/std of the wrong
+            length, crop_pct outside (0, 1], a channel count other than 1 or 3).
     """
-    channels, height, width = (int(v) for v in input_size)
-    if height != width:
-        raise DataError(f"val_transform needs a square input size, got {height}x{width}")
-    if len(mean) != channels or len(std) != channels:
-        raise DataError(f"mean/std need {channels} values each, got {len(mean)} and {len(std)}")
-    size = height
-    image = image.convert(_image_mode(channels))
-    if not 0.0 < crop_pct <= 1.0:
-        raise DataError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    resize = round(size / crop_pct)
-    w, h = image.size
-    short, long = min(w, h), max(w, h)
-    new_short, new_long = resize, int(resize * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    image = image.resize((new_w, new_h), Image.BILINEAR)
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
-    image = image.crop((left, top, left + size, top + size))
-    return _to_chw(image, mean, std)
+    try:
+        config = preprocess.PreprocessConfig(tuple(input_size), tuple(mean), tuple(std), crop_pct)
+        return preprocess.val_transform(image, config)
+    except preprocess.PreprocessError as e:
+        raise DataError(str(e)) from None
 
 
 def random_resized_crop_box(width: int, height: int, scale: tuple[float, float] = RRC_SCALE,
@@ -219,7 +193,7 @@ def train_transform(image: Image.Image, input_size: Sequence[int], mean: Sequenc
     image = image.resize((width, height), Image.BILINEAR, box=box)
     if torch.rand(()).item() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return _to_chw(image, mean, std)
+    return preprocess.to_chw(image, mean, std)
 
 
 # --------------------------------------------------------------------------- datasets
@@ -459,6 +433,27 @@ def _folder(spec: str, path: str, input_size: tuple[int, int, int], seed: int,
         crop_pct=CROP_PCT)
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """What a ``--data`` name builds. ``build(input_size, seed, val_fraction)`` makes the
+    :class:`DataBundle`; a source that takes an argument (``folder:PATH``) is called as
+    ``build(spec, argument, input_size, seed, val_fraction)``."""
+
+    build: Callable[..., DataBundle]
+    arg: str | None = None  # the argument's name in ``NAME:ARG``; None: the source takes none
+    example: str = ""  # a spec with its argument, shown when the argument is missing
+
+
+# Name -> source, the one place a data name is tied to its builder.
+DATA_SOURCES: dict[str, DataSource] = {
+    "digits": DataSource(_digits),
+    "synthetic": DataSource(_synthetic),
+    "folder": DataSource(_folder, arg="PATH", example="folder:data/flowers"),
+}
+# The spellings users type, for help texts and errors: digits, synthetic, folder:PATH.
+DATA_SPECS = tuple(name if s.arg is None else f"{name}:{s.arg}" for name, s in DATA_SOURCES.items())
+
+
 def build_datasets(spec: str, input_size: Sequence[int], seed: int = 0,
                    val_fraction: float = 0.2) -> DataBundle:
     """Train and val datasets for ``spec``: ``digits``, ``synthetic`` or ``folder:PATH``.
@@ -480,13 +475,12 @@ def build_datasets(spec: str, input_size: Sequence[int], seed: int = 0,
     _image_mode(size[0])
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"Invalid val_fraction: {val_fraction} (must be in (0, 1))")
-    if spec == "digits":
-        return _digits(size, seed, val_fraction)
-    if spec == "synthetic":
-        return _synthetic(size, seed, val_fraction)
-    if spec.startswith("folder:"):
-        path = spec[len("folder:"):]
-        if not path:
-            raise DataError("folder: needs a path, e.g. folder:data/flowers")
-        return _folder(spec, path, size, seed, val_fraction)
-    raise DataError(f"Unknown data {spec!r}; choose one of: {', '.join(DATA_SPECS)}")
+    name, colon, arg = spec.partition(":")
+    source = DATA_SOURCES.get(name)
+    if source is None or bool(colon) != (source.arg is not None):
+        raise DataError(f"Unknown data {spec!r}; choose one of: {', '.join(DATA_SPECS)}")
+    if source.arg is None:
+        return source.build(size, seed, val_fraction)
+    if not arg:
+        raise DataError(f"{name}: needs a {source.arg.lower()}, e.g. {source.example}")
+    return source.build(spec, arg, size, seed, val_fraction)

@@ -10,13 +10,12 @@
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-LOSSES = ("ce", "focal")
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -81,6 +80,27 @@ class FocalLoss(nn.Module):
         return f"gamma={self.gamma}, alpha={alpha}, reduction={self.reduction!r}"
 
 
+def _cross_entropy(label_smoothing: float, **_: Any) -> nn.Module:
+    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+def _focal(label_smoothing: float, gamma: float, alpha: float | Sequence[float] | Tensor,
+           num_classes: int | None) -> nn.Module:
+    if label_smoothing > 0.0:
+        raise ValueError(f"label_smoothing={label_smoothing} is only supported by 'ce', not 'focal'")
+    loss = FocalLoss(gamma=gamma, alpha=alpha)
+    if num_classes is not None and loss.alpha.dim() == 1 and loss.alpha.numel() != num_classes:
+        raise ValueError(f"focal alpha has {loss.alpha.numel()} weights; expected one per class "
+                         f"({num_classes})")
+    return loss
+
+
+# Name -> builder, the one place a loss's name is tied to its implementation. Each builder takes
+# the keyword arguments of create_loss (label_smoothing, gamma, alpha, num_classes), checked there.
+_LOSS_MAP: dict[str, Callable[..., nn.Module]] = {"ce": _cross_entropy, "focal": _focal}
+LOSSES = tuple(_LOSS_MAP)
+
+
 def create_loss(
     name: str,
     num_classes: int | None = None,
@@ -98,18 +118,10 @@ def create_loss(
         gamma: focal focusing parameter (ignored by ``ce``).
         alpha: focal class weight, a scalar or one per class (ignored by ``ce``).
     """
-    if name not in LOSSES:
+    if name not in _LOSS_MAP:
         raise ValueError(f"Unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"Invalid label_smoothing: {label_smoothing} (must be in [0, 1))")
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
         raise ValueError(f"Invalid num_classes: {num_classes!r}")
-    if name == "ce":
-        return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    if label_smoothing > 0.0:
-        raise ValueError(f"label_smoothing={label_smoothing} is only supported by 'ce', not 'focal'")
-    loss = FocalLoss(gamma=gamma, alpha=alpha)
-    if num_classes is not None and loss.alpha.dim() == 1 and loss.alpha.numel() != num_classes:
-        raise ValueError(f"focal alpha has {loss.alpha.numel()} weights; expected one per class "
-                         f"({num_classes})")
-    return loss
+    return _LOSS_MAP[name](label_smoothing=label_smoothing, gamma=gamma, alpha=alpha, num_classes=num_classes)

@@ -14,7 +14,7 @@ from torch import nn
 
 from zoo.models.densenet import DenseNet
 from zoo.models.resnext import ResNet
-from zoo.nn.norm import NORMS, get_norm_layer
+from zoo.nn.norm import NormLayer, get_norm_layer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,9 +33,12 @@ class ModelSpec:
 
     @property
     def builder(self) -> Callable[..., nn.Module]:
-        return {"resnext": ResNet, "densenet": DenseNet}[self.family]
+        return FAMILIES[self.family]
 
 
+# Family name -> model class: each takes its variant's model_args plus num_classes, in_chans and
+# norm_layer, and has the head API (forward_features, forward_head, get_classifier, reset_classifier).
+FAMILIES: dict[str, Callable[..., nn.Module]] = {"resnext": ResNet, "densenet": DenseNet}
 _REGISTRY: dict[str, ModelSpec] = {}
 ALIASES = {"resnext50": "resnext50_32x4d", "resnext101": "resnext101_32x8d"}
 
@@ -112,7 +115,7 @@ _RESERVED = {"num_classes", "in_chans", "norm_layer"}
 def create_model(
     name: str,
     num_classes: int = 1000,
-    norm: str = "bn",
+    norm: str | NormLayer = "bn",
     gn_groups: int = 32,
     in_chans: int = 3,
     **kwargs: Any,
@@ -122,7 +125,8 @@ def create_model(
     Args:
         name: a name from :func:`list_models` or an alias (``resnext50``, ``resnext101``).
         num_classes: size of the classifier.
-        norm: one of ``bn``, ``gn``, ``ln``, ``in`` (see :mod:`zoo.nn.norm`).
+        norm: one of ``bn``, ``gn``, ``ln``, ``in`` (see :mod:`zoo.nn.norm`), or a
+            ``norm_layer(num_channels)`` callable of your own.
         gn_groups: groups for ``gn`` (largest divisor of the channel count <= this).
         in_chans: input channels (3 for RGB, 1 for grayscale).
         **kwargs: overrides of the variant's model arguments, e.g. ``memory_efficient=True``
@@ -134,8 +138,7 @@ def create_model(
         raise ValueError(f"Invalid num_classes: {num_classes!r}")
     if not isinstance(in_chans, int) or in_chans < 1:
         raise ValueError(f"Invalid in_chans: {in_chans!r}")
-    if norm not in NORMS:
-        raise ValueError(f"Unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
+    norm_layer = get_norm_layer(norm, gn_groups)
     bad = _RESERVED & kwargs.keys()
     if bad:
         raise ValueError(f"{', '.join(sorted(bad))} is set by create_model itself: use its num_classes, "
@@ -144,8 +147,7 @@ def create_model(
         if key in spec.model_args and spec.model_args[key] != value:
             raise ValueError(f"{spec.name} fixes {key}={spec.model_args[key]!r}; got {key}={value!r}")
     args = dict(spec.model_args, **kwargs)
-    return spec.builder(num_classes=num_classes, in_chans=in_chans,
-                        norm_layer=get_norm_layer(norm, gn_groups), **args)
+    return spec.builder(num_classes=num_classes, in_chans=in_chans, norm_layer=norm_layer, **args)
 
 
 def count_params(model: nn.Module) -> int:

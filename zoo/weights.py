@@ -1,6 +1,7 @@
 """Loading weights safely: our training checkpoints or torchvision state_dict files."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from typing import Any, Mapping
@@ -17,6 +18,16 @@ _LEGACY_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
 
 class WeightsError(ValueError):
     """A weights file that cannot be read or does not fit the model; the message says why."""
+
+
+def state_checksum(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a state_dict: each tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def read_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
@@ -41,7 +52,6 @@ def read_weights(path: str | os.PathLike) -> tuple[Mapping[str, torch.Tensor], d
         raise WeightsError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     about = {k: obj[k] for k in ("model_name", "model_args") if k in obj} if isinstance(obj, Mapping) else {}
     if isinstance(obj, Mapping) and "checksum" in obj and isinstance(obj.get("model"), Mapping):
-        from zoo.checkpoint import state_checksum  # here: zoo.checkpoint builds on this module
         if state_checksum(obj["model"]) != obj["checksum"]:
             raise WeightsError(f"{path}: checksum mismatch, the weights are corrupt")
     if isinstance(obj, Mapping):
@@ -73,11 +83,13 @@ def describe_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], limit
 
 
 def classifier_prefix(model: nn.Module) -> str:
-    """The state_dict prefix of ``model``'s classifier head: its last Linear (``fc.``, ``classifier.``)."""
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise WeightsError(f"{type(model).__name__} has no Linear classifier head")
-    return names[-1] + "."
+    """The state_dict prefix of ``model.get_classifier()`` (``fc.``, ``classifier.``)."""
+    get_classifier = getattr(model, "get_classifier", None)
+    head = get_classifier() if callable(get_classifier) else None
+    name = next((name for name, m in model.named_modules() if head is not None and m is head), None)
+    if not name:
+        raise WeightsError(f"{type(model).__name__} has no classifier head (get_classifier)")
+    return name + "."
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, *, head: bool = True) -> nn.Module:

@@ -84,6 +84,9 @@ def test_quick_table_has_every_column_and_setting(quick):
         ("off", 1), ("off", 4), ("on", 1), ("on", 4)]
     assert "raw session.run at batch 1" in quick["stdout"]
     assert "targets (measured, not asserted):" in quick["stdout"]
+    # --quick has no 16-client setting: the report says which targets that leaves out, and why.
+    assert "targets not measured by this run's settings" in quick["stdout"]
+    assert "batching QPS gain at 16 clients: needs --concurrency with 16" in quick["stdout"]
 
 
 def test_quick_json_rows_every_answer_matched(quick):

@@ -15,10 +15,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+from google.protobuf import text_format
 
 import export.onnx as exp
-from export.metadata import decode_metadata, read_metadata
+from contract._proto.inference.model_config_pb2 import DataType, ModelConfig
+from contract.metadata import decode_metadata, read_metadata
 from tests.conftest import MINI_MODELS, randomize_bn_stats
 from zoo.checkpoint import save_checkpoint
 from zoo.data import build_datasets
@@ -228,59 +229,13 @@ def test_metadata_round_trip(trained, trained_fp32):
     assert (trained_fp32 / "labels.txt").read_text().splitlines() == list(bundle.classes)
 
 
-def test_metadata_reader_is_torch_free():
-    code = "import sys, export.metadata; assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
-
-
-def _triton_model_config_class():
-    """The part of Triton's ModelConfig (common/protobuf/model_config.proto) the export writes.
-
-    Same field names, numbers and enum values as the real file, so text_format rejects anything
-    Triton's own parser would reject among these fields (unknown fields, wrong types, bad enums).
-    """
-    f = descriptor_pb2.FileDescriptorProto(name="zoo_test_model_config.proto", package="inference", syntax="proto3")
-    dt = f.enum_type.add(name="DataType")
-    for i, n in enumerate(["TYPE_INVALID", "TYPE_BOOL", "TYPE_UINT8", "TYPE_UINT16", "TYPE_UINT32", "TYPE_UINT64",
-                           "TYPE_INT8", "TYPE_INT16", "TYPE_INT32", "TYPE_INT64", "TYPE_FP16", "TYPE_FP32",
-                           "TYPE_FP64", "TYPE_STRING", "TYPE_BF16"]):
-        dt.value.add(name=n, number=i)
-    T = descriptor_pb2.FieldDescriptorProto
-
-    def msg(name, fields):
-        m = f.message_type.add(name=name)
-        for fname, number, ftype, label, type_name in fields:
-            m.field.add(name=fname, number=number, type=ftype, label=label, type_name=type_name)
-        return m
-
-    opt, rep = T.LABEL_OPTIONAL, T.LABEL_REPEATED
-    name, dtype = ("name", 1, T.TYPE_STRING, opt, None), ("data_type", 2, T.TYPE_ENUM, opt, ".inference.DataType")
-    model_input = msg("ModelInput", [name, dtype, ("format", 3, T.TYPE_ENUM, opt, ".inference.ModelInput.Format"),
-                                     ("dims", 4, T.TYPE_INT64, rep, None)])
-    fmt = model_input.enum_type.add(name="Format")
-    for i, n in enumerate(["FORMAT_NONE", "FORMAT_NHWC", "FORMAT_NCHW"]):
-        fmt.value.add(name=n, number=i)
-    msg("ModelOutput", [name, dtype, ("dims", 3, T.TYPE_INT64, rep, None),
-                        ("label_filename", 4, T.TYPE_STRING, opt, None)])
-    msg("ModelDynamicBatching", [("preferred_batch_size", 1, T.TYPE_INT32, rep, None),
-                                 ("max_queue_delay_microseconds", 2, T.TYPE_UINT64, opt, None)])
-    msg("ModelConfig", [name, ("platform", 2, T.TYPE_STRING, opt, None),
-                        ("max_batch_size", 4, T.TYPE_INT32, opt, None),
-                        ("input", 5, T.TYPE_MESSAGE, rep, ".inference.ModelInput"),
-                        ("output", 6, T.TYPE_MESSAGE, rep, ".inference.ModelOutput"),
-                        ("dynamic_batching", 11, T.TYPE_MESSAGE, opt, ".inference.ModelDynamicBatching")])
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(f)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("inference.ModelConfig"))
-
-
 def test_triton_config_parses(trained_fp32):
-    ModelConfig = _triton_model_config_class()
+    """With Triton's own ModelConfig message, so text_format rejects what Triton's parser would."""
     config = text_format.Parse((trained_fp32 / "config.pbtxt").read_text(), ModelConfig())
     assert config.name == "resnext_mini" == trained_fp32.name  # Triton wants the directory's name
     assert config.platform == "onnxruntime_onnx"
     assert config.max_batch_size >= 1 and config.HasField("dynamic_batching")
-    fp32 = ModelConfig.DESCRIPTOR.file.enum_types_by_name["DataType"].values_by_name["TYPE_FP32"].number
+    fp32 = DataType.Value("TYPE_FP32")
     (inp,), (out,) = config.input, config.output
     assert (inp.name, inp.data_type, list(inp.dims)) == ("input", fp32, [3, 16, 16])  # no batch dim
     assert (out.name, out.data_type, list(out.dims)) == ("logits", fp32, [10])

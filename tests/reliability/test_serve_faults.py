@@ -197,10 +197,16 @@ def test_clients_that_disconnect_mid_request_leak_no_slot(exported):
             with pytest.raises(grpc.RpcError) as info:
                 stub.Classify(tensor_request(x), timeout=10)
             assert info.value.code() == CODE.RESOURCE_EXHAUSTED
+            # queued behind the stuck batch: one Classify, two ModelInfer rows, one stream item
+            assert _wait_for(lambda: batcher._queue.qsize() == 4), batcher._queue.qsize()
             for call in (running_call, queued, infer_call, stream):  # every client goes away
                 call.cancel()
             hold.set()
-            time.sleep(0.2)
+            # The server has seen them go before the model is free: their slots are back and the
+            # queued requests are marked gone, to be dropped rather than run.
+            assert _wait_for(lambda: slots._value == max_concurrency), f"slots left: {slots._value}"
+            assert _wait_for(lambda: [item.expired(time.monotonic()) for item in list(batcher._queue.queue)]
+                             == [True] * 4), list(batcher._queue.queue)
             gate.open.set()
             assert _wait_for(lambda: slots._value == max_concurrency), f"slots left: {slots._value}"
             assert _wait_for(lambda: batcher._queue.qsize() == 0)

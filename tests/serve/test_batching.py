@@ -7,7 +7,11 @@ import time
 import numpy as np
 import pytest
 
+from serve import batching
 from serve.batching import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
+
+# How long a test waits for an answer that should come at once: a bound only a hang reaches.
+HANG_S = 60
 
 
 class Recorder:
@@ -58,22 +62,65 @@ def test_gathers_up_to_max_batch_and_routes_each_result(make):
     assert rec.sizes == [1, 4, 4, 2]
 
 
-def test_lone_request_waits_at_most_the_timeout(make):
-    b = make(Recorder(), max_batch=16, timeout_s=0.05)
-    t = time.monotonic()
-    result = b.submit(np.ones(2)).wait(5)
-    elapsed = time.monotonic() - t
-    assert result.batch_size == 1
-    assert 0.045 <= result.queue_s < 0.5 and elapsed < 1.0
+def test_lone_request_runs_alone_once_its_window_closes(make):
+    rec = Recorder()
+    b = make(rec, max_batch=16, timeout_s=0.05)
+    result = b.submit(np.ones(2)).wait(HANG_S)  # a batcher that waited for a full batch would hang here
+    assert result.batch_size == 1 and rec.sizes == [1]
+
+
+def test_request_arriving_within_the_window_joins_the_batch(make):
+    rec = Recorder()
+    # A window no test outlives: the batch can only start because the second request filled it.
+    b = make(rec, max_batch=2, timeout_s=3600.0)
+    first, second = b.submit(np.full(1, 1.0)), b.submit(np.full(1, 2.0))
+    assert [first.wait(HANG_S).logits[0], second.wait(HANG_S).logits[0]] == [1.0, 2.0]
+    assert rec.sizes == [2]
 
 
 def test_max_batch_one_runs_immediately(make):
     rec = Recorder()
-    b = make(rec, max_batch=1, timeout_s=10.0)  # the timeout is irrelevant without batching
-    t = time.monotonic()
+    # Without batching the window is never waited for; were it, an hour-long one would be a hang.
+    b = make(rec, max_batch=1, timeout_s=3600.0)
     results = [b.submit(np.full(1, float(i))) for i in range(5)]
-    assert [r.wait(5).logits[0] for r in results] == [0.0, 1.0, 2.0, 3.0, 4.0]
-    assert time.monotonic() - t < 2.0 and rec.sizes == [1] * 5
+    assert [r.wait(HANG_S).logits[0] for r in results] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert rec.sizes == [1] * 5
+
+
+class _Clock:
+    """``time`` for the batcher, with a clock the test can move forward: an hour can pass while
+    the model is busy without the test taking an hour."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.ahead
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def test_requests_that_waited_behind_a_busy_model_run_as_soon_as_it_is_free(make, monkeypatch):
+    """The batch window counts from the oldest request's arrival: requests that queued while the
+    model was busy for longer than the window run together the moment it is free, rather than
+    waiting out a fresh window."""
+    clock = _Clock()
+    monkeypatch.setattr(batching, "time", clock)
+    gate = threading.Event()
+    rec = Recorder(gate)
+    window = 600.0  # were it waited again after the model is free, the waits below would see a hang
+    b = make(rec, max_batch=4, timeout_s=window)
+    blockers = [b.submit(np.full(1, 100.0)) for _ in range(4)]  # a full batch starts at once
+    assert rec.started.wait(HANG_S)
+    queued = [b.submit(np.full(1, float(i))) for i in range(3)]  # too few to fill a batch
+    clock.ahead = window + 1.0  # ... and they have waited longer than the window
+    gate.set()
+    for item in blockers:
+        item.wait(HANG_S)
+    results = [item.wait(HANG_S) for item in queued]
+    assert [r.logits[0] for r in results] == [0.0, 1.0, 2.0]
+    assert [r.batch_size for r in results] == [3, 3, 3] and rec.sizes == [4, 3]
 
 
 def test_expired_requests_are_dropped_before_running(make):
@@ -123,13 +170,32 @@ def test_queue_is_bounded(make):
 
 
 def test_model_failure_reaches_every_caller_of_the_batch(make):
-    def broken(x):
-        raise RuntimeError("onnxruntime exploded")
-    b = make(broken, max_batch=4, timeout_s=0.0)
-    with pytest.raises(RuntimeError, match="exploded"):
-        b.submit(np.ones(1)).wait(5)
-    with pytest.raises(RuntimeError, match="exploded"):  # and the worker lives on
-        b.submit(np.ones(1)).wait(5)
+    """Three requests queued behind a busy model run as one batch; when it raises, each caller
+    hears the model's error at once. A caller left out would only hear of it at its deadline, an
+    hour away, so the waits below would end in DeadlineExceeded instead."""
+    busy, release = threading.Event(), threading.Event()
+    boom = RuntimeError("onnxruntime exploded")
+    sizes: list[int] = []
+
+    def model(x):
+        sizes.append(len(x))
+        if len(sizes) == 1:  # the batch that keeps the model busy
+            busy.set()
+            assert release.wait(HANG_S)
+        elif len(sizes) == 2:
+            raise boom
+        return np.stack([[float(v.sum()), 0.0] for v in x])
+    b = make(model, max_batch=8, timeout_s=0.0)
+    b.submit(np.ones(1))
+    assert busy.wait(HANG_S)
+    queued = [b.submit(np.ones(1), deadline=time.monotonic() + 3600) for _ in range(3)]
+    release.set()
+    for item in queued:
+        with pytest.raises(RuntimeError) as info:
+            item.wait(HANG_S)
+        assert info.value is boom
+    assert sizes == [1, 3]
+    assert b.submit(np.full(1, 5.0)).wait(HANG_S).logits[0] == 5.0  # and the worker lives on
 
 
 def test_close_runs_queued_then_refuses(make):

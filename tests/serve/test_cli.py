@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -106,26 +105,25 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(exported):
 
 
 def test_a_second_signal_stops_at_once(exported):
-    """Drain and grace both long; a second SIGTERM cancels the call in flight and exits 0 at once."""
+    """Drain and grace an hour each; a second SIGTERM cancels the call in flight and exits 0 at
+    once. The waits below are bounds only a process that ignored the second signal would reach."""
     proc, port, _ = start_serve("--model-dir", exported.root, "--port", "0", "--threads", "1",
-                                "--grace", "60", "--drain-delay", "60")
+                                "--grace", "3600", "--drain-delay", "3600")
     try:
         x = np.zeros(INPUT_SIZE, np.float32)
         hold = threading.Event()
 
         def requests():
             yield tensor_request(x, model="resnext_mini", request_id="0")
-            hold.wait(60)  # the stream stays open: a call in flight
+            hold.wait(600)  # the stream stays open: a call in flight
 
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stream = pb_grpc.ClassifierStub(channel).ClassifyStream(requests(), timeout=120)
+            stream = pb_grpc.ClassifierStub(channel).ClassifyStream(requests(), timeout=600)
             assert next(stream).request_id == "0"
             proc.send_signal(signal.SIGTERM)
             assert "draining" in proc.stdout.readline()
-            start = time.monotonic()
             proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
-            assert time.monotonic() - start < 20  # not the 60 s drain, nor the 60 s grace
+            assert proc.wait(timeout=120) == 0
             with pytest.raises(grpc.RpcError) as info:
                 next(stream)
             assert info.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
@@ -180,6 +178,20 @@ def test_providers_cuda_without_gpu(capsys, exported):
     code, out, err = run_main(capsys, "--model-dir", exported.root, "--port", "0", "--providers", "cuda")
     assert code == 1 and "--providers cuda" in err and "CUDAExecutionProvider" in err and "onnxruntime-gpu" in err
     assert len(err.strip().splitlines()) == 1
+    # This environment has the CPU build: installing the gpu extra beside it would shadow one with the other.
+    assert "pip uninstall onnxruntime && pip install -e '.[gpu]'" in err
+
+
+def test_a_taken_metrics_port_is_named(capsys, exported):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = run_main(capsys, "--model-dir", exported.root, "--port", "0", "--metrics-port", str(port))
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert f"cannot serve metrics on 127.0.0.1:{port} (--metrics-port)" in err and "Errno" not in err
 
 
 @pytest.mark.parametrize("argv,code,message", [

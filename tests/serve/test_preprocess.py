@@ -1,4 +1,7 @@
-"""serve.preprocess mirrors zoo.data exactly (the server may not import zoo), and refuses bad input."""
+"""serve.preprocess: the formats, sizes and wire tensors a server accepts, and its answers to bad input.
+
+The transform itself is ``contract.preprocess``'s (tests/contract), the one training applies too.
+"""
 from __future__ import annotations
 
 import io
@@ -7,40 +10,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from contract.preprocess import PreprocessConfig
+from contract.preprocess import val_transform as contract_val_transform
 from serve import preprocess
 from tests.serve.conftest import png_bytes, random_image
-from zoo import data as zdata
 
 MEAN3, STD3 = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-@pytest.mark.parametrize("size,crop_pct", [(32, 1.0), (32, 0.875), (224, 0.875), (17, 0.9)])
-@pytest.mark.parametrize("hw", [(40, 52), (52, 40), (32, 32), (7, 300), (301, 299)])
-@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
-def test_val_transform_equals_zoo(size, crop_pct, hw, mode):
-    image = Image.fromarray(random_image(sum(hw) + size, *hw)).convert(mode)
-    for channels, mean, std in ((3, MEAN3, STD3), (1, [0.5], [0.25])):
-        want = zdata.val_transform(image, (channels, size, size), mean, std, crop_pct)
-        got = preprocess.val_transform(image, (channels, size, size), mean, std, crop_pct)
-        assert got.dtype == np.float32 and got.shape == (channels, size, size)
-        np.testing.assert_array_equal(got, want)
-
-
 @pytest.mark.parametrize("fmt,kwargs", [("PNG", {}), ("JPEG", {"quality": 90}), ("BMP", {}), ("WEBP", {"quality": 80})])
-def test_decode_equals_zoo(fmt, kwargs):
+def test_served_formats_decode_to_the_transform_training_uses(fmt, kwargs):
     data = png_bytes(random_image(3), fmt, **kwargs)
-    np.testing.assert_array_equal(np.asarray(preprocess.decode_image(data)), np.asarray(zdata.decode_image(data)))
-
-
-def test_exif_orientation_applied_like_zoo():
-    image = Image.fromarray(random_image(4, 30, 50))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
-    buf = io.BytesIO()
-    image.save(buf, "JPEG", exif=exif.tobytes())
-    got = preprocess.decode_image(buf.getvalue())
-    assert got.size == (30, 50)  # width and height swapped
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(zdata.decode_image(buf.getvalue())))
+    image = preprocess.decode_image(data)
+    got = preprocess.val_transform(image, (3, 32, 32), MEAN3, STD3, 0.875)
+    np.testing.assert_array_equal(got, contract_val_transform(image, PreprocessConfig((3, 32, 32), MEAN3, STD3)))
 
 
 def test_pixels_equal_decoded_image():

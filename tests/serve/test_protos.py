@@ -1,4 +1,4 @@
-"""The checked-in stubs in serve/_proto are what `make protos` makes from protos/ today."""
+"""The checked-in stubs in serve/_proto and contract/_proto are what `make protos` makes from protos/ today."""
 from __future__ import annotations
 
 import importlib
@@ -20,6 +20,9 @@ class Proto:
     path: str  # under the repository root
     package: str  # the protobuf package
     module: str  # the generated modules' Python package
+    root: str  # where protoc's -I maps protos/ to: the generated files' folder and descriptor names
+    variable: str  # the Makefile variable that lists it
+    services: bool = True  # gRPC services, so a _pb2_grpc stub too
 
     @property
     def stem(self) -> str:
@@ -31,7 +34,8 @@ class Proto:
 
     @property
     def stubs(self) -> tuple[str, ...]:
-        return (f"{self.stem}_pb2.py", f"{self.stem}_pb2.pyi", f"{self.stem}_pb2_grpc.py")
+        grpc = (f"{self.stem}_pb2_grpc.py",) if self.services else ()
+        return (f"{self.stem}_pb2.py", f"{self.stem}_pb2.pyi") + grpc
 
     def pb2(self):
         return importlib.import_module(f"{self.module}.{self.stem}_pb2")
@@ -41,8 +45,12 @@ class Proto:
 
 
 PROTOS = [
-    Proto("protos/zoo/serving/v1/classifier.proto", "zoo.serving.v1", "serve._proto.zoo.serving.v1"),
-    Proto("protos/inference/grpc_predict_v2.proto", "inference", "serve._proto.inference"),
+    Proto("protos/zoo/serving/v1/classifier.proto", "zoo.serving.v1", "serve._proto.zoo.serving.v1", "serve/_proto",
+          "PROTOS"),
+    Proto("protos/inference/grpc_predict_v2.proto", "inference", "serve._proto.inference", "serve/_proto", "PROTOS"),
+    # Triton's ModelConfig (config.pbtxt), messages only, for the torch-free contract package.
+    Proto("protos/inference/model_config.proto", "inference", "contract._proto.inference", "contract/_proto",
+          "CONTRACT_PROTOS", services=False),
 ]
 IDS = [p.stem for p in PROTOS]
 
@@ -66,8 +74,13 @@ def regenerated(tmp_path_factory):
 
 def test_makefile_generates_every_proto():
     with open(os.path.join(REPO_ROOT, "Makefile")) as f:
-        line = next(line for line in f if line.startswith("PROTOS :="))
-    assert sorted(line.split(":=", 1)[1].split()) == sorted(p.path for p in PROTOS)
+        lines = f.read().splitlines()
+    for variable in sorted({p.variable for p in PROTOS}):
+        line = next(line for line in lines if line.startswith(f"{variable} :="))
+        assert sorted(line.split(":=", 1)[1].split()) == sorted(p.path for p in PROTOS if p.variable == variable)
+    on_disk = sorted(os.path.relpath(os.path.join(d, f), REPO_ROOT)
+                     for d, _, files in os.walk(os.path.join(REPO_ROOT, "protos")) for f in files if f.endswith(".proto"))
+    assert on_disk == sorted(p.path for p in PROTOS)
 
 
 @pytest.mark.parametrize("proto", PROTOS, ids=IDS)
@@ -86,14 +99,14 @@ def test_descriptor_in_step_with_proto(proto, tmp_path):
     from grpc_tools import protoc
 
     out = tmp_path / f"{proto.stem}.pb"
-    code = protoc.main(["protoc", "-Iserve/_proto=" + os.path.join(REPO_ROOT, "protos"),
+    code = protoc.main(["protoc", f"-I{proto.root}=" + os.path.join(REPO_ROOT, "protos"),
                         f"--descriptor_set_out={out}", os.path.join(REPO_ROOT, proto.path)])
     assert code == 0
     fresh = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
     _drop_json_names(fresh.message_type)  # protoc's descriptor sets carry them; generated code does not
     checked_in = descriptor_pb2.FileDescriptorProto.FromString(proto.pb2().DESCRIPTOR.serialized_pb)
-    assert fresh.name == "serve/_proto/" + proto.path.removeprefix("protos/") and fresh.package == proto.package
-    assert fresh == checked_in, "serve/_proto is stale: run `make protos` and commit the result"
+    assert fresh.name == f"{proto.root}/" + proto.path.removeprefix("protos/") and fresh.package == proto.package
+    assert fresh == checked_in, f"{proto.root} is stale: run `make protos` and commit the result"
 
 
 def _drop_json_names(messages) -> None:
@@ -103,7 +116,7 @@ def _drop_json_names(messages) -> None:
         _drop_json_names(m.nested_type)
 
 
-@pytest.mark.parametrize("proto", PROTOS, ids=IDS)
+@pytest.mark.parametrize("proto", [p for p in PROTOS if p.services], ids=[p.stem for p in PROTOS if p.services])
 def test_generated_imports_are_package_qualified(proto):
     with open(os.path.join(REPO_ROOT, proto.generated, f"{proto.stem}_pb2_grpc.py")) as f:
         assert f"from {proto.module} import {proto.stem}_pb2" in f.read()

@@ -26,6 +26,16 @@ MODEL = "resnext_mini"
 WORKERS_READY = re.compile(r"(\d+) workers listening on 127\.0\.0\.1:(\d+) \(pids ([\d, ]+);")
 
 
+def _poll(predicate, timeout: float = 60) -> bool:
+    """Whether ``predicate()`` comes true within ``timeout`` seconds (a bound only a hang reaches)."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def served(port: int) -> int:
     """Successful requests a server counted for MODEL, read over its own GetLatencyReport RPC."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -72,10 +82,18 @@ def test_round_robin_skips_a_draining_server(repo):
                 c.classify(x, model=MODEL)
             a0, b0 = served(port_a), served(port_b)
             assert a0 >= 1 and b0 >= 1, (a0, b0)
-            stopping = threading.Thread(target=server_a.stop, kwargs=dict(grace=5, drain_delay=60.0))
+            stopping = threading.Thread(target=server_a.stop, kwargs=dict(grace=5, drain_delay=3600.0))
             stopping.start()
             try:
-                time.sleep(1.0)  # the health Watch stream tells the client within milliseconds
+                # The client hears of NOT_SERVING over its health Watch stream. Round robin
+                # alternates while both are picked, so two calls in a row on B mean A is out.
+                def both_on_b() -> bool:
+                    a, b = served(port_a), served(port_b)
+                    c.classify(x, model=MODEL)
+                    c.classify(x, model=MODEL)
+                    return (served(port_a), served(port_b)) == (a, b + 2)
+                assert _poll(both_on_b), "the client kept sending calls to the draining server"
+                a0, b0 = served(port_a), served(port_b)
                 for _ in range(20):
                     assert c.classify(x, model=MODEL).model == MODEL
                 a1, b1 = served(port_a), served(port_b)  # server A still answers this, while draining
@@ -177,14 +195,14 @@ def test_workers_share_one_port_and_stop_on_sigterm(exported):
 
 
 def test_workers_fail_once_with_one_message(tmp_path):
-    start = time.monotonic()
+    # The timeout only bounds a hang: a parent left waiting for workers that will never be ready.
     result = subprocess.run([sys.executable, "-m", "serve", "--model-dir", str(tmp_path / "missing"), "--port", "0",
-                             "--workers", "3"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+                             "--workers", "3"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert errors[0] == f"python -m serve: error: --model-dir {tmp_path / 'missing'}: no such directory"
     assert errors[1:] == ["python -m serve: error: worker 0 exited with status 1 before it was ready"]
-    assert "Traceback" not in result.stderr and time.monotonic() - start < 60
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("argv, message", [

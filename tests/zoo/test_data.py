@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 
 import zoo.data as data
+from contract import preprocess
+from contract.preprocess import PreprocessConfig
 from zoo.data import (DataError, build_datasets, load_image, random_resized_crop_box, scan_folder,
                       stratified_split, train_transform, val_transform)
 from zoo.registry import IMAGENET_MEAN, IMAGENET_STD
@@ -192,40 +194,13 @@ def test_datasets_pickle_and_load_in_workers(folder, digits):
 # --------------------------------------------------------------------------- transforms
 
 
-def test_val_transform_crop_by_hand():
-    # 10 x 8 image, size 7: S = round(7 / 0.875) = 8 = the short side, so no resize;
-    # top = round((8 - 7) / 2) = round(0.5) = 0, left = round((10 - 7) / 2) = round(1.5) = 2
-    # (halves round to even), so the crop is rows 0..6, columns 2..8.
-    pixels = np.arange(8 * 10 * 3, dtype=np.uint8).reshape(8, 10, 3)
-    mean, std = (0.5, 0.25, 0.0), (0.5, 1.0, 2.0)
-    out = val_transform(Image.fromarray(pixels), (3, 7, 7), mean, std)
-    assert out.shape == (3, 7, 7) and out.dtype == np.float32 and out.flags.c_contiguous
-    # Channel 0 at (0, 0) is pixel (row 0, col 2, ch 0) = 6 -> (6/255 - 0.5) / 0.5.
-    assert out[0, 0, 0] == pytest.approx((6 / 255 - 0.5) / 0.5, abs=1e-6)
-    # Channel 2 at (6, 6) is pixel (row 6, col 8, ch 2) = 6*30 + 8*3 + 2 = 206 -> 206/255 / 2.
-    assert out[2, 6, 6] == pytest.approx(206 / 255 / 2, abs=1e-6)
-    crop = pixels[0:7, 2:9].astype(np.float32) / 255
-    np.testing.assert_allclose(out, ((crop - mean) / std).transpose(2, 0, 1), rtol=0, atol=1e-6)
-
-
-def test_val_transform_grayscale_by_hand():
-    # RGB (200, 100, 50) -> L = (200*299 + 100*587 + 50*114) / 1000 = 124.2 -> 124 (ITU-R 601-2).
-    out = val_transform(Image.new("RGB", (33, 17), (200, 100, 50)), (1, 16, 16), (0.5,), (0.25,))
-    assert out.shape == (1, 16, 16)
-    np.testing.assert_allclose(out, (124 / 255 - 0.5) / 0.25, rtol=0, atol=1e-6)
-
-
-def test_val_transform_resizes_shorter_side_then_center_crops():
-    # 20 x 40 image, size 16: S = round(18.29) = 18; long side int(18 * 40 / 20) = 36;
-    # top = round((36 - 16) / 2) = 10, left = round((18 - 16) / 2) = 1.
+def test_val_transform_is_the_contracts_with_data_errors():
+    # The steps are tested in tests/contract; here, that zoo's val set uses them, bilinear, and
+    # that a bad setting is zoo's one-line DataError.
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 20, 3), dtype=np.uint8))
-    out = val_transform(image, (3, 16, 16), (0.0,) * 3, (1.0,) * 3)
-    expected = np.asarray(image.resize((18, 36), Image.BILINEAR).crop((1, 10, 17, 26)), np.float32) / 255
-    np.testing.assert_array_equal(out, expected.transpose(2, 0, 1))
-    np.testing.assert_array_equal(out, val_transform(image, (3, 16, 16), (0.0,) * 3, (1.0,) * 3))
-
-
-def test_val_transform_rejects_bad_sizes():
+    config = PreprocessConfig((3, 16, 16), IMAGENET_MEAN, IMAGENET_STD, crop_pct=0.875, interpolation="bilinear")
+    np.testing.assert_array_equal(val_transform(image, (3, 16, 16), IMAGENET_MEAN, IMAGENET_STD),
+                                  preprocess.val_transform(image, config))
     with pytest.raises(DataError, match="square input size, got 16x20"):
         val_transform(Image.new("RGB", (30, 30)), (3, 16, 20), IMAGENET_MEAN, IMAGENET_STD)
     with pytest.raises(DataError, match="mean/std need 3 values"):

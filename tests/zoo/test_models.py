@@ -204,3 +204,62 @@ def test_load_weights_reads_torchvision_legacy_densenet_names(tmp_path):
     torch.save(legacy, path)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(load_weights(create_model("densenet_mini", num_classes=10).eval(), path)(x), src(x))
+
+
+# --- head API (timm's): forward_features, forward_head, get_classifier, reset_classifier ------------
+TORCHVISION_HEAD = {"resnext": "fc", "densenet": "classifier"}
+
+
+@pytest.mark.parametrize("name", MINI_MODELS)
+def test_head_api_splits_forward_at_the_torchvision_classifier(name):
+    model = create_model(name, num_classes=7).eval()
+    x = mini_input(name)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        pre = model.forward_head(features, pre_logits=True)
+        logits = model(x)
+    assert features.dim() == 4 and features.shape[1] == model.num_features
+    assert pre.shape == (2, model.num_features)
+    assert torch.equal(model.forward_head(features), logits)
+    head = model.get_classifier()
+    assert head is dict(model.named_modules())[TORCHVISION_HEAD[get_model_spec(name).family]]
+    assert isinstance(head, nn.Linear) and head.out_features == model.num_classes == 7
+    assert torch.equal(head(pre), logits)
+
+
+@pytest.mark.parametrize("name", MINI_MODELS)
+def test_reset_classifier_replaces_only_the_head(name):
+    model = create_model(name, num_classes=7).double().eval()
+    body = {k: v.clone() for k, v in model.state_dict().items()}
+    keys = list(body)
+    x = mini_input(name).double()
+    model.reset_classifier(3)
+    assert list(model.state_dict()) == keys  # torchvision's names, so checkpoints still load
+    head = model.get_classifier()
+    assert isinstance(head, nn.Linear) and head.out_features == model.num_classes == 3
+    assert head.weight.dtype == torch.float64  # the model's dtype, not the default
+    prefix = TORCHVISION_HEAD[get_model_spec(name).family] + "."
+    for k, v in model.state_dict().items():
+        if not k.startswith(prefix):
+            assert torch.equal(v, body[k]), k
+    assert model(x).shape == (2, 3)
+
+    model.reset_classifier(0)  # no head: the model gives its pooled features
+    assert isinstance(model.get_classifier(), nn.Identity) and model.num_classes == 0
+    with torch.no_grad():
+        assert torch.equal(model(x), model.forward_head(model.forward_features(x), pre_logits=True))
+    with pytest.raises(ValueError, match="Invalid num_classes: -1"):
+        model.reset_classifier(-1)
+
+
+@pytest.mark.parametrize("name", MINI_MODELS)
+def test_load_weights_finds_the_head_through_get_classifier(tmp_path, name):
+    """A feature extractor (reset_classifier(0), no Linear left) loads a classifier's body."""
+    src = create_model(name)
+    path = tmp_path / "w.pth"
+    torch.save(src.state_dict(), path)
+    dst = create_model(name)
+    dst.reset_classifier(0)
+    load_weights(dst, path, head=False)
+    own = dst.state_dict()
+    assert own and all(torch.equal(v, src.state_dict()[k]) for k, v in own.items())

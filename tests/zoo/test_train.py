@@ -11,6 +11,7 @@ import torch
 import zoo
 import zoo.train
 from zoo.checkpoint import load_checkpoint, model_from_checkpoint
+from zoo.data import build_datasets
 from zoo.optim import create_scheduler
 from zoo.train import build_parser, main
 
@@ -53,7 +54,10 @@ def test_train_writes_checkpoints_metrics_and_plot(tmp_path, capsys):
     assert {"optimizer", "scheduler", "rng"} <= ckpt.keys()
     # the checkpoint rebuilds its model without the training code and reproduces val_acc
     model = model_from_checkpoint(ckpt).eval()
-    assert sum(p.numel() for p in model.parameters()) > 0
+    val = build_datasets("synthetic", tuple(ckpt["input_size"]), seed=3).val
+    with torch.no_grad():
+        correct = sum((model(x).argmax(1) == y).sum().item() for x, y in torch.utils.data.DataLoader(val, 256))
+    assert correct / len(val) == ckpt["val_acc"], (correct, len(val), ckpt["val_acc"])
 
 
 def test_interrupted_run_resumes_exactly_into_its_own_folder(tmp_path, monkeypatch, capsys):
@@ -107,7 +111,7 @@ def test_resume_warns_about_ignored_flags_and_a_reshaped_schedule(tmp_path, caps
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 2, err
     ignored, reshaped = warnings
-    assert "--lr 0.1 (checkpoint: default)" in ignored and "--batch-size 16 (checkpoint: 32)" in ignored
+    assert "--lr 0.1 (checkpoint: 0.003)" in ignored and "--batch-size 16 (checkpoint: 32)" in ignored
     assert "--model" not in ignored and "--data" not in ignored
     assert "--epochs 1" in reshaped and "--epochs 2" in reshaped and "cosine" in reshaped
     ckpt = load_checkpoint(run / "last.pt")  # the checkpoint's settings won, in its own folder

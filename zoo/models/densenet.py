@@ -148,7 +148,8 @@ class DenseNet(nn.Module):
                 num_features = out_features
         self.features.add_module("norm5", norm_layer(num_features))
         self.num_features = num_features
-        self.classifier = nn.Linear(num_features, num_classes)
+        self.num_classes = num_classes
+        self.classifier = self._head(num_classes)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -159,7 +160,35 @@ class DenseNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
+    def _head(self, num_classes: int) -> nn.Module:
+        if num_classes == 0:
+            return nn.Identity()
+        head = nn.Linear(self.num_features, num_classes)
+        nn.init.zeros_(head.bias)
+        return head
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier head, ``classifier`` (torchvision's name)."""
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh head for ``num_classes`` classes (``0``: none, the model returns pooled features),
+        on the model's device and dtype."""
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"Invalid num_classes: {num_classes!r}")
+        like = next(self.parameters())
+        self.num_classes = num_classes
+        self.classifier = self._head(num_classes).to(device=like.device, dtype=like.dtype)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The feature map before pooling, ``(N, num_features, H', W')``: ``norm5`` and its ReLU
+        included (DenseNet-BC's pre-activation blocks leave the last activation to the end)."""
+        return F.relu(self.features(x))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pool and classify a feature map; ``pre_logits=True`` stops before the classifier."""
+        x = torch.flatten(F.adaptive_avg_pool2d(x, (1, 1)), 1)
+        return x if pre_logits else self.classifier(x)
+
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.features(x))
-        out = F.adaptive_avg_pool2d(out, (1, 1))
-        return self.classifier(torch.flatten(out, 1))
+        return self.forward_head(self.forward_features(x))

@@ -108,7 +108,8 @@ class ResNet(nn.Module):
         self.num_stages = len(layers)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.num_features = planes[-1] * Bottleneck.expansion
-        self.fc = nn.Linear(self.num_features, num_classes)
+        self.num_classes = num_classes
+        self.fc = self._head(num_classes)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -137,12 +138,33 @@ class ResNet(nn.Module):
         blocks_ += [Bottleneck(self.inplanes, planes, **kw) for _ in range(1, blocks)]
         return nn.Sequential(*blocks_)
 
+    def _head(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier head, ``fc`` (torchvision's name)."""
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh head for ``num_classes`` classes (``0``: none, the model returns pooled features),
+        on the model's device and dtype."""
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"Invalid num_classes: {num_classes!r}")
+        like = next(self.parameters())
+        self.num_classes = num_classes
+        self.fc = self._head(num_classes).to(device=like.device, dtype=like.dtype)
+
     def forward_features(self, x: Tensor) -> Tensor:
+        """The feature map before pooling, ``(N, num_features, H', W')``."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
         return x
 
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pool and classify a feature map; ``pre_logits=True`` stops before the classifier."""
+        x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits else self.fc(x)
+
     def forward(self, x: Tensor) -> Tensor:
-        x = self.avgpool(self.forward_features(x))
-        return self.fc(torch.flatten(x, 1))
+        return self.forward_head(self.forward_features(x))

@@ -21,8 +21,6 @@ from typing import Callable
 
 from torch import nn
 
-NORMS = ("bn", "gn", "ln", "in")
-
 NormLayer = Callable[[int], nn.Module]
 
 
@@ -48,16 +46,26 @@ def instance_norm(num_channels: int, eps: float = 1e-5) -> nn.GroupNorm:
     return nn.GroupNorm(num_channels, num_channels, eps=eps)
 
 
-def get_norm_layer(name: str, gn_groups: int = 32) -> NormLayer:
-    """Return ``norm_layer(num_channels) -> nn.Module`` for ``name`` in :data:`NORMS`."""
-    if name == "bn":
-        return nn.BatchNorm2d
+# Name -> layer factory, the one place a norm's name is tied to its implementation (timm's
+# layers/create_norm.py _NORM_MAP). Each is called as factory(num_channels), gn's with gn_groups.
+_NORM_MAP: dict[str, Callable[..., nn.Module]] = {
+    "bn": nn.BatchNorm2d,
+    "gn": group_norm,
+    "ln": layer_norm,
+    "in": instance_norm,
+}
+NORMS = tuple(_NORM_MAP)
+
+
+def get_norm_layer(name: str | NormLayer, gn_groups: int = 32) -> NormLayer:
+    """Return ``norm_layer(num_channels) -> nn.Module`` for ``name`` in :data:`NORMS`; a callable
+    passes through unchanged (a layer of your own)."""
+    if callable(name):
+        return name
+    if name not in _NORM_MAP:
+        raise ValueError(f"Unknown norm {name!r}; choose one of: {', '.join(NORMS)}")
     if name == "gn":
         if not isinstance(gn_groups, int) or gn_groups < 1:
             raise ValueError(f"Invalid gn_groups: {gn_groups!r} (a positive integer)")
-        return partial(group_norm, gn_groups=gn_groups)
-    if name == "ln":
-        return layer_norm
-    if name == "in":
-        return instance_norm
-    raise ValueError(f"Unknown norm {name!r}; choose one of: {', '.join(NORMS)}")
+        return partial(_NORM_MAP[name], gn_groups=gn_groups)
+    return _NORM_MAP[name]

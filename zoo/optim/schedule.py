@@ -7,11 +7,39 @@ The scheduler is a per-step :class:`torch.optim.lr_scheduler.LambdaLR`: call
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-SCHEDULERS = ("none", "step", "cosine")
+
+class _Plan(NamedTuple):
+    """A schedule's layout in steps, as create_scheduler resolved it."""
+
+    warmup: int
+    total: int
+    decay_every: int
+    decay_rate: float
+    min_lr_factor: float
+
+
+def _constant(s: int, plan: _Plan) -> float:
+    return 1.0
+
+
+def _step(s: int, plan: _Plan) -> float:
+    return plan.decay_rate ** (s // plan.decay_every)
+
+
+def _cosine(s: int, plan: _Plan) -> float:
+    progress = min(s - plan.warmup, plan.total - plan.warmup) / (plan.total - plan.warmup)
+    return plan.min_lr_factor + (1 - plan.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# Name -> the lr factor at step s after warmup, the one place a schedule's name is tied to its
+# formula (create_scheduler's docstring gives them).
+_SCHEDULE_MAP: dict[str, Callable[[int, _Plan], float]] = {"none": _constant, "step": _step, "cosine": _cosine}
+SCHEDULERS = tuple(_SCHEDULE_MAP)
 
 
 def create_scheduler(
@@ -53,7 +81,7 @@ def create_scheduler(
         decay_rate: ``step`` only: factor applied at each decay.
         min_lr_factor: ``cosine`` only: final factor.
     """
-    if name not in SCHEDULERS:
+    if name not in _SCHEDULE_MAP:
         raise ValueError(f"Unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
     if not (isinstance(epochs, int) and epochs >= 1):
         raise ValueError(f"Invalid epochs: {epochs!r}")
@@ -72,18 +100,15 @@ def create_scheduler(
     if not 0.0 <= min_lr_factor <= 1.0:
         raise ValueError(f"Invalid min_lr_factor: {min_lr_factor}")
 
-    warmup = warmup_epochs * steps_per_epoch
-    total = epochs * steps_per_epoch
-    decay_every = decay_epochs * steps_per_epoch
+    plan = _Plan(warmup=warmup_epochs * steps_per_epoch, total=epochs * steps_per_epoch,
+                 decay_every=decay_epochs * steps_per_epoch, decay_rate=decay_rate, min_lr_factor=min_lr_factor)
+    after_warmup = _SCHEDULE_MAP[name]
 
+    # A plain function, not a callable object: LambdaLR.state_dict() then saves no state of it,
+    # and the schedule is rebuilt from the run's settings on resume.
     def factor(s: int) -> float:
-        if s < warmup:
-            return warmup_start_factor + (1 - warmup_start_factor) * s / warmup
-        if name == "step":
-            return decay_rate ** (s // decay_every)
-        if name == "cosine":
-            progress = min(s - warmup, total - warmup) / (total - warmup)
-            return min_lr_factor + (1 - min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
+        if s < plan.warmup:
+            return warmup_start_factor + (1 - warmup_start_factor) * s / plan.warmup
+        return after_warmup(s, plan)
 
     return LambdaLR(optimizer, factor)

@@ -1,4 +1,4 @@
-"""The metadata an exported ONNX model carries: the whole contract between ``export`` and ``serve``.
+"""The metadata an exported ONNX model carries: what ``serve`` learns about a model from ``export``.
 
 Torch-free on purpose (the server never imports torch), and onnx-free at import time: a server
 holding only an onnxruntime session reads the same keys with
@@ -17,7 +17,8 @@ Keys in the model's ``metadata_props`` (all values are strings; JSON where marke
     zoo.precision   "fp32", "fp16" or "int8" (inputs and outputs are float32 in all three)
     zoo.source      "random-init", or "checkpoint:PATH sha256:HEX" / "torchvision:PATH sha256:HEX"
     zoo.crop_pct    float: image -> resize shorter side to round(H / crop_pct) (bilinear) ->
-                    center crop H x W, as zoo.data.val_transform (1.0 for digits/synthetic)
+                    center crop H x W, as contract.preprocess.val_transform (1.0 for
+                    digits/synthetic)
     zoo.created     ISO 8601 UTC time of the export
 
 Optional (informational): zoo.data (the dataset spec it was trained on), zoo.opset,
