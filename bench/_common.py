@@ -118,7 +118,8 @@ def interleaved(
     """Time each configuration at least ``runs`` times, interleaved in ``rounds`` rounds.
 
     Every configuration is warmed up first (up to ``warmup`` calls, fewer once they have taken
-    ``WARMUP_BUDGET_MS``; they also size its calls per round). Each round runs every configuration's calls back to back, in an order that rotates
+    ``WARMUP_BUDGET_MS``; they also size its calls per round). Each round runs every configuration's
+    calls back to back, in an order that rotates
     and reverses from round to round (A B C, C B A, B C A, ...), so that a burst of load from
     elsewhere falls on all configurations alike rather than on whichever ran last. Fast
     configurations get more calls per round (up to ``ROUND_TARGET_MS`` per round).

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -19,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
+
+from serve.ready import parse_ready_line
 
 
 def run(cmd: list[str]) -> None:
@@ -53,9 +54,9 @@ def start_server(model_dir: str) -> tuple[subprocess.Popen, str]:
     assert proc.stdout is not None
     for line in proc.stdout:
         print(line, end="", flush=True)
-        match = re.search(r"listening on (\S+)", line)
-        if match:
-            return proc, match.group(1)
+        ready = parse_ready_line(line)
+        if ready is not None:
+            return proc, ready.address
     raise SystemExit(f"demo: the server exited before it was ready (exit {proc.wait()})")
 
 

@@ -11,14 +11,13 @@ For each model: export (random init) folded fp32, unfolded fp32, fp16 and int8 w
 - onnxruntime fp16 and int8;
 - PyTorch eager, unfolded and folded.
 
-Timed with :func:`bench._common.interleaved`. Prints medians (ms) and ratios against the folded fp32 export measured in the same run, export
-times and file sizes. Numbers, not assertions: this machine is shared and noisy.
+Timed with :func:`bench._common.interleaved`. Prints medians (ms) and ratios against the folded
+fp32 export measured in the same run, export times and file sizes.
+Numbers, not assertions: this machine is shared and noisy.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import sys
@@ -37,22 +36,20 @@ RUNNERS_BASE = "ort folded"  # the baseline every ratio is taken against
 
 def export_variant(name: str, variant: str, out: str, threads: int) -> tuple[str, float]:
     """Export ``name`` as ``variant`` into ``out``; return (model path, seconds)."""
-    from export.onnx import main as export_main
+    from export import ExportConfig, UserError, VerificationError, export
+    from export.config import SilentReporter
 
-    argv = [name, "--out", out, "--name", f"{name}-{variant}", "--version", "1", "--no-progress",
-            "--threads", str(threads), "--latency-runs", "0"]
-    if variant == "unfolded":
-        argv.append("--no-fold")
-    elif variant in ("fp16", "int8"):
-        argv += ["--precision", variant]
-    if variant == "int8":
-        argv += ["--calib-data", "synthetic", "--calib-samples", "32"]
+    config = ExportConfig(
+        model=name, out=out, name=f"{name}-{variant}", version=1, threads=threads, latency_runs=0,
+        fold=variant != "unfolded", precision=variant if variant in ("fp16", "int8") else "fp32",
+        calib_data="synthetic" if variant == "int8" else None, calib_samples=32, progress_bars=False,
+        reporter=SilentReporter())
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
-        code = export_main(argv)
-    if code != 0:
-        raise RuntimeError(f"export of {name} ({variant}) failed: {err.getvalue().strip()[-500:]}")
-    return os.path.join(out, f"{name}-{variant}", "1", "model.onnx"), time.perf_counter() - t0
+    try:
+        result = export(config)
+    except (UserError, VerificationError) as e:
+        raise RuntimeError(f"export of {name} ({variant}) failed: {e}") from None
+    return result.path, time.perf_counter() - t0
 
 
 def ort_runner(path: str, threads: int, optimize: bool) -> Callable[[np.ndarray], Any]:
@@ -81,7 +78,7 @@ def bench_model(name: str, batches: list[int], runs: int, threads: int, workdir:
     import onnx
     import torch
 
-    from export.onnx import count_batchnorm_with_statistics
+    from export.convert import count_batchnorm_with_statistics
     from zoo.nn import fold_batchnorm
     from zoo.registry import create_model, get_model_spec
 
@@ -131,7 +128,8 @@ def print_report(rows: list[dict], threads: int) -> None:
               f"{r['ratio_vs_folded']:>7.2f} {r['faults_per_call']:>12.0f}")
     print(f"\n{'model':<18} {'variant':<9} {'export s':>9} {'file MiB':>9} {'BN nodes':>9}")
     for r in files:
-        print(f"{r['model']:<18} {r['variant']:<9} {r['export_s']:>9.1f} {r['file_bytes'] / 2**20:>9.2f} {r['bn_nodes']:>9}")
+        print(f"{r['model']:<18} {r['variant']:<9} {r['export_s']:>9.1f} {r['file_bytes'] / 2**20:>9.2f} "
+              f"{r['bn_nodes']:>9}")
     print("BN nodes: BatchNormalization nodes that normalize with statistics (folded scale/shift nodes not counted)")
 
 
@@ -150,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                                             f"--quick: {QUICK['runs']})")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime and torch threads")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON")
-    p.add_argument("--quick", action="store_true", help="a smoke run: " + ", ".join(f"--{k} {v}" for k, v in QUICK.items()))
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: " + ", ".join(f"--{k} {v}" for k, v in QUICK.items()))
     args = p.parse_args(argv)
     chosen = QUICK if args.quick else DEFAULTS
     for key, value in chosen.items():

@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import copy
 import datetime as _dt
-import io
 import json
 import math
 import os
@@ -95,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     w = p.add_argument_group("what to measure")
     w.add_argument("--models", type=common.csv_list(str), default=None,
                    help=f"comma-separated registry names (default: {','.join(DEFAULT_MODELS)})")
-    w.add_argument("--batch", type=common.csv_list(int), default=list(DEFAULT_BATCHES), help="comma-separated batch sizes")
+    w.add_argument("--batch", type=common.csv_list(int), default=list(DEFAULT_BATCHES),
+                   help="comma-separated batch sizes")
     w.add_argument("--providers", type=common.csv_list(str), default=["cpu"], help="onnxruntime providers: cpu, cuda")
     w.add_argument("--no-torch", action="store_true", help="skip PyTorch eager")
     w.add_argument("--no-sweep", action="store_true", help="skip the single-conv groups sweep")
@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="intra-op threads for onnxruntime and torch alike")
     h.add_argument("--runs", type=int, default=None, help=f"timed calls per configuration (default {RUNS}, "
                    f"quick {QUICK_RUNS})")
-    h.add_argument("--rounds", type=int, default=None, help=f"interleaved rounds (default {ROUNDS}, quick {QUICK_ROUNDS})")
+    h.add_argument("--rounds", type=int, default=None,
+                   help=f"interleaved rounds (default {ROUNDS}, quick {QUICK_ROUNDS})")
     h.add_argument("--no-pin-malloc", action="store_true",
                    help="leave glibc's malloc thresholds alone (page faults per call are recorded either way)")
     o = p.add_argument_group("output")
@@ -228,19 +229,20 @@ def _bar(enabled: bool, desc: str) -> Callable[[Iterable[int], int], Iterable[in
 
 
 def ensure_exported(name: str, cache: str, threads: int) -> str:
-    """``cache/NAME/1/model.onnx``, exported by :func:`export.onnx.main` (folded, verified) if absent."""
+    """``cache/NAME/1/model.onnx``, exported by :func:`export.export` (folded, verified) if absent."""
     path = os.path.join(cache, name, "1", "model.onnx")
     if os.path.exists(path):
         return path
-    from export.onnx import main as export_main
+    from export import ExportConfig, UserError, VerificationError, export
+    from export.config import SilentReporter
 
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = export_main([name, "--out", cache, "--version", "1", "--latency-runs", "0", "--no-progress",
-                          "--threads", str(threads)])
-    if rc != 0 and not os.path.exists(path):  # a concurrent export of the same model is fine
-        lines = [ln for ln in (err.getvalue() + out.getvalue()).splitlines() if ln.strip()]
-        raise BenchError(f"export of {name} failed (exit {rc}): {lines[-1] if lines else 'no message'}")
+    config = ExportConfig(model=name, out=cache, version=1, latency_runs=0, progress_bars=False, threads=threads,
+                          reporter=SilentReporter())
+    try:
+        export(config)
+    except (UserError, VerificationError) as e:
+        if not os.path.exists(path):  # a concurrent export of the same model is fine
+            raise BenchError(f"export of {name} failed: {e}") from None
     return path
 
 
@@ -375,7 +377,8 @@ def measure_models(cfg: Config, models: list[ModelData], provider: str, batch: i
             ort_over_torch=_ratio(lat, t.median_ms) if t else None,
             torch_faults_per_call=t.faults_per_call if t else None,
             note=(f"profile: {profiles[m.name].total_us / 1e3:.2f} ms of kernels per run, "
-                  f"{profiles[m.name].unmapped_us / max(profiles[m.name].total_us, 1e-9):.1%} unmapped (layout reorders)")))
+                  f"{profiles[m.name].unmapped_us / max(profiles[m.name].total_us, 1e-9):.1%} "
+                  "unmapped (layout reorders)")))
         prof = profiles[m.name]
         all_flops = sum(prof.flops.values())
         for cls in rl.OP_CLASSES:
@@ -429,10 +432,11 @@ def twin_rows(model_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def measure_sweep(cfg: Config, provider: str, batch: int, peak: rl.Ceilings | None, stage: Stages) -> list[dict[str, Any]]:
+def measure_sweep(cfg: Config, provider: str, batch: int, peak: rl.Ceilings | None,
+                  stage: Stages) -> list[dict[str, Any]]:
     """One 3x3 conv, C -> C channels at SxS, for each group count: onnxruntime and PyTorch eager."""
     import torch
-    from export.onnx import export_model
+    from export.convert import export_model
 
     sw = cfg.sweep
     assert sw is not None
@@ -482,7 +486,8 @@ def measure_sweep(cfg: Config, provider: str, batch: int, peak: rl.Ceilings | No
                 torch_gflops=op.flops / t.median_ms / 1e6 if t else None,
                 ort_over_torch=_ratio(lat, t.median_ms) if t else None,
                 torch_faults_per_call=t.faults_per_call if t else None, nchwc_nodes=layouts[g],
-                note=f"im2col GEMM per group: M={c // g} (out channels), K={c // g * 9}, N={batch * s * s}; {g} of them")
+                note=(f"im2col GEMM per group: M={c // g} (out channels), K={c // g * 9}, "
+                      f"N={batch * s * s}; {g} of them"))
         if base is None:
             base = r
         r["flops_ratio"] = r["flops"] / base["flops"]
@@ -507,7 +512,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
 
     started = _dt.datetime.now(_dt.timezone.utc)
     machine = common.machine_info()
-    malloc = "not pinned (--no-pin-malloc); page faults per call recorded" if args.no_pin_malloc else common.pin_malloc()
+    malloc = ("not pinned (--no-pin-malloc); page faults per call recorded" if args.no_pin_malloc
+              else common.pin_malloc())
     total_stages = 3 + len(cfg.providers) * len(cfg.batches) * (2 + (1 if cfg.sweep else 0))
     stage = Stages(total_stages)
     env = {
@@ -525,7 +531,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         "timing": f"{cfg.runs}+ timed calls per configuration (more for fast ones, up to "
                   f"{common.ROUND_TARGET_MS:.0f} ms per round) in {cfg.rounds} interleaved rounds whose order rotates, "
                   f"after {WARMUP} warm-up calls (1 when the first took over {common.WARMUP_BUDGET_MS / 1e3:.0f} s); "
-                  f"median and p90; onnxruntime profiles: median per node of {cfg.profile_runs}-{PROFILE_MAX_RUNS} runs "
+                  "median and p90; onnxruntime profiles: median per node of "
+                  f"{cfg.profile_runs}-{PROFILE_MAX_RUNS} runs "
                   f"after {PROFILE_WARMUP} warm-up",
         "note": args.note,
         "threads_n": str(cfg.threads),
@@ -657,7 +664,9 @@ def _x(v: Any) -> str:
 
 def text_table(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in body)])
 
 
@@ -712,19 +721,21 @@ class Report:
              "GFLOP/s", "GB/s", "% roof"]
         body = [[r["model"], str(r["batch"]), r["op_class"], str(r["nodes"]),
                  f"{r['nchwc_nodes']}/{r['nodes']}" if r["nchwc_nodes"] is not None else "-", _pct(r["flop_share"]),
-                 _pct(r["time_share"]), _f(r["flops"] / 1e9, ".4f"), _f(r["intensity"], ".1f"), _f(r["latency_ms"], ".3f"),
+                 _pct(r["time_share"]), _f(r["flops"] / 1e9, ".4f"), _f(r["intensity"], ".1f"),
+                 _f(r["latency_ms"], ".3f"),
                  _f(r["gflops"], ".1f"), _f(r["gbps"], ".1f"), _pct(r["roof_fraction"])]
                 for r in self.ops]
         return h, body
 
     def sweep_table(self) -> tuple[list[str], list[list[str]]]:
-        h = ["groups", "bs", "class", "NCHWc", "GEMM/group MxK", "GFLOP", "FLOP/B", "ort ms", "GFLOP/s", "% peak", "% roof",
-             "torch ms", "torch GFLOP/s", "FLOPs ratio", "latency ratio", "gap (ort)", "gap (torch)"]
+        h = ["groups", "bs", "class", "NCHWc", "GEMM/group MxK", "GFLOP", "FLOP/B", "ort ms", "GFLOP/s", "% peak",
+             "% roof", "torch ms", "torch GFLOP/s", "FLOPs ratio", "latency ratio", "gap (ort)", "gap (torch)"]
         body = []
         for r in self.sweep:
             c = self._sweep_channels()
             g = r["groups"]
-            body.append([str(g), str(r["batch"]), r["op_class"], "yes" if r["nchwc_nodes"] else "no", f"{c // g}x{c // g * 9}", _f(r["flops"] / 1e9, ".4f"),
+            body.append([str(g), str(r["batch"]), r["op_class"], "yes" if r["nchwc_nodes"] else "no",
+                         f"{c // g}x{c // g * 9}", _f(r["flops"] / 1e9, ".4f"),
                          _f(r["intensity"], ".1f"), _f(r["latency_ms"], ".3f"), _f(r["gflops"], ".1f"),
                          _pct(r["peak_fraction"]), _pct(r["roof_fraction"]), _f(r["torch_latency_ms"], ".3f"),
                          _f(r["torch_gflops"], ".1f"), _f(r["flops_ratio"], ".4f"), _f(r["latency_ratio"], ".4f"),
@@ -804,7 +815,8 @@ class Report:
                 f"{self.ceil.bandwidth_gbps:.1f} GB/s x its intensity. That roof is DRAM's; data that stays in L3 "
                 f"moves at up to {_f(self.ceil.cache_gbps, '.0f')} GB/s, which is why a small model or operator can "
                 "show more than 100% of the roof below.", ""]
-        over = [r for r in self.models + self.ops + self.sweep if r["provider"] == "cpu" and (r["peak_fraction"] or 0) > 1]
+        over = [r for r in self.models + self.ops + self.sweep
+                if r["provider"] == "cpu" and (r["peak_fraction"] or 0) > 1]
         if over:
             top = max(over, key=lambda r: r["peak_fraction"])
             out += [f"{len(over)} measurement{'s exceed' if len(over) > 1 else ' exceeds'} the measured peak "
@@ -826,7 +838,8 @@ class Report:
                     "see PyTorch without that wait.", ""]
         if self.twins:
             out += ["## The gap in one number", "",
-                    "`gap` = (latency of the depthwise net / latency of its dense twin) / (FLOPs of the depthwise net / "
+                    "`gap` = (latency of the depthwise net / latency of its dense twin) / "
+                    "(FLOPs of the depthwise net / "
                     "FLOPs of its twin): how many times more a FLOP costs in the depthwise net. 1.0 would mean "
                     "time follows FLOPs. `ort p90/median`: the worse of the two models' p90 over median, a "
                     "measure of how much the machine disturbed this pair (above ~1.5x, read the gap with care).", "",
@@ -844,7 +857,8 @@ class Report:
                 md_table(*self.op_table()), ""]
         if self.sweep:
             out += ["## One convolution, five group counts", "",
-                    f"{self.sweep[0]['name'].rsplit(' ', 1)[0]}, no bias. `GEMM/group MxK`: the matrix product each group "
+                    f"{self.sweep[0]['name'].rsplit(' ', 1)[0]}, no bias. "
+                    "`GEMM/group MxK`: the matrix product each group "
                     "becomes after im2col (M output channels by K = input channels x 9 taps, times N = batch x "
                     "pixels columns).", "", md_table(*self.sweep_table()), ""]
         out += ["## Why depthwise runs slower than its FLOPs say", ""]
@@ -852,7 +866,8 @@ class Report:
         if self.plot_path:
             rel = self.plot_path
             if self.markdown_path:
-                rel = os.path.relpath(os.path.abspath(self.plot_path), os.path.dirname(os.path.abspath(self.markdown_path)))
+                rel = os.path.relpath(os.path.abspath(self.plot_path),
+                                      os.path.dirname(os.path.abspath(self.markdown_path)))
             out += ["", "## Roofline", "",
                     f"![roofline]({rel})", "",
                     "Stars: models (red: depthwise variants, blue: dense twins); small markers: operator classes of "
@@ -888,7 +903,8 @@ class Report:
         p = ["**1. Arithmetic intensity puts depthwise under the memory roof.**"]
         if dense and dw:
             p.append(
-                f"The dense 3x3 conv of the sweep does {dense['flops'] / 1e9:.2f} GFLOP on {dense['bytes'] / 1e6:.1f} MB "
+                f"The dense 3x3 conv of the sweep does {dense['flops'] / 1e9:.2f} GFLOP "
+                f"on {dense['bytes'] / 1e6:.1f} MB "
                 f"({dense['intensity']:.0f} FLOP/byte, right of the {c.ridge:.1f} FLOP/byte ridge): it is "
                 f"compute-bound and ran at {dense['gflops']:.0f} GFLOP/s ({dense['peak_fraction']:.0%} of peak). "
                 f"The depthwise one does {dw['flops_ratio']:.4f}x the FLOPs ({dw['flops'] / 1e6:.1f} MFLOP) but "
@@ -903,8 +919,8 @@ class Report:
                      f"below the ridge, and reached {min(r['gflops'] for r in dw_ops):.1f}-"
                      f"{max(r['gflops'] for r in dw_ops):.1f} GFLOP/s against a peak of {c.peak_gflops:.0f}.")
         if dw and dw["roof_fraction"] is not None and dw["roof_fraction"] < 0.7:
-            p.append(f"Intensity alone is not the whole story: the depthwise conv reached only {dw['roof_fraction']:.0%} "
-                     "of its memory roof (points 2-4 are why).")
+            p.append("Intensity alone is not the whole story: the depthwise conv reached only "
+                     f"{dw['roof_fraction']:.0%} of its memory roof (points 2-4 are why).")
         out += [" ".join(p), ""]
 
         if b1:

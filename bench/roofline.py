@@ -454,8 +454,9 @@ def measure_ceilings(threads: int, matmul_n: int = 2048, copy_mib: int = 512, ca
     mp.ir_version = min(mp.ir_version, 9)
     sess = ort.InferenceSession(mp.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
     feeds = {"A": a.numpy(), "B": b.numpy()}
-    detail[f"matmul onnxruntime {n}^3 GFLOP/s{sfx}"] = flops / _best_seconds(lambda: sess.run(None, feeds), reps, min_seconds) / 1e9
-    del sess
+    ort_secs = _best_seconds(lambda: sess.run(None, feeds), reps, min_seconds)
+    detail[f"matmul onnxruntime {n}^3 GFLOP/s{sfx}"] = flops / ort_secs / 1e9
+    sess = None
     peak = max(detail.values())
 
     bws = []
@@ -467,7 +468,7 @@ def measure_ceilings(threads: int, matmul_n: int = 2048, copy_mib: int = 512, ca
         where = "in cache" if mib == cache_mib else "DRAM"
         detail[f"copy {mib} MiB ({where}) GB/s, read + write{sfx}"] = gbps
         bws.append(gbps)
-        del src, dst
+        src = dst = None
     detail[f"CPU obtained during the matmul, cores{sfx}"] = cores
     return Ceilings(peak, bws[0], detail, bws[1], cores)
 

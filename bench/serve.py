@@ -45,7 +45,6 @@ import json
 import math
 import multiprocessing
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -60,6 +59,7 @@ import numpy as np
 
 from bench import _common as common
 from contract.cli import HelpFormatter
+from serve.ready import parse_ready_line
 from zoo.fileio import atomic_write
 
 PROG = "python -m bench.serve"
@@ -628,10 +628,6 @@ class ClientPool:
 # --------------------------------------------------------------------------- server processes
 
 
-# "python -m serve: listening on 127.0.0.1:PORT (plaintext); ..." (serve/__main__.py's ready line)
-READY_RE = re.compile(r"listening on (\[[^\]]+\]|[^\s:]+):(\d+)\b")
-
-
 class ServerProcess:
     """``python -m serve ...`` in a subprocess: its ready line, CPU time and a bounded stop."""
 
@@ -654,9 +650,9 @@ class ServerProcess:
     def _read(self, stream: Any) -> None:
         for line in stream:  # drained to the end, so the server never blocks on a full pipe
             self.lines.append(line.rstrip("\n"))
-            match = READY_RE.search(line)
-            if match and not self._ready.is_set():
-                self.port = int(match.group(2))
+            ready = parse_ready_line(line)
+            if ready is not None and not self._ready.is_set():
+                self.port = ready.port
                 self._ready.set()
 
     def wait_ready(self, deadline: float) -> int:

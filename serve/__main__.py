@@ -1,6 +1,7 @@
 """``python -m serve --model-dir DIR``: serve an ONNX model repository over gRPC.
 
-Prints one line when ready (address, models, provider) so scripts can wait for it. SIGTERM or
+Prints one line when ready (address; each model's version and precision, e.g. ``resnext_mini:3
+fp16``; provider) so scripts can wait for it (:func:`serve.ready.parse_ready_line` reads it). SIGTERM or
 SIGINT turn health NOT_SERVING and keep serving for ``--drain-delay`` seconds (clients that
 balance on health move away; every call already sent is answered), then refuse new calls, let
 in-flight ones finish within ``--grace`` seconds and exit 0. A second signal skips what is left
@@ -32,13 +33,19 @@ from typing import Any, Sequence
 from PIL import Image
 
 from contract.cli import HelpFormatter
-
+from serve.core import describe
 from serve.preprocess import MAX_IMAGE_PIXELS
+from serve.ready import PROG, parse_ready_line, ready_line, workers_ready_line
+from serve.ready import address as _address
 from serve.runtime import PROVIDER_CHOICES, RepositoryError, load_repository
-from serve.server import (DEFAULT_BATCH_TIMEOUT_MS, DEFAULT_MAX_BATCH, DEFAULT_MAX_CONCURRENCY, MAX_MESSAGE_BYTES,
-                          create_server)
+from serve.server import (
+    DEFAULT_BATCH_TIMEOUT_MS,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_CONCURRENCY,
+    MAX_MESSAGE_BYTES,
+    create_server,
+)
 
-PROG = "python -m serve"
 DEFAULT_HOST = "127.0.0.1"  # loopback: exposing the server is an explicit choice
 DEFAULT_PORT = 50051
 DEFAULT_GRACE_S = 10.0
@@ -116,15 +123,12 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag, value, low in (("--port", args.port, 0), ("--threads", args.threads, 0), ("--max-batch", args.max_batch, 1),
-                             ("--max-concurrency", args.max_concurrency, 1), ("--batch-timeout-ms", args.batch_timeout_ms, 0),
+    for flag, value, low in (("--port", args.port, 0), ("--threads", args.threads, 0),
+                             ("--max-batch", args.max_batch, 1), ("--max-concurrency", args.max_concurrency, 1),
+                             ("--batch-timeout-ms", args.batch_timeout_ms, 0),
                              ("--grace", args.grace, 0), ("--drain-delay", args.drain_delay, 0),
                              ("--max-message-mb", args.max_message_mb, 0.001)):
         if not value >= low or not math.isfinite(value):
@@ -137,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"Invalid --workers: {args.workers} (at least 1)")
     if args.workers > 1 and args.metrics_port and args.metrics_port + args.workers - 1 > 65535:
         parser.error(f"--metrics-port {args.metrics_port} + {args.workers} workers runs past port 65535")
-    tls = (_read(parser, "--tls-key", args.tls_key), _read(parser, "--tls-cert", args.tls_cert)) if args.tls_cert else None
+    tls = ((_read(parser, "--tls-key", args.tls_key), _read(parser, "--tls-cert", args.tls_cert))
+           if args.tls_cert else None)
     token = None
     if args.auth_token_file:
         token = _read(parser, "--auth-token-file", args.auth_token_file).decode("utf-8", "replace").strip()
@@ -177,12 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    default = server.servicer.default_model
-    models = ", ".join(f"{m.name}:{m.version}" + (" (default)" if m.name == default else "") for m in repo.all())
+    default = server.default_model
+    models = ", ".join(describe(m) + (" (default)" if m.name == default else "") for m in repo.all())
     providers = ", ".join(sorted({m.provider for m in repo.all()}))
     security = ("TLS" if tls else "plaintext") + (", bearer token" if token else "")
-    ready = (f"{PROG}: listening on {_address(args.host, port)} ({security}); models {models}; provider {providers}; "
-             f"max batch {args.max_batch}, timeout {args.batch_timeout_ms:g} ms")
+    ready = ready_line(args.host, port, f"({security}); models {models}; provider {providers}; "
+                                        f"max batch {args.max_batch}, timeout {args.batch_timeout_ms:g} ms")
     if server.metrics_port is not None:
         ready += f"; metrics http://{_address(args.host, server.metrics_port)}/metrics"
     print(ready, flush=True)
@@ -248,7 +253,7 @@ class _Worker:
         prefix = f"[worker {self.index} pid {self.proc.pid}] "
         for line in self.proc.stdout:
             print(prefix + line.rstrip("\n"), flush=True)
-            if not self.ready.is_set() and line.startswith(f"{PROG}: listening on "):
+            if not self.ready.is_set() and parse_ready_line(line) is not None:
                 self.line = line
                 self.ready.set()
 
@@ -309,8 +314,8 @@ def run_workers(args: argparse.Namespace, argv: list[str], warn_exposed: bool = 
             reserved.close()
     if started:
         pids = ", ".join(str(w.proc.pid) for w in workers)
-        print(f"{PROG}: {args.workers} workers listening on {_address(args.host, port)} (pids {pids}; "
-              "connections spread by SO_REUSEPORT)", flush=True)
+        print(workers_ready_line(args.workers, args.host, port,
+                                 f"(pids {pids}; connections spread by SO_REUSEPORT)"), flush=True)
         if warn_exposed:
             print(f"{PROG}: warning: listening on {args.host} without TLS and a token: "
                   "anyone who reaches it can use it", file=sys.stderr, flush=True)

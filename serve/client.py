@@ -398,7 +398,8 @@ class Classifier:
     def list_models(self, timeout: float | None = None) -> Any:
         """The server's ``ListModelsResponse``."""
         try:
-            return self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self._metadata)
+            return self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout,
+                                        metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e, self.secure) from None
 

@@ -1,10 +1,12 @@
 """The Open Inference Protocol (KServe v2, Triton's gRPC API): ``inference.GRPCInferenceService``.
 
 Registered by :func:`serve.server.create_server` on the same server and port as
-``zoo.serving.v1.Classifier``, so a stock ``tritonclient.grpc`` client (or any client built from
-``protos/inference/grpc_predict_v2.proto``) works unchanged. ModelInfer shares the Classifier's
-batchers, metrics, ``--max-concurrency`` slots, bearer-token check and error codes: each row of a
-request joins its model's dynamic batcher like one Classify request.
+``zoo.serving.v1.Classifier`` (:mod:`serve.classifier`), so a stock ``tritonclient.grpc`` client
+(or any client built from ``protos/inference/grpc_predict_v2.proto``) works unchanged. Both
+translate their protocol to one :class:`serve.core.ServingCore`: ModelInfer shares the
+Classifier's batchers, metrics, ``--max-concurrency`` slots, bearer-token check, model names
+(``NAME:VERSION`` in ``model_name`` too) and error table; each row of a request joins its
+model's dynamic batcher like one Classify request.
 
 Every model looks as Triton shows an ONNX export with ``config.pbtxt``::
 
@@ -23,7 +25,6 @@ parameters are refused (INVALID_ARGUMENT). Imports neither torch nor zoo.
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 import math
 import os
 import struct
@@ -37,11 +38,9 @@ from contract.metadata import INPUT_NAME, OUTPUT_NAME
 from serve import preprocess
 from serve._proto.inference import grpc_predict_v2_pb2 as pb
 from serve._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from serve.batching import DeadlineExceeded, QueueFull, ShuttingDown
+from serve.core import ServingCore, deadline_of, shown
+from serve.errors import RequestError, status_of
 from serve.runtime import Model
-from serve.server import ClassifierServicer, RequestError, _deadline, _shown
-
-log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "zoo-serve"
@@ -74,7 +73,7 @@ def parse_version(version: str) -> int:
         return 0
     if version.isdigit() and int(version) > 0:
         return int(version)
-    raise RequestError(_INVALID, f"invalid model version {_shown(version)}: empty (the newest) or a positive integer")
+    raise RequestError(_INVALID, f"invalid model version {shown(version)}: empty (the newest) or a positive integer")
 
 
 def serialize_bytes(items: list[bytes]) -> bytes:
@@ -96,22 +95,12 @@ def classification_strings(logits: np.ndarray, labels: list[str], k: int) -> lis
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """``inference.GRPCInferenceService`` over the models, batchers and limits of ``core``.
+    """``inference.GRPCInferenceService`` over the models, batchers and limits of ``core``."""
 
-    Args:
-        core: the server's Classifier servicer (its repository, batchers, metrics, slots).
-        max_batch: the server's ``--max-batch``: the batch limit of models without
-            ``config.pbtxt``.
-    """
-
-    def __init__(self, core: ClassifierServicer, max_batch: int) -> None:
-        self.core, self.max_batch = core, max_batch
+    def __init__(self, core: ServingCore) -> None:
+        self.core = core
         self.version = _server_version()
         self.pid = os.getpid()  # per servicer: each --workers process builds its own
-        self.stopping = False  # set by serve.server.Server.begin_stop
-
-    def batch_limit(self, model: Model) -> int:
-        return model.max_batch_size or self.max_batch
 
     # ------------------------------------------------------------------ health and metadata
 
@@ -121,22 +110,25 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ServerReady(self, request: Any, context: grpc.ServicerContext) -> Any:
         # Every model is loaded (and has run once) before the server starts listening; from a
         # SIGTERM on (the drain) it is not ready, as health says NOT_SERVING.
-        return pb.ServerReadyResponse(ready=not self.stopping)
+        return pb.ServerReadyResponse(ready=not self.core.stopping)
 
     def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             version = parse_version(request.version)
         except RequestError as e:
             context.abort(e.code, e.message)
-        name = request.name or (self.core.default_model or "")
-        return pb.ModelReadyResponse(ready=self.core.repo.get(name, version) is not None)
+        try:
+            self.core.resolve(request.name, version)
+        except RequestError:  # not served (or named several ways at once): not ready, as Triton answers
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
 
     def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=list(EXTENSIONS))
 
     def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            model = self.core._resolve(request.name, parse_version(request.version))
+            model = self.core.resolve(request.name, parse_version(request.version))
         except RequestError as e:
             context.abort(e.code, e.message)
         tensor = pb.ModelMetadataResponse.TensorMetadata
@@ -149,27 +141,25 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
         t0 = time.perf_counter()
-        release = self.core._acquire(context, request.model_name)
+        release = self.core.acquire_for(context, request.model_name)
         try:
-            answer = self._infer(request, _deadline(context), context.is_active, t0)
-        except RequestError as e:
-            answer = e
-        except Exception as e:  # a bug or a model failure, never the client's input
-            log.exception("ModelInfer failed")
-            answer = RequestError(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+            answer = self._infer(request, deadline_of(context), context.is_active, t0)
+        except Exception as e:
+            answer = status_of(e, "ModelInfer", request.id)
         finally:
             release()
         if isinstance(answer, RequestError):
-            self.core.metrics.count(self.core._label(request.model_name), answer.code.name)
+            self.core.metrics.count(self.core.label(request.model_name), answer.code.name)
             context.abort(answer.code, answer.message)
         return answer
 
     def _infer(self, request: Any, deadline: float | None, is_active: Callable[[], bool], t0: float) -> Any:
-        model = self.core._resolve(request.model_name, parse_version(request.model_version))
+        model = self.core.resolve(request.model_name, parse_version(request.model_version))
         raw = len(request.raw_input_contents) > 0
         batch = self._input(request, model, raw)
         k = self._classification(request)
-        logits, queue_s, inference_s, batch_size = self._run(model, batch, deadline, is_active)
+        row = self.core.run(model, batch, deadline, is_active)
+        logits = row.logits
 
         response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
         response.parameters[PID_PARAMETER].int64_param = self.pid
@@ -189,15 +179,15 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 response.raw_output_contents.append(serialize_bytes(flat))
             else:
                 out.contents.bytes_contents.extend(flat)
-        self.core.metrics.observe(model.name, time.perf_counter() - t0, queue_s, inference_s, batch_size)
+        self.core.metrics.observe(model.name, time.perf_counter() - t0, row.queue_s, row.inference_s, row.batch_size)
         return response
 
     def _input(self, request: Any, model: Model, raw: bool) -> np.ndarray:
         """The request's one input as a model-ready float32 batch ``[N, C, H, W]``."""
         names = [t.name for t in request.inputs]
         if len(names) != 1 or names[0] != INPUT_NAME:
-            raise RequestError(_INVALID, f"model {_shown(model.name)} takes one input named {INPUT_NAME!r}; "
-                                         f"the request has {', '.join(_shown(n) for n in names) or 'none'}")
+            raise RequestError(_INVALID, f"model {shown(model.name)} takes one input named {INPUT_NAME!r}; "
+                                         f"the request has {', '.join(shown(n) for n in names) or 'none'}")
         tensor = request.inputs[0]
         for key in tensor.parameters:
             if key.startswith("shared_memory"):
@@ -211,10 +201,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                                          "raw_input_contents: use one or the other")
         datatype = tensor.datatype
         if datatype not in DATATYPES:
-            raise RequestError(_INVALID, f"input {INPUT_NAME!r} datatype {_shown(datatype)} is not supported: expected "
+            raise RequestError(_INVALID, f"input {INPUT_NAME!r} datatype {shown(datatype)} is not supported: expected "
                                          "FP32 [N, C, H, W] (also FP16, or UINT8 [N, H, W, C] pixels)")
         shape = [int(d) for d in tensor.shape]
-        limit = self.batch_limit(model)
+        limit = self.core.batch_limit(model)
         c, h, w = model.input_size
         if datatype == "UINT8":
             fits = len(shape) == 4 and shape[3] in (1, 3, 4) and min(shape) >= 1
@@ -224,9 +214,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             expected = f"[N, {c}, {h}, {w}]"
         if not fits:
             raise RequestError(_INVALID, f"input {INPUT_NAME!r} shape {_shape_text(shape)} does not fit model "
-                                         f"{_shown(model.name)}: expected {datatype} {expected}, N = 1 .. {limit}")
+                                         f"{shown(model.name)}: expected {datatype} {expected}, N = 1 .. {limit}")
         if shape[0] > limit:
-            raise RequestError(_INVALID, f"batch size {shape[0]} is over the limit of model {_shown(model.name)}: "
+            raise RequestError(_INVALID, f"batch size {shape[0]} is over the limit of model {shown(model.name)}: "
                                          f"at most {limit} per request ({self._limit_source(model)}); "
                                          "split the batch")
         if datatype == "UINT8" and shape[1] * shape[2] > self.core.max_image_pixels:
@@ -268,13 +258,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _limit_source(self, model: Model) -> str:
         if model.max_batch_size:
             return f"max_batch_size in {os.path.join(self.core.repo.root, model.name, 'config.pbtxt')}"
-        return f"the server's --max-batch {self.max_batch}"
+        return f"the server's --max-batch {self.core.max_batch}"
 
     def _pixels(self, pixels: np.ndarray, model: Model) -> np.ndarray:
         try:
-            return np.stack([preprocess.val_transform(preprocess.image_from_pixels(p), model.input_size, model.mean,
-                                                      model.std, model.crop_pct, self.core.max_image_pixels)
-                             for p in pixels])
+            return np.stack([self.core.transform(preprocess.image_from_pixels(p), model) for p in pixels])
         except preprocess.InputError as e:
             raise RequestError(_INVALID, str(e)) from None
 
@@ -283,7 +271,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         seen, k = set(), None
         for out in request.outputs:
             if out.name != OUTPUT_NAME:
-                raise RequestError(_INVALID, f"unknown output {_shown(out.name)}: "
+                raise RequestError(_INVALID, f"unknown output {shown(out.name)}: "
                                              f"the model's output is {OUTPUT_NAME!r}")
             if out.name in seen:
                 raise RequestError(_INVALID, f"output {OUTPUT_NAME!r} is requested twice")
@@ -301,36 +289,6 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 elif key.startswith("shared_memory"):
                     raise RequestError(_INVALID, "shared-memory outputs are not supported by this server")
                 elif key not in _OUTPUT_PARAMETERS_IGNORED:
-                    raise RequestError(_INVALID, f"unknown output parameter {_shown(key)}: this server knows "
+                    raise RequestError(_INVALID, f"unknown output parameter {shown(key)}: this server knows "
                                                  f"{CLASSIFICATION!r}")
         return k
-
-    def _run(self, model: Model, batch: np.ndarray, deadline: float | None,
-             is_active: Callable[[], bool]) -> tuple[np.ndarray, float, float, int]:
-        """Each row through the model's batcher: ``(logits [N, classes], queue_s, inference_s, batch)``."""
-        batcher = self.core.batchers[(model.name, model.version)]
-        pending = []
-        try:
-            for row in batch:
-                pending.append(batcher.submit(row, deadline, is_active))
-            results = []
-            for p in pending:
-                timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                results.append(p.wait(timeout))
-        except QueueFull as e:
-            self._abandon(pending)
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {e}; retry later") from None
-        except DeadlineExceeded as e:
-            self._abandon(pending)
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None
-        except ShuttingDown as e:
-            self._abandon(pending)
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
-        logits = np.stack([r.logits for r in results]).astype(np.float32, copy=False)
-        return (logits, max(r.queue_s for r in results), max(r.inference_s for r in results),
-                max(r.batch_size for r in results))
-
-    @staticmethod
-    def _abandon(pending: list[Any]) -> None:
-        for p in pending:  # rows still queued are skipped instead of run for nobody
-            p.abandoned = True

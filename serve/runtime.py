@@ -88,6 +88,9 @@ class Repository:
 
     root: str
     models: dict[str, dict[int, Model]] = field(default_factory=dict)
+    # Every version directory of each loaded name at load time: what a request for a version not
+    # loaded is told it could have (without reading the disk on a request).
+    on_disk: dict[str, list[int]] = field(default_factory=dict)
 
     def names(self) -> list[str]:
         return sorted(self.models)
@@ -103,7 +106,7 @@ class Repository:
         return versions[max(versions)] if version == 0 else versions.get(version)
 
     def describe(self) -> str:
-        return ", ".join(f"{m.name}:{m.version}" for m in self.all())
+        return ", ".join(f"{m.name}:{m.version} {m.meta['precision']}" for m in self.all())
 
 
 def resolve_providers(choice: str) -> list[str]:
@@ -152,7 +155,8 @@ def parse_model_specs(specs: Sequence[str]) -> dict[str, set[int]]:
     for spec in specs:
         name, sep, version = spec.partition(":")
         if not NAME_RE.fullmatch(name) or (sep and not (version.isdigit() and int(version) > 0)):
-            raise RepositoryError(f"invalid --model {spec!r}: expected NAME or NAME:VERSION (VERSION a positive integer)")
+            raise RepositoryError(f"invalid --model {spec!r}: expected NAME or NAME:VERSION "
+                                  "(VERSION a positive integer)")
         wanted.setdefault(name, set())
         if sep:
             wanted[name].add(int(version))
@@ -263,6 +267,7 @@ def load_repository(root: str, providers: str = "auto", threads: int = 0,
     for name in names:
         model_dir = os.path.join(root, name)
         available = layout.versions(model_dir)
+        repo.on_disk[name] = available
         versions = sorted(wanted.get(name) or ([available[-1]] if available else []))
         if not versions:
             raise RepositoryError(f"{model_dir}: no version directories (expected {model_dir}/1/{MODEL_FILE})")

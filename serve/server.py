@@ -1,7 +1,8 @@
-"""The gRPC server: the ``zoo.serving.v1.Classifier`` servicer, health, reflection, auth, metrics.
+"""The gRPC server's lifecycle: build, start, drain, stop; health, reflection, auth, metrics.
 
-The Open Inference Protocol (``inference.GRPCInferenceService``, :mod:`serve.kserve`) is served
-on the same server and port, over the same batchers, metrics and limits.
+It serves ``zoo.serving.v1.Classifier`` (:mod:`serve.classifier`) and the Open Inference
+Protocol (``inference.GRPCInferenceService``, :mod:`serve.kserve`) on one port, both over one
+:class:`serve.core.ServingCore` (models, batchers, metrics, limits).
 
 Tests and ``python -m serve`` build it the same way::
 
@@ -13,44 +14,34 @@ Tests and ``python -m serve`` build it the same way::
 
 Every client mistake leaves through ``context.abort(code, "what was wrong")`` with a specific
 code (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAUTHENTICATED);
-INTERNAL is kept for the server's own failures. Imports neither torch nor zoo.
+INTERNAL is kept for the server's own failures (:mod:`serve.errors`). Imports neither torch nor zoo.
 """
 from __future__ import annotations
 
 import hmac
-import logging
-import queue
 import socket
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from serve import preprocess
-from serve._proto.inference import grpc_predict_v2_pb2 as kserve_pb
-from serve._proto.zoo.serving.v1 import classifier_pb2 as pb
-from serve._proto.zoo.serving.v1 import classifier_pb2_grpc as pb_grpc
-from serve.batching import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
-from serve.metrics import UNKNOWN_MODEL, Metrics
-from serve.runtime import Model, Repository
-
-log = logging.getLogger(__name__)
+from serve import classifier, kserve, preprocess
+from serve.batching import Batcher
+from serve.core import ServingCore
+from serve.metrics import Metrics
+from serve.runtime import Repository
 
 # Every default in one place (the CLI shows them in --help).
 DEFAULT_MAX_BATCH = 16
 # 0: a batch is what queued while the model was busy; a request that finds it idle runs at once
-# (Triton's default max_queue_delay too). python -m bench.serve, resnext_mini, one server each:
-# 0 ms gave lone p50 2.8 ms vs 5.5 ms with 2 ms, and 502 vs 463 QPS at 16 clients (mean batch
-# 6.8 both). Waiting pays only when requests arrive spread out and throughput beats latency.
+# (Triton's default max_queue_delay too). Waiting pays only when requests arrive spread out and
+# throughput matters more than latency; the README gives bench.serve's figures for both settings.
 DEFAULT_BATCH_TIMEOUT_MS = 0.0
 DEFAULT_MAX_CONCURRENCY = 64  # Classify and ModelInfer calls + ClassifyStream streams in flight at once
-DEFAULT_TOP_K = 5
 MAX_MESSAGE_BYTES = 16 * 2**20  # a 12 MP JPEG is ~5 MB; larger messages get RESOURCE_EXHAUSTED
 # RPCs beyond --max-concurrency that the thread pool still takes, so health checks, reflection
 # and ListModels answer while Classify is saturated (and our own RESOURCE_EXHAUSTED can be sent
@@ -60,286 +51,11 @@ EXTRA_RPCS = 16
 # through gRPC flow control instead of an unbounded buffer); the factor lets one batch run
 # while the next gathers.
 STREAM_WINDOW_FACTOR = 2
-CLASSIFIER_SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
-KSERVE_SERVICE = kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+CLASSIFIER_SERVICE = classifier.SERVICE
+KSERVE_SERVICE = kserve.SERVICE
 # Health checks stay open under --auth-token-file (load balancers and orchestrators probe them),
 # and so do the Open Inference Protocol's own two (liveness and readiness probes use them).
 OPEN_METHODS = (f"/{health.SERVICE_NAME}/", f"/{KSERVE_SERVICE}/ServerLive", f"/{KSERVE_SERVICE}/ServerReady")
-_NO_DEADLINE_S = 1e6  # grpc reports a call without deadline as one ~infinitely far away
-
-
-class RequestError(Exception):
-    """A request that cannot be answered: its gRPC code and a message for the client."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-@dataclass
-class _Job:
-    """A request between submission to its model's batcher and its answer."""
-
-    request: Any  # pb.ClassifyRequest
-    model: Model
-    top_k: int
-    pending: Any  # batching.Pending
-    t0: float
-    decode_s: float
-    preprocess_s: float
-
-
-def _shown(name: str, limit: int = 80) -> str:
-    """A client-supplied name, quoted and bounded, for messages."""
-    return repr(name if len(name) <= limit else name[:limit] + "...")
-
-
-def _deadline(context: grpc.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None or remaining > _NO_DEADLINE_S else time.monotonic() + remaining
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = np.exp(z - z.max())
-    return z / z.sum()
-
-
-class ClassifierServicer(pb_grpc.ClassifierServicer):
-    """``zoo.serving.v1.Classifier`` over a loaded :class:`Repository`."""
-
-    def __init__(self, repository: Repository, batchers: dict[tuple[str, int], Batcher], metrics: Metrics,
-                 default_model: str | None, max_concurrency: int, stream_window: int,
-                 max_image_pixels: int = preprocess.MAX_IMAGE_PIXELS) -> None:
-        self.repo, self.batchers, self.metrics = repository, batchers, metrics
-        self.max_image_pixels = max_image_pixels
-        self.default_model = default_model
-        self.max_concurrency = max_concurrency
-        self.stream_window = stream_window
-        self._slots = threading.BoundedSemaphore(max_concurrency)
-
-    # ------------------------------------------------------------------ helpers
-
-    def _label(self, name: str) -> str:
-        """The metrics label for a requested name: the name if served, else a fixed one."""
-        name = name or (self.default_model or "")
-        return name if name in self.repo.models else UNKNOWN_MODEL
-
-    def _acquire(self, context: grpc.ServicerContext, name: str) -> Callable[[], None]:
-        if not self._slots.acquire(blocking=False):
-            self.metrics.count(self._label(name), grpc.StatusCode.RESOURCE_EXHAUSTED.name)
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"server busy: {self.max_concurrency} requests already in flight "
-                          f"(--max-concurrency {self.max_concurrency}); retry later")
-        lock, released = threading.Lock(), [False]
-
-        def release() -> None:  # once, from whichever comes first: the handler or the RPC's end
-            with lock:
-                if not released[0]:
-                    released[0] = True
-                    self._slots.release()
-        context.add_callback(release)
-        return release
-
-    def _resolve(self, name: str, version: int) -> Model:
-        served = ", ".join(self.repo.names())
-        if not name:
-            if self.default_model is None:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"request names no model and this server serves several; set model to one of: {served}")
-            name = self.default_model
-        if version < 0:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid version {version}: 0 (newest) or a positive integer")
-        model = self.repo.get(name, version)  # the in-memory table only: a name never reaches the filesystem
-        if model is None:
-            if name in self.repo.models:
-                loaded = ", ".join(str(v) for v in sorted(self.repo.models[name]))
-                raise RequestError(grpc.StatusCode.NOT_FOUND,
-                                   f"model {_shown(name)} has no version {version} loaded (loaded: {loaded})")
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown model {_shown(name)}; this server serves: {served}")
-        return model
-
-    def _prepare(self, request: Any, deadline: float | None, is_active: Callable[[], bool] | None,
-                 t0: float) -> _Job:
-        """Resolve, decode, preprocess and queue one request."""
-        model = self._resolve(request.model, request.version)
-        if request.top_k < 0:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid top_k {request.top_k}: 0 (= {DEFAULT_TOP_K}) or positive")
-        top_k = min(request.top_k or DEFAULT_TOP_K, len(model.labels))
-        which = request.WhichOneof("input")
-        t = time.perf_counter()
-        try:
-            if which is None:
-                raise preprocess.InputError("request has no input: set image (encoded bytes) or tensor")
-            if which == "image":
-                image = preprocess.decode_image(request.image, self.max_image_pixels)
-            else:
-                tensor = request.tensor
-                kind, array = preprocess.parse_tensor(tensor.shape, tensor.dtype, tensor.data, model.input_size,
-                                                      self.max_image_pixels)
-                image = preprocess.image_from_pixels(array) if kind == "pixels" else None
-            decode_s, t = time.perf_counter() - t, time.perf_counter()
-            if image is None:  # a model-ready tensor: nothing to preprocess
-                x, preprocess_s = array, 0.0
-            else:
-                x = preprocess.val_transform(image, model.input_size, model.mean, model.std, model.crop_pct,
-                                            self.max_image_pixels)
-                preprocess_s = time.perf_counter() - t
-        except preprocess.InputError as e:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        batcher = self.batchers[(model.name, model.version)]
-        try:
-            pending = batcher.submit(x, deadline, is_active)
-        except QueueFull as e:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {e}; retry later") from None
-        except ShuttingDown as e:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
-        return _Job(request, model, top_k, pending, t0, decode_s, preprocess_s)
-
-    def _complete(self, job: _Job, deadline: float | None) -> Any:
-        """Wait for the job's batch and build its response."""
-        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        try:
-            result = job.pending.wait(timeout)
-        except DeadlineExceeded as e:
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None
-        except ShuttingDown as e:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
-        model, request = job.model, job.request
-        probs = _softmax(result.logits)
-        top = np.argsort(-probs, kind="stable")[:job.top_k]
-        total_s = time.perf_counter() - job.t0
-        response = pb.ClassifyResponse(
-            classes=[pb.Class(index=int(i), label=model.labels[i], score=float(probs[i])) for i in top],
-            model=model.name, version=model.version, provider=model.provider, batch_size=result.batch_size,
-            request_id=request.request_id,
-            timing=pb.Timing(decode_us=round(job.decode_s * 1e6), preprocess_us=round(job.preprocess_s * 1e6),
-                             queue_us=round(result.queue_s * 1e6), inference_us=round(result.inference_s * 1e6),
-                             total_us=round(total_s * 1e6)))
-        if request.return_logits:
-            response.logits.extend(result.logits.tolist())
-        self.metrics.observe(model.name, total_s, result.queue_s, result.inference_s, result.batch_size)
-        return response
-
-    def _answer(self, request: Any, context: grpc.ServicerContext, t0: float) -> Any:
-        """The response, or a RequestError (INTERNAL for the server's own failures)."""
-        deadline = _deadline(context)
-        try:
-            return self._complete(self._prepare(request, deadline, context.is_active, t0), deadline)
-        except RequestError as e:
-            return e
-        except Exception as e:  # a bug or a model failure, never the client's input
-            log.exception("Classify failed")
-            return RequestError(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
-
-    # ------------------------------------------------------------------ RPCs
-
-    def Classify(self, request: Any, context: grpc.ServicerContext) -> Any:
-        t0 = time.perf_counter()
-        release = self._acquire(context, request.model)
-        try:
-            answer = self._answer(request, context, t0)
-        finally:
-            release()
-        if isinstance(answer, RequestError):
-            self.metrics.count(self._label(request.model), answer.code.name)
-            context.abort(answer.code, answer.message)
-        return answer
-
-    def ClassifyStream(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        release = self._acquire(context, "")
-        try:
-            yield from self._stream(request_iterator, context)
-        finally:
-            release()
-
-    def _stream(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        deadline = _deadline(context)
-        jobs: queue.Queue = queue.Queue(maxsize=self.stream_window)
-        end = object()
-
-        def put(entry: Any) -> bool:
-            while context.is_active():
-                try:
-                    jobs.put(entry, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def read() -> None:
-            # Decode, preprocess and queue each request as it arrives, while the loop below
-            # answers earlier ones: the client's pipelining reaches the batcher.
-            try:
-                for index, request in enumerate(request_iterator):
-                    t0 = time.perf_counter()
-                    try:
-                        entry = (index, request, self._prepare(request, deadline, context.is_active, t0))
-                    except RequestError as e:
-                        entry = (index, request, e)
-                    except Exception as e:
-                        log.exception("ClassifyStream item failed")
-                        entry = (index, request, RequestError(grpc.StatusCode.INTERNAL,
-                                                              f"internal error: {type(e).__name__}: {e}"))
-                    if not put(entry):
-                        return
-            except Exception:  # the client went away mid-stream: nothing left to answer
-                log.debug("ClassifyStream request stream ended", exc_info=True)
-            finally:
-                put(end)
-
-        threading.Thread(target=read, name="classify-stream-reader", daemon=True).start()
-        while True:
-            try:
-                entry = jobs.get(timeout=0.5)
-            except queue.Empty:
-                if not context.is_active():
-                    return
-                continue
-            if entry is end:
-                return
-            index, request, job = entry
-            if isinstance(job, _Job):
-                try:
-                    answer = self._complete(job, deadline)
-                except RequestError as e:
-                    answer = e
-                except Exception as e:
-                    log.exception("ClassifyStream item failed")
-                    answer = RequestError(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
-            else:
-                answer = job
-            if isinstance(answer, RequestError):
-                self.metrics.count(self._label(request.model), answer.code.name)
-                yield pb.ClassifyStreamResponse(index=index, request_id=request.request_id,
-                                                error=pb.ItemError(code=answer.code.value[0], message=answer.message))
-            else:
-                yield pb.ClassifyStreamResponse(index=index, request_id=request.request_id, response=answer)
-
-    def ListModels(self, request: Any, context: grpc.ServicerContext) -> Any:
-        infos = []
-        for m in self.repo.all():
-            infos.append(pb.ModelInfo(
-                name=m.name, version=m.version, labels=m.labels, input_size=list(m.input_size), mean=m.mean,
-                std=m.std, crop_pct=m.crop_pct, precision=m.meta["precision"], norm=m.meta["norm"],
-                provider=m.provider, max_batch=self.batchers[(m.name, m.version)].max_batch,
-                is_default=m.name == self.default_model, source=m.meta["source"]))
-        return pb.ListModelsResponse(models=infos, default_model=self.default_model or "")
-
-    def GetLatencyReport(self, request: Any, context: grpc.ServicerContext) -> Any:
-        if request.model and request.model not in self.repo.models:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {_shown(request.model)}; "
-                                                     f"this server serves: {', '.join(self.repo.names())}")
-        names = [request.model] if request.model else self.repo.names()
-        out = []
-        for name in names:
-            r = self.metrics.report(name)
-            pct = {k: pb.Percentiles(p50_us=r[k][50], p90_us=r[k][90], p99_us=r[k][99])
-                   for k in ("total", "queue", "inference")}
-            out.append(pb.ModelLatency(model=name, count=r["count"], window=self.metrics.window,
-                                       mean_batch_size=r["mean_batch_size"], total_requests=r["total_requests"],
-                                       **pct))
-        return pb.LatencyReportResponse(models=out)
 
 
 # --------------------------------------------------------------------------- auth
@@ -387,12 +103,11 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
 
 
 class Server:
-    """The running parts: the gRPC server, batchers, health, metrics. Made by :func:`create_server`."""
+    """The running parts: the gRPC server, the serving core, health. Made by :func:`create_server`."""
 
-    def __init__(self, grpc_server: grpc.Server, servicer: ClassifierServicer, health_servicer: Any,
-                 metrics: Metrics, metrics_address: tuple[str, int] | None, kserve: Any = None) -> None:
-        self.grpc_server, self.servicer, self.health, self.metrics = grpc_server, servicer, health_servicer, metrics
-        self.kserve = kserve  # the serve.kserve.KServeServicer on the same port
+    def __init__(self, grpc_server: grpc.Server, core: ServingCore, health_servicer: Any,
+                 metrics_address: tuple[str, int] | None) -> None:
+        self.grpc_server, self.core, self.health, self.metrics = grpc_server, core, health_servicer, core.metrics
         self._metrics_address = metrics_address
         self.metrics_port: int | None = None
         self._stop_begun = False
@@ -406,7 +121,11 @@ class Server:
 
     @property
     def repository(self) -> Repository:
-        return self.servicer.repo
+        return self.core.repo
+
+    @property
+    def default_model(self) -> str | None:
+        return self.core.default_model
 
     @property
     def hurried(self) -> bool:
@@ -441,8 +160,7 @@ class Server:
             self._stop_begun = True
             if first:
                 self.health.enter_graceful_shutdown()
-                if self.kserve is not None:
-                    self.kserve.stopping = True
+                self.core.stopping = True
         if not first:
             self._end_drain.set()
             _wait(self._grpc_stop_called)
@@ -477,7 +195,7 @@ class Server:
             _wait(self._closed)
             return
         try:
-            for batcher in self.servicer.batchers.values():
+            for batcher in self.core.batchers.values():
                 batcher.close(timeout=5.0)
             self.metrics.close()
         finally:
@@ -560,7 +278,8 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
     host, _, port_text = address.rpartition(":")
     host = host.strip("[]")
     if not reuse_port and port_text.isdigit() and int(port_text) and not _can_bind(host, int(port_text)):
-        raise RuntimeError(f"cannot listen on {address}: the port is taken or the host is not an address of this machine")
+        raise RuntimeError(f"cannot listen on {address}: the port is taken "
+                           "or the host is not an address of this machine")
 
     metrics = Metrics()
     stream_window = max(4, STREAM_WINDOW_FACTOR * max_batch)
@@ -570,8 +289,8 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
             m.run, max_batch=max_batch, timeout_s=batch_timeout_ms / 1e3,
             max_queue=max_concurrency * stream_window, name=f"{m.name}:{m.version}",
             on_batch=lambda n, name=m.name: metrics.observe_batch(name, n))
-    servicer = ClassifierServicer(repository, batchers, metrics, default_model, max_concurrency, stream_window,
-                                  max_image_pixels)
+    core = ServingCore(repository, batchers, metrics, default_model, max_concurrency, stream_window,
+                       max_image_pixels, max_batch)
 
     workers = max_concurrency + EXTRA_RPCS
     options = [("grpc.max_receive_message_length", max_message_bytes),
@@ -581,10 +300,8 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
     interceptors = [BearerTokenInterceptor(token)] if token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
                          interceptors=interceptors, options=options, maximum_concurrent_rpcs=workers)
-    pb_grpc.add_ClassifierServicer_to_server(servicer, server)
-    from serve import kserve  # here, not at the top: serve.kserve builds on this module
-    kserve_servicer = kserve.KServeServicer(servicer, max_batch)
-    kserve.pb_grpc.add_GRPCInferenceServiceServicer_to_server(kserve_servicer, server)
+    classifier.pb_grpc.add_ClassifierServicer_to_server(classifier.ClassifierServicer(core), server)
+    kserve.pb_grpc.add_GRPCInferenceServiceServicer_to_server(kserve.KServeServicer(core), server)
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True,
         experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
@@ -604,6 +321,7 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
     if port == 0:  # older grpc versions report a failed bind as port 0 instead of raising
         for batcher in batchers.values():
             batcher.close()
-        raise RuntimeError(f"cannot listen on {address}: the port is taken or the host is not an address of this machine")
+        raise RuntimeError(f"cannot listen on {address}: the port is taken "
+                           "or the host is not an address of this machine")
     metrics_address = (host, metrics_port) if metrics_port is not None else None
-    return Server(server, servicer, health_servicer, metrics, metrics_address, kserve_servicer), port
+    return Server(server, core, health_servicer, metrics_address), port

@@ -39,4 +39,5 @@ def test_default_uses_no_index_and_a_changed_index_rebuilds() -> None:
     assert "--extra-index-url" not in torch_step(default)
     stamp = [ln for ln in default if ln.startswith("touch ")]
     with_index = [ln for ln in recipe(f"TORCH_INDEX={CPU_INDEX}") if ln.startswith("touch ")]
-    assert stamp and with_index and stamp != with_index, "the stamp must change with the index, or make keeps the old torch"
+    assert stamp and with_index and stamp != with_index, (
+        "the stamp must change with the index, or make keeps the old torch")

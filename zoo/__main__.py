@@ -32,7 +32,8 @@ def print_table(rows: list[dict]) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['name']:<18} {r['params']:>12,} {r['gflops']:>8.3f} {r['input']:>10}  {r['twin']:<16} {r['aliases']}")
+        print(f"{r['name']:<18} {r['params']:>12,} {r['gflops']:>8.3f} {r['input']:>10}  "
+              f"{r['twin']:<16} {r['aliases']}")
     print("\nGFLOPs: forward pass at batch 1 and the default input size; a multiply-add counts as 2 FLOPs; "
           "1000 classes.")
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from zoo.fileio import atomic_write
 from zoo.registry import create_model
-from zoo.weights import WeightsError, describe_mismatch, state_checksum
+from zoo.weights import WeightsError, describe_mismatch, load_failure, state_checksum, torch_load
 
 REQUIRED_KEYS = ("model", "model_name", "model_args", "classes", "input_size", "mean", "std", "checksum")
 
@@ -49,10 +49,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch_load(path)
     except Exception as e:
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:160]})") from None
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({load_failure(e)})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
         raise CheckpointError(f"{path}: not a zoo training checkpoint (missing {', '.join(missing)})")

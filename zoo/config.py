@@ -62,9 +62,11 @@ class TrainConfig:
     workers: int = 0  # DataLoader worker processes
     amp: bool = False  # autocast: bfloat16 on CPU, float16 on CUDA
     channels_last: bool = False  # channels-last memory format for the model and inputs
-    # Not saved in checkpoints: how this process shows its work, and which settings its command
-    # line gave (resumed() keeps the checkpoint's value of the others).
-    progress: bool = True
+    # Not saved in checkpoints: how this process shows its work, whether it may overwrite a run
+    # already in ``out``, and which settings its command line gave (resumed() keeps the
+    # checkpoint's value of the others).
+    progress: bool | None = None  # progress bars; None: only when stderr is a terminal
+    force: bool = False  # write into an ``out`` that holds another run (see zoo.train)
     given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,7 +89,7 @@ class TrainConfig:
         return cls(**d)
 
 
-SAVED_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name not in ("progress", "given"))
+SAVED_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name not in ("progress", "force", "given"))
 
 # Every default, by name (the CLI's help texts quote them).
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig) if f.name in SAVED_KEYS}

@@ -62,8 +62,10 @@ _MINI_IN = (3, 32, 32)
 for spec in [
     ModelSpec("resnet50", "resnext", dict(_R50), description="ResNet-50, cardinality 1 (the baseline)"),
     ModelSpec("resnext50_32x4d", "resnext", dict(_R50, groups=32, width_per_group=4), description="ResNeXt-50 32x4d"),
-    ModelSpec("resnext101_32x8d", "resnext", dict(_R101, groups=32, width_per_group=8), description="ResNeXt-101 32x8d"),
-    ModelSpec("resnext101_64x4d", "resnext", dict(_R101, groups=64, width_per_group=4), description="ResNeXt-101 64x4d"),
+    ModelSpec("resnext101_32x8d", "resnext", dict(_R101, groups=32, width_per_group=8),
+              description="ResNeXt-101 32x8d"),
+    ModelSpec("resnext101_64x4d", "resnext", dict(_R101, groups=64, width_per_group=4),
+              description="ResNeXt-101 64x4d"),
     ModelSpec("resnext50_dw", "resnext", dict(_R50, groups=32, width_per_group=4, depthwise=True),
               dense_twin="resnext50_32x4d", description="ResNeXt-50 with depthwise 3x3 convs"),
     ModelSpec("resnext_mini", "resnext", dict(_RMINI), input_size=_MINI_IN, description="small ResNeXt for 32x32"),
@@ -80,7 +82,8 @@ for spec in [
     ModelSpec("densenet121_dw", "densenet",
               dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, depthwise=True),
               dense_twin="densenet121", description="DenseNet-121, depthwise 3x3 + pointwise 1x1"),
-    ModelSpec("densenet_mini", "densenet", dict(_DMINI), input_size=_MINI_IN, description="small DenseNet-BC for 32x32"),
+    ModelSpec("densenet_mini", "densenet", dict(_DMINI), input_size=_MINI_IN,
+              description="small DenseNet-BC for 32x32"),
     ModelSpec("densenet_mini_dw", "densenet", dict(_DMINI, depthwise=True), input_size=_MINI_IN,
               dense_twin="densenet_mini", description="densenet_mini, depthwise 3x3 + pointwise 1x1"),
 ]:

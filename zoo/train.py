@@ -8,7 +8,9 @@
 
 Under ``--out``: ``last.pt`` and ``best.pt`` (written atomically, see :mod:`zoo.checkpoint`),
 ``metrics.jsonl`` (one JSON object per epoch; ``lr`` is the learning rate of the epoch's first
-step) and ``curves.png``.
+step) and ``curves.png``. An ``--out`` that already holds a run is refused unless ``--force``
+(as timm's ``--experiment``): a second run would silently replace the first. ``--resume``
+writes into its checkpoint's own folder.
 
 The command line becomes a :class:`zoo.config.TrainConfig` (every default is there); the epochs
 run through :mod:`zoo.engine`, as the experiments' do.
@@ -38,7 +40,11 @@ from zoo.losses import LOSSES, create_loss
 from zoo.nn.norm import NORMS
 from zoo.optim import OPTIMIZERS, SCHEDULERS, create_optimizer, create_scheduler
 from zoo.registry import create_model, get_model_spec, list_models
-from zoo.weights import WeightsError, load_state, read_weights
+from zoo.weights import WeightsError, classifier_prefix, load_state, read_weights
+
+# What a run writes under --out that a second run there would replace (curves.png is drawn from
+# metrics.jsonl).
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
 
 
 class TrainError(Exception):
@@ -96,8 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", help=f"one of: {', '.join(DATA_SPECS)}" + d("data"))
     g.add_argument("--val-fraction", type=float, metavar="F",
                    help="share of the images held out for validation" + d("val_fraction"))
-    g.add_argument("--out", help=f"output directory (default: {DEFAULTS['out']}; "
+    g.add_argument("--out", help=f"output directory, refused when it holds another run (default: {DEFAULTS['out']}; "
                    "with --resume, the checkpoint's folder)")
+    g.add_argument("--force", action="store_true", default=None,
+                   help=f"overwrite the run already in --out ({', '.join(RUN_FILES)})")
     g.add_argument("--resume", metavar="PATH", help="continue from this checkpoint (e.g. OUT/last.pt)")
     g.add_argument("--seed", type=int, help="seed of the weights, the data split and the batch order" + d("seed"))
     g = p.add_argument_group("runtime")
@@ -108,17 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
     g.add_argument("--channels-last", action="store_true", default=None,
                    help="channels-last memory format for the model and inputs")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
+    g.add_argument("--progress", dest="progress", action="store_const", const=True,
+                   help="progress bars on stderr (default: only when stderr is a terminal)")
+    g.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                   help="no progress bars (logs stay)")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's settings from :func:`build_parser`'s arguments; the ones left at None were not
     given and take :class:`TrainConfig`'s defaults (or, with --resume, the checkpoint's)."""
-    given = {k: v for k, v in vars(args).items() if v is not None and k != "no_progress"}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("progress", "force")}
     if "input_size" in given:
         given["input_size"] = tuple(given["input_size"])
-    return TrainConfig(**given, progress=not args.no_progress, given=frozenset(given))
+    return TrainConfig(**given, progress=args.progress, force=bool(args.force), given=frozenset(given))
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -157,18 +168,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def init_weights(model: nn.Module, path: str, name: str, norm: str, gn_groups: int) -> None:
-    """--init-weights: load all but the head of ``path`` (read once) into ``model``. A zoo
-    checkpoint must hold the same model and normalization: GroupNorm with another group count,
-    or LN/IN, would load silently, their weights having the same shapes. Other files (torchvision's)
-    are checked by their keys and shapes."""
+def init_weights(model: nn.Module, path: str, name: str, norm: str, gn_groups: int) -> str:
+    """--init-weights: load all but the head of ``path`` (read once) into ``model``; return one
+    line saying what was loaded and which head was skipped. A zoo checkpoint must hold the same
+    model and normalization: GroupNorm with another group count, or LN/IN, would load silently,
+    their weights having the same shapes. Other files (torchvision's) are checked by their keys
+    and shapes."""
     try:
         state, about = read_weights(path)
         if about:
             check_same_model(path, about, name, norm, gn_groups)
         load_state(model, state, head=False, source=path)
+        prefix = classifier_prefix(model)
     except WeightsError as e:
         raise TrainError(f"--init-weights {e}") from None
+    loaded = sum(not k.startswith(prefix) for k in state)
+    theirs, ours = state.get(prefix + "weight"), model.state_dict()[prefix + "weight"]
+    held = f"{theirs.shape[0]} classes in the file" if theirs is not None else "not in the file"
+    return (f"--init-weights {path}: loaded {loaded} tensors; skipped the classifier head {prefix[:-1]} "
+            f"({held}): it starts fresh, sized for --data's {ours.shape[0]} classes")
 
 
 def check_same_model(path: str, about: dict[str, Any], model: str, norm: str, gn_groups: int) -> None:
@@ -238,6 +256,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         config = validated(config)
     except ConfigError as e:
         raise TrainError(str(e)) from None
+    if not config.force:
+        check_out_is_free(config)
     device = resolve_device(config.device)
     ddp = init_distributed(device)
     if ddp.main:
@@ -248,6 +268,21 @@ def train(config: TrainConfig) -> dict[str, Any]:
     finally:
         if ddp.world > 1:
             dist.destroy_process_group()
+
+
+def check_out_is_free(config: TrainConfig) -> None:
+    """Refuse an ``out`` that holds a run this one would overwrite: any ``out`` but a resumed
+    checkpoint's own folder. (Every process of a torchrun launch checks before any writes.)"""
+    found = [name for name in RUN_FILES if os.path.isfile(os.path.join(config.out, name))]
+    if not found:
+        return
+    if config.resume and os.path.samefile(config.out, os.path.dirname(config.resume) or "."):
+        return
+    what = f"--out {config.out} already holds a run ({', '.join(found)}), which this run would overwrite"
+    if config.resume:
+        raise TrainError(f"{what}: pass another --out, or --force to overwrite it")
+    raise TrainError(f"{what}: pass another --out, --resume {os.path.join(config.out, 'last.pt')} to continue "
+                     "it, or --force to overwrite it")
 
 
 def _train(config: TrainConfig, device: torch.device, ddp: Dist,
@@ -264,7 +299,9 @@ def _train(config: TrainConfig, device: torch.device, ddp: Dist,
                       in_chans=input_size[0])
     model = create_model(config.model, **model_args)
     if config.init_weights and resume_ckpt is None:
-        init_weights(model, config.init_weights, spec.name, config.norm, config.gn_groups)
+        loaded = init_weights(model, config.init_weights, spec.name, config.norm, config.gn_groups)
+        if ddp.main:
+            print(loaded, flush=True)
     model = model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -320,7 +357,8 @@ def _train(config: TrainConfig, device: torch.device, ddp: Dist,
     metrics_path = os.path.join(config.out, "metrics.jsonl")
     history = read_history(metrics_path, start_epoch) if ddp.main else []
     saved_config = config.to_dict()
-    show = ddp.main and config.progress
+    # As pip does: bars redraw a line in place, which in a log file is one line per refresh.
+    show = ddp.main and (config.progress if config.progress is not None else sys.stderr.isatty())
     if ddp.main:
         print(f"training {config.model} (norm={config.norm}, {sum(p.numel() for p in model.parameters()):,} params) "
               f"on {data.name}: {len(data.train)} train / {len(data.val)} val images, {data.num_classes} classes, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -18,6 +19,40 @@ _LEGACY_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
 
 class WeightsError(ValueError):
     """A weights file that cannot be read or does not fit the model; the message says why."""
+
+
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def torch_load(path: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: the file cannot run code. Raises what
+    torch raises (:func:`load_failure` says it in a few words)."""
+    with warnings.catch_warnings():
+        # Any plain pickle (a file that is not torch's zip format) draws this; the error that
+        # follows, if any, says what matters.
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_failure(e: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words.
+
+    torch's own message advises loading again with ``weights_only=False``, which runs whatever
+    code the file holds: that advice is left out.
+    """
+    text = str(e)
+    unsafe = _UNSAFE_GLOBAL.search(text)
+    if unsafe:
+        return (f"it holds a Python object ({unsafe.group(1)}) besides tensors and plain values, "
+                "which only code execution could load")
+    if isinstance(e, EOFError):
+        return "the file ends early"
+    if "Weights only load failed" in text:
+        return "not a PyTorch file"
+    if "failed finding central directory" in text:
+        return "not a whole zip archive"
+    first = text.splitlines()[0].split(". ")[0][:160] if text.strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def state_checksum(state: Mapping[str, torch.Tensor]) -> str:
@@ -47,9 +82,9 @@ def read_weights(path: str | os.PathLike) -> tuple[Mapping[str, torch.Tensor], d
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: no such file")
     try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+        obj: Any = torch_load(path)
     except Exception as e:  # corrupt, truncated, or not a torch file at all
-        raise WeightsError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise WeightsError(f"{path}: not a readable weights file ({load_failure(e)})") from None
     about = {k: obj[k] for k in ("model_name", "model_args") if k in obj} if isinstance(obj, Mapping) else {}
     if isinstance(obj, Mapping) and "checksum" in obj and isinstance(obj.get("model"), Mapping):
         if state_checksum(obj["model"]) != obj["checksum"]:

@@ -3,8 +3,9 @@
 A conversion that picks another winner on a few percent of images and matches everywhere else
 is caught by the top-1 agreement alone for fp16 and int8 (their val logits are not gated on the
 size of the difference). These tests make onnxruntime's answers do exactly that and check that
-``python -m export.onnx`` exits 1, says why, and leaves nothing behind, and that the fp16/int8
-agreement floor sits where it is documented (99% of val images), not lower and not higher.
+the export refuses the model (:class:`export.VerificationError`), says why, and leaves nothing
+behind, and that the fp16/int8 agreement floor sits where it is documented (99% of val images),
+not lower and not higher.
 """
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-import export.onnx as exp
+from export import ExportConfig, ExportResult, VerificationError
+from export import export as run_export
+from export.config import SilentReporter
+from export.verify import ort_session
 from zoo.checkpoint import save_checkpoint
 from zoo.data import build_datasets
 from zoo.registry import create_model
 
-FAST = ["--threads", "1", "--latency-runs", "0", "--no-progress"]
 INPUT_SIZE = (3, 16, 16)
 
 
@@ -88,91 +91,84 @@ class SwapTopTwo:
         return [logits]
 
 
-def swap_top_two_in_export(monkeypatch, rate: float) -> list[SwapTopTwo]:
-    """Make every onnxruntime session the export opens a :class:`SwapTopTwo`; returns them as made.
-
-    The one place these tests reach into the export: if it comes to take a session factory,
-    pass this wrapper there instead of replacing ``ort_session``.
-    """
+def swap_top_two_in_export(rate: float) -> tuple[list[SwapTopTwo], object]:
+    """A session factory for :class:`ExportConfig` that makes every onnxruntime session the export
+    opens a :class:`SwapTopTwo`; returns (the sessions as made, the factory)."""
     made: list[SwapTopTwo] = []
-    real = exp.ort_session
 
-    def factory(path, *args, **kwargs):
-        made.append(SwapTopTwo(real(path, *args, **kwargs), rate))
+    def factory(path, threads):
+        made.append(SwapTopTwo(ort_session(path, threads), rate))
         return made[-1]
 
-    monkeypatch.setattr(exp, "ort_session", factory)
-    return made
+    return made, factory
 
 
-def export(capsys, checkpoint, out_dir, precision: str) -> tuple[int, str, str]:
-    code = exp.main(["--checkpoint", checkpoint["path"], "--out", str(out_dir), "--precision", precision,
-                     "--triton", *FAST])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+def export(checkpoint, out_dir, precision: str, session_factory) -> ExportResult | VerificationError:
+    config = ExportConfig(checkpoint=checkpoint["path"], out=str(out_dir), precision=precision, triton=True,
+                          threads=1, latency_runs=0, progress_bars=False, session_factory=session_factory,
+                          reporter=SilentReporter())
+    try:
+        return run_export(config)
+    except VerificationError as e:
+        return e
 
 
-def val_agreement_row(out: str) -> str:
+def val_agreement_row(summary: str) -> str:
     """The summary row that reports the val parity (``parity val (N)  max|diff|/scale ..., top-1 ...``)."""
-    (row,) = [line for line in out.splitlines() if line.startswith("parity val (")]
+    (row,) = [line for line in summary.splitlines() if line.startswith("parity val (")]
     return row
 
 
-def assert_refused(code: int, err: str, out_dir, expected: str) -> None:
-    assert code == 1, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("python -m export.onnx: verification failed: "), last
-    assert expected in last, (expected, last)
-    assert "Traceback" not in err
+def assert_refused(outcome, out_dir, expected: str) -> None:
+    assert isinstance(outcome, VerificationError), outcome
+    assert expected in str(outcome), (expected, str(outcome))
+    assert "VERIFICATION FAILED" in outcome.summary
     # nothing at all: no model.onnx, no version directory, no temp file, no labels.txt or config.pbtxt
     assert not out_dir.exists(), sorted(str(p) for p in out_dir.rglob("*"))
 
 
-def test_fp32_refuses_other_winners(digits_checkpoint, tmp_path, capsys, monkeypatch):
-    sessions = swap_top_two_in_export(monkeypatch, rate=0.02)
+def test_fp32_refuses_other_winners(digits_checkpoint, tmp_path):
+    sessions, factory = swap_top_two_in_export(rate=0.02)
     out_dir = tmp_path / "models"
-    code, out, err = export(capsys, digits_checkpoint, out_dir, "fp32")
+    outcome = export(digits_checkpoint, out_dir, "fp32", factory)
     (session,) = sessions
     n = digits_checkpoint["val_images"]
     assert 0 < session.swapped < 0.05 * n
     # fp32 allows no other winner at all: every swapped image counts against it
-    assert_refused(code, err, out_dir, f"val: top-1 agreement {100 * (n - session.swapped) / n:.2f}% < 100%")
-    assert "VERIFICATION FAILED" in out
+    assert_refused(outcome, out_dir, f"val: top-1 agreement {100 * (n - session.swapped) / n:.2f}% < 100%")
 
 
 # fp16 and int8 must agree with fp32 eager on at least 99% of val images. fp16 alone agrees on
 # every one, so its rates sit just either side of the floor (on the digits val split, one image
 # apart) and pin its value; int8's keep clear of it, room for a disagreement or two of its own.
 @pytest.mark.parametrize("precision, rate", [("fp16", 0.012), ("int8", 0.02)])
-def test_low_precision_refuses_agreement_under_the_floor(digits_checkpoint, tmp_path, capsys, monkeypatch,
-                                                        precision, rate):
-    sessions = swap_top_two_in_export(monkeypatch, rate)
+def test_low_precision_refuses_agreement_under_the_floor(digits_checkpoint, tmp_path, precision, rate):
+    sessions, factory = swap_top_two_in_export(rate)
     out_dir = tmp_path / "models"
-    code, out, err = export(capsys, digits_checkpoint, out_dir, precision)
+    outcome = export(digits_checkpoint, out_dir, precision, factory)
     (session,) = sessions
     n = digits_checkpoint["val_images"]
     assert session.swapped > 0.01 * n
     expected = f"val: {precision} top-1 agreement "
     if precision == "fp16":
         expected += f"{100 * (n - session.swapped) / n:.2f}% < 99%"
-    assert_refused(code, err, out_dir, expected)
-    assert err.strip().endswith("% < 99%")
-    assert "VERIFICATION FAILED" in out
+    assert_refused(outcome, out_dir, expected)
+    assert str(outcome).endswith("% < 99%")
 
 
 @pytest.mark.parametrize("precision, rate", [("fp16", 0.009), ("int8", 0.003)])
-def test_low_precision_passes_agreement_over_the_floor(digits_checkpoint, tmp_path, capsys, monkeypatch,
-                                                       precision, rate):
-    sessions = swap_top_two_in_export(monkeypatch, rate)
+def test_low_precision_passes_agreement_over_the_floor(digits_checkpoint, tmp_path, precision, rate):
+    sessions, factory = swap_top_two_in_export(rate)
     out_dir = tmp_path / "models"
-    code, out, err = export(capsys, digits_checkpoint, out_dir, precision)
+    outcome = export(digits_checkpoint, out_dir, precision, factory)
     (session,) = sessions
     n = digits_checkpoint["val_images"]
     assert 1 <= session.swapped < 0.01 * n
-    assert code == 0, f"{session.swapped} of {n} val answers swapped, the rest is {precision}'s own:\n{err}"
+    assert isinstance(outcome, ExportResult), f"{session.swapped} of {n} val answers swapped, the rest is " \
+                                              f"{precision}'s own: {outcome}"
     assert os.listdir(out_dir / "resnext_mini" / "1") == ["model.onnx"]
     # the swaps landed on val images and were counted: the gate saw them and let them through
-    agreement = val_agreement_row(out).split("top-1 agreement ")[1].split("%")[0]
+    agreement = val_agreement_row(outcome.summary).split("top-1 agreement ")[1].split("%")[0]
     if precision == "fp16":
         assert agreement == f"{100 * (n - session.swapped) / n:.2f}"
     assert 99.0 <= float(agreement) < 100.0

@@ -7,7 +7,6 @@ that ``make test`` runs.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -17,11 +16,12 @@ from typing import Iterator
 
 import pytest
 
+from serve.ready import parse_ready_line
+
 # The serving fixtures (session-scoped mini-model export, in-process repository), shared.
 from tests.serve.conftest import INPUT_SIZE, REPO_ROOT, exported, repo, running, tls_files  # noqa: F401
 
 FULL = os.environ.get("ZOO_RELIABILITY", "") == "full"
-READY = re.compile(r"listening on (\S+):(\d+) ")
 
 # Lines for the closing summary (fuzz cases and codes, load figures, faults survived).
 SUMMARY: list[str] = []
@@ -47,11 +47,11 @@ class ServeProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "serve", *argv], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                      stderr=self._err, text=True, env=env)
         self.line = self.proc.stdout.readline()
-        match = READY.search(self.line)
-        if not match:
+        ready = parse_ready_line(self.line)
+        if ready is None:
             self.kill()
             raise AssertionError(f"no ready line: {self.line!r} {self.stderr()}")
-        self.host, self.port = match.group(1), int(match.group(2))
+        self.host, self.port = ready.host, ready.port
         self.pid = self.proc.pid
 
     @property
@@ -92,7 +92,7 @@ class ServeProcess:
 
 
 @pytest.fixture
-def copy_models(exported, tmp_path) -> Iterator[str]:
+def copy_models(exported, tmp_path) -> Iterator[str]:  # noqa: F811 (pytest injects the imported fixture by name)
     """A private copy of the model repository (tests delete or truncate files in it)."""
     root = tmp_path / "models"
     shutil.copytree(exported.root, root)

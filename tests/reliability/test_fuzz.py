@@ -107,7 +107,8 @@ SHAPES = st.one_of(
                      [20000, 20000, 3], [2**31, 2**31, 3], [2**62, 2, 3], [1, 2**40, 3]]),
     st.lists(st.integers(-2, 70), max_size=5),
     st.lists(st.integers(-2**63, 2**63 - 1), max_size=4))
-DTYPES = st.sampled_from(["float32", "float16", "uint8", "float32", "uint8", "float64", "int8", "", "FLOAT32", "float32\x00"])
+DTYPES = st.sampled_from(["float32", "float16", "uint8", "float32", "uint8", "float64", "int8", "", "FLOAT32",
+                          "float32\x00"])
 _ITEMSIZE = {"float32": 4, "float16": 2, "uint8": 1}
 _NP = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8}
 
@@ -293,7 +294,7 @@ def test_fuzz_requests_always_get_a_proper_status(fuzz_server, repo):
     elapsed = time.monotonic() - t0
     r = stub.Classify(good, timeout=CALL_TIMEOUT_S)
     np.testing.assert_allclose(r.logits, want, rtol=1e-4, atol=1e-4)
-    assert server.servicer._slots._value == server.servicer.max_concurrency  # no slot leaked
+    assert server.core.slots._value == server.core.max_concurrency  # no slot leaked
     total = sum(per_rpc.values())
     report(f"fuzz: {total} cases ({', '.join(f'{k} {v}' for k, v in sorted(per_rpc.items()))}) in {elapsed:.0f} s; "
            f"status codes seen: {', '.join(f'{k} {v}' for k, v in codes.most_common())}; "

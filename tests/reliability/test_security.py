@@ -172,8 +172,8 @@ def test_no_request_reaches_the_filesystem(repo, monkeypatch):
                     infer.inputs.add(name="input", datatype="FP32", shape=[1, *INPUT_SIZE])
                     for call in (lambda: s.Classify(tensor_request(x, model=name, version=version), timeout=10),
                                  lambda: k.ModelInfer(infer, timeout=10),
-                                 lambda: k.ModelMetadata(kpb.ModelMetadataRequest(name=name, version=str(version or "")),
-                                                         timeout=10),
+                                 lambda: k.ModelMetadata(
+                                     kpb.ModelMetadataRequest(name=name, version=str(version or "")), timeout=10),
                                  lambda: s.GetLatencyReport(pb.LatencyReportRequest(model=name), timeout=10)):
                         with pytest.raises(grpc.RpcError) as info:
                             call()

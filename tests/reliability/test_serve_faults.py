@@ -132,7 +132,8 @@ def test_model_file_deleted_under_load_keeps_being_served(copy_models, repo):
         time.sleep(LOAD_S)
         load.stop()
         with grpc.insecure_channel(server.target) as channel:
-            names = [m.name for m in pb_grpc.ClassifierStub(channel).ListModels(pb.ListModelsRequest(), timeout=10).models]
+            names = [m.name for m in
+                     pb_grpc.ClassifierStub(channel).ListModels(pb.ListModelsRequest(), timeout=10).models]
         assert sorted(names) == ["densenet_mini", "resnext_mini"]
         assert server.terminate() == 0, server.stderr()
     codes, after = load.codes(), load.codes(since=t_del)
@@ -176,7 +177,7 @@ def test_clients_that_disconnect_mid_request_leak_no_slot(exported):
     with running(repo, max_batch=2, batch_timeout_ms=0, max_concurrency=max_concurrency) as (server, port), \
             grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub, kstub = pb_grpc.ClassifierStub(channel), kpb_grpc.GRPCInferenceServiceStub(channel)
-        slots, batcher = server.servicer._slots, server.servicer.batchers[("resnext_mini", 1)]
+        slots, batcher = server.core.slots, server.core.batchers[("resnext_mini", 1)]
         infer = kpb.ModelInferRequest(model_name="resnext_mini", raw_input_contents=[np.stack([x, x]).tobytes()])
         infer.inputs.add(name="input", datatype="FP32", shape=[2, *INPUT_SIZE])
         for _ in range(rounds):

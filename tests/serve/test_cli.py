@@ -20,11 +20,9 @@ import serve.client as client
 from serve._proto.inference import grpc_predict_v2_pb2 as kpb
 from serve._proto.inference import grpc_predict_v2_pb2_grpc as kpb_grpc
 from serve._proto.zoo.serving.v1 import classifier_pb2_grpc as pb_grpc
+from serve.ready import parse_ready_line
 from serve.runtime import RepositoryError, load_repository
 from tests.serve.conftest import INPUT_SIZE, REPO_ROOT, png_bytes, random_image, running, tensor_request
-
-READY = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
-
 
 def run_main(capsys, *argv: str) -> tuple[int, str, str]:
     try:
@@ -40,11 +38,11 @@ def start_serve(*argv: str) -> tuple[subprocess.Popen, int, str]:
     proc = subprocess.Popen([sys.executable, "-m", "serve", *argv], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
-    match = READY.search(line)
-    if not match:
+    ready = parse_ready_line(line)
+    if ready is None:
         proc.kill()
         raise AssertionError(f"no ready line: {line!r} {proc.stderr.read()}")
-    return proc, int(match.group(1)), line
+    return proc, ready.port, line
 
 
 def test_serving_never_imports_torch_or_zoo():
@@ -63,7 +61,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(exported):
     proc, port, line = start_serve("--model-dir", exported.root, "--port", "0", "--threads", "1",
                                    "--metrics-port", "0", "--grace", "20", "--drain-delay", "3")
     try:
-        assert "resnext_mini:1" in line and "densenet_mini:1" in line and "CPUExecutionProvider" in line
+        # Which version and precision each model serves: after several exports the newest is served.
+        assert "models densenet_mini:1 fp32, resnext_mini:1 fp32;" in line and "CPUExecutionProvider" in line
         assert "metrics http://127.0.0.1:" in line
         x = np.zeros(INPUT_SIZE, np.float32)
         resume = threading.Event()
@@ -343,7 +342,8 @@ def test_client_api(server, repo):
         np.testing.assert_allclose(r.logits, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
         assert len(r.classes) == 2 and r.top.score >= r.classes[1].score and r.provider == "CPUExecutionProvider"
         pixels = random_image(3)
-        by_pixels, by_png = c.classify(pixels, model="resnext_mini"), c.classify(png_bytes(pixels), model="resnext_mini")
+        by_pixels = c.classify(pixels, model="resnext_mini")
+        by_png = c.classify(png_bytes(pixels), model="resnext_mini")
         assert [p.index for p in by_pixels.classes] == [p.index for p in by_png.classes]
         many = c.classify_many([x, png_bytes(pixels), b"junk"], model="resnext_mini", raise_on_error=False)
         assert isinstance(many[0], client.Result) and isinstance(many[2], client.ClientError)

@@ -272,12 +272,12 @@ def test_infer_shares_max_concurrency(repo):
     with running(repo, max_concurrency=1) as (server, port):
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = kpb_grpc.GRPCInferenceServiceStub(channel)
-            assert server.servicer._slots.acquire(blocking=False)  # the one slot, as a Classify call in flight
+            assert server.core.slots.acquire(blocking=False)  # the one slot, as a Classify call in flight
             try:
                 err = call_error(stub.ModelInfer, infer_request(X1))
                 assert err.code() == CODE.RESOURCE_EXHAUSTED and "--max-concurrency 1" in err.details()
             finally:
-                server.servicer._slots.release()
+                server.core.slots.release()
             assert stub.ModelInfer(infer_request(X1)).outputs
 
 

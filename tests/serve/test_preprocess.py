@@ -80,8 +80,10 @@ GOOD = np.zeros((3, 32, 32), np.float32)
 
 @pytest.mark.parametrize("shape,dtype,data,match", [
     ([3, 32, 32], "float64", GOOD.astype(np.float64).tobytes(), "dtype 'float64' is not supported"),
-    ([3, 28, 28], "float32", np.zeros((3, 28, 28), np.float32).tobytes(), r"shape \[3, 28, 28\] does not fit the model: expected \[3, 32, 32\]"),
-    ([2, 3, 32, 32], "float32", np.zeros((2, 3, 32, 32), np.float32).tobytes(), r"expected \[3, 32, 32\] or \[1, 3, 32, 32\]"),
+    ([3, 28, 28], "float32", np.zeros((3, 28, 28), np.float32).tobytes(),
+     r"shape \[3, 28, 28\] does not fit the model: expected \[3, 32, 32\]"),
+    ([2, 3, 32, 32], "float32", np.zeros((2, 3, 32, 32), np.float32).tobytes(),
+     r"expected \[3, 32, 32\] or \[1, 3, 32, 32\]"),
     ([3, 32, 32], "float32", GOOD.tobytes()[:-4], "has 12,284 bytes; shape \\[3, 32, 32\\] float32 needs 12,288"),
     ([3, 32, 32], "float16", GOOD.tobytes(), "needs 6,144"),
     ([3, 32, 32], "float32", np.full((3, 32, 32), np.nan, np.float32).tobytes(), "3072 NaN or Inf"),

@@ -79,7 +79,8 @@ def test_makefile_generates_every_proto():
         line = next(line for line in lines if line.startswith(f"{variable} :="))
         assert sorted(line.split(":=", 1)[1].split()) == sorted(p.path for p in PROTOS if p.variable == variable)
     on_disk = sorted(os.path.relpath(os.path.join(d, f), REPO_ROOT)
-                     for d, _, files in os.walk(os.path.join(REPO_ROOT, "protos")) for f in files if f.endswith(".proto"))
+                     for d, _, files in os.walk(os.path.join(REPO_ROOT, "protos"))
+                     for f in files if f.endswith(".proto"))
     assert on_disk == sorted(p.path for p in PROTOS)
 
 

@@ -20,12 +20,10 @@ from serve._proto.inference import grpc_predict_v2_pb2 as kpb
 from serve._proto.inference import grpc_predict_v2_pb2_grpc as kpb_grpc
 from serve._proto.zoo.serving.v1 import classifier_pb2 as pb
 from serve._proto.zoo.serving.v1 import classifier_pb2_grpc as pb_grpc
+from serve.ready import parse_ready_line
 from tests.serve.conftest import INPUT_SIZE, REPO_ROOT, png_bytes, random_image, running
 
 MODEL = "resnext_mini"
-WORKERS_READY = re.compile(r"(\d+) workers listening on 127\.0\.0\.1:(\d+) \(pids ([\d, ]+);")
-
-
 def _poll(predicate, timeout: float = 60) -> bool:
     """Whether ``predicate()`` comes true within ``timeout`` seconds (a bound only a hang reaches)."""
     end = time.monotonic() + timeout
@@ -129,9 +127,9 @@ def start_workers(*argv: str) -> tuple[subprocess.Popen, int, set[int], list[str
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        match = WORKERS_READY.search(line)
-        if match:
-            return proc, int(match.group(2)), {int(p) for p in match.group(3).split(", ")}, lines
+        ready = parse_ready_line(line)
+        if ready is not None and ready.workers > 1:
+            return proc, ready.port, set(ready.pids), lines
     proc.kill()
     raise AssertionError(f"no ready line: {lines} {proc.stderr.read()}")
 

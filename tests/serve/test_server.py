@@ -104,7 +104,8 @@ def test_top_k_default_and_cap(stub, top_k, expected):
 def test_classify_stream_pipelines_in_order_and_survives_bad_items(stub, repo):
     rng = np.random.default_rng(3)
     xs = [rng.standard_normal(INPUT_SIZE).astype(np.float32) for _ in range(24)]
-    requests = [tensor_request(x, model="resnext_mini", request_id=f"r{i}", return_logits=True) for i, x in enumerate(xs)]
+    requests = [tensor_request(x, model="resnext_mini", request_id=f"r{i}", return_logits=True)
+                for i, x in enumerate(xs)]
     requests.insert(5, pb.ClassifyRequest(model="resnext_mini", image=b"garbage", request_id="bad-image"))
     requests.insert(9, pb.ClassifyRequest(model="nope", image=b"x", request_id="bad-model"))
     out = list(stub.ClassifyStream(iter(requests), timeout=30))
@@ -112,7 +113,8 @@ def test_classify_stream_pipelines_in_order_and_survives_bad_items(stub, repo):
     assert [o.request_id for o in out] == [r.request_id for r in requests]
     errors = {o.request_id: o.error for o in out if o.WhichOneof("result") == "error"}
     assert set(errors) == {"bad-image", "bad-model"}
-    assert errors["bad-image"].code == CODE.INVALID_ARGUMENT.value[0] and "not a readable image" in errors["bad-image"].message
+    assert (errors["bad-image"].code == CODE.INVALID_ARGUMENT.value[0]
+            and "not a readable image" in errors["bad-image"].message)
     assert errors["bad-model"].code == CODE.NOT_FOUND.value[0]
     session = repo.get("resnext_mini").session
     good = [o for o in out if o.WhichOneof("result") == "response"]
@@ -163,11 +165,15 @@ def test_server_matches_pytorch_val_transform(stub, exported, name, mode, hw):
 
 
 TENSOR_CASES = [
-    (pb.Tensor(shape=[3, 28, 28], dtype="float32", data=bytes(3 * 28 * 28 * 4)), r"shape [3, 28, 28] does not fit the model: expected [3, 32, 32]"),
+    (pb.Tensor(shape=[3, 28, 28], dtype="float32", data=bytes(3 * 28 * 28 * 4)),
+     r"shape [3, 28, 28] does not fit the model: expected [3, 32, 32]"),
     (pb.Tensor(shape=[3, 32, 32], dtype="int64", data=bytes(8)), "dtype 'int64' is not supported"),
-    (pb.Tensor(shape=[3, 32, 32], dtype="float32", data=bytes(100)), "tensor data has 100 bytes; shape [3, 32, 32] float32 needs 12,288"),
-    (pb.Tensor(shape=[3, 32, 32], dtype="float32", data=np.full(INPUT_SIZE, np.nan, np.float32).tobytes()), "NaN or Inf"),
-    (pb.Tensor(shape=[3, 32, 32], dtype="float32", data=np.full(INPUT_SIZE, np.inf, np.float32).tobytes()), "NaN or Inf"),
+    (pb.Tensor(shape=[3, 32, 32], dtype="float32", data=bytes(100)),
+     "tensor data has 100 bytes; shape [3, 32, 32] float32 needs 12,288"),
+    (pb.Tensor(shape=[3, 32, 32], dtype="float32", data=np.full(INPUT_SIZE, np.nan, np.float32).tobytes()),
+     "NaN or Inf"),
+    (pb.Tensor(shape=[3, 32, 32], dtype="float32", data=np.full(INPUT_SIZE, np.inf, np.float32).tobytes()),
+     "NaN or Inf"),
 ]
 
 
@@ -180,14 +186,16 @@ def test_bad_tensor(stub, tensor, message):
 @pytest.mark.parametrize("request_,code,message", [
     (pb.ClassifyRequest(model="resnext_mini", image=b""), CODE.INVALID_ARGUMENT, "image is empty"),
     (pb.ClassifyRequest(model="resnext_mini", image=b"GIF89a nope"), CODE.INVALID_ARGUMENT, "not a readable image"),
-    (pb.ClassifyRequest(model="resnext_mini", image=png_bytes(random_image(1))[:300]), CODE.INVALID_ARGUMENT, "cannot decode image"),
+    (pb.ClassifyRequest(model="resnext_mini", image=png_bytes(random_image(1))[:300]), CODE.INVALID_ARGUMENT,
+     "cannot decode image"),
     (pb.ClassifyRequest(model="resnext_mini"), CODE.INVALID_ARGUMENT, "request has no input"),
     (pb.ClassifyRequest(model="resnext_mini", image=b"x", top_k=-1), CODE.INVALID_ARGUMENT, "invalid top_k -1"),
     (pb.ClassifyRequest(model="resnext_mini", image=b"x", version=-2), CODE.INVALID_ARGUMENT, "invalid version -2"),
     (pb.ClassifyRequest(image=b"x"), CODE.INVALID_ARGUMENT, "request names no model"),
     (pb.ClassifyRequest(model="resnet9000", image=b"x"), CODE.NOT_FOUND,
      "unknown model 'resnet9000'; this server serves: densenet_mini, resnext_mini"),
-    (pb.ClassifyRequest(model="resnext_mini", version=7, image=b"x"), CODE.NOT_FOUND, "has no version 7 loaded (loaded: 1)"),
+    (pb.ClassifyRequest(model="resnext_mini", version=7, image=b"x"), CODE.NOT_FOUND,
+     "has no version 7 loaded (loaded: 1)"),
     # Names are looked up in the in-memory table only: no path reaches the disk.
     (pb.ClassifyRequest(model="../resnext_mini", image=b"x"), CODE.NOT_FOUND, "unknown model '../resnext_mini'"),
     (pb.ClassifyRequest(model="/etc/passwd", image=b"x"), CODE.NOT_FOUND, "unknown model"),
@@ -218,7 +226,8 @@ def test_pixel_limit_is_configurable(repo):
 def test_message_over_limit_is_resource_exhausted(stub):
     err = call_error(stub.Classify, pb.ClassifyRequest(model="resnext_mini", image=bytes(17 * 2**20)))
     assert err.code() == CODE.RESOURCE_EXHAUSTED
-    assert stub.Classify(tensor_request(np.zeros(INPUT_SIZE, np.float32), model="resnext_mini")).classes  # still serving
+    # still serving
+    assert stub.Classify(tensor_request(np.zeros(INPUT_SIZE, np.float32), model="resnext_mini")).classes
 
 
 def test_server_keeps_serving_after_bad_input(stub):
@@ -283,7 +292,7 @@ def test_expired_deadline_dropped_from_queue(exported):
         assert gate.entered.wait(10)
         err = call_error(s.Classify, tensor_request(x), timeout=0.2)
         assert err.code() == CODE.DEADLINE_EXCEEDED
-        queue = server.servicer.batchers[("resnext_mini", 1)]._queue
+        queue = server.core.batchers[("resnext_mini", 1)]._queue
         # Until the server, too, holds the queued request for expired (a bound only a hang reaches).
         end = time.monotonic() + 60
         while not all(item.expired(time.monotonic()) for item in list(queue.queue)):
@@ -340,7 +349,8 @@ def test_health_overall_and_per_model(server):
     with grpc.insecure_channel(f"127.0.0.1:{server[1]}") as channel:
         h = health_pb2_grpc.HealthStub(channel)
         for service in ("", "zoo.serving.v1.Classifier", *SERVE_MODELS):
-            assert h.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+            assert (h.Check(health_pb2.HealthCheckRequest(service=service)).status
+                    == health_pb2.HealthCheckResponse.SERVING)
         err = call_error(h.Check, health_pb2.HealthCheckRequest(service="nope"))
         assert err.code() == CODE.NOT_FOUND
 
@@ -350,7 +360,8 @@ def test_reflection_lists_services(server):
         r = reflection_pb2_grpc.ServerReflectionStub(channel)
         (answer,) = list(r.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         names = {s.name for s in answer.list_services_response.service}
-        assert {"zoo.serving.v1.Classifier", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+        assert {"zoo.serving.v1.Classifier", "grpc.health.v1.Health",
+                "grpc.reflection.v1alpha.ServerReflection"} <= names
         (answer,) = list(r.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
             file_containing_symbol="zoo.serving.v1.Classifier")])))
         assert answer.file_descriptor_response.file_descriptor_proto

@@ -117,7 +117,7 @@ def quick_out(tmp_path_factory):
 
 
 def test_quick_optimizers_writes_report_and_png(quick_out):
-    d = quick_out / "optimizers"
+    d = quick_out / "quick" / "optimizers"
     _check_png(d / "optimizers.png")
     assert (d / "results.json").is_file()
     md = (d / "report.md").read_text()
@@ -131,7 +131,7 @@ def test_quick_optimizers_writes_report_and_png(quick_out):
 
 
 def test_quick_norm_batch_writes_report_and_png(quick_out):
-    d = quick_out / "norm-batch"
+    d = quick_out / "quick" / "norm-batch"
     _check_png(d / "norm-batch.png")
     md = (d / "report.md").read_text()
     assert "python -m zoo.experiments norm-batch --quick" in md
@@ -146,3 +146,13 @@ def test_quick_norm_batch_writes_report_and_png(quick_out):
             assert all(re.fullmatch(NUMBER, v) for v in c[2:]), c
             assert int(c[3]) * int(c[1]) == int(every[0][3]) * 32  # same images seen at every batch
     assert re.search(r"This (bears out|only partly bears out|does not bear out)", md)
+
+
+def test_quick_runs_are_kept_apart_and_say_they_are_smoke_runs(quick_out):
+    """A smoke run's verdicts come from a few dozen images: they never land where a full run's
+    report goes, and the report says, right under its title, that they mean nothing."""
+    assert sorted(p.name for p in quick_out.iterdir()) == ["quick"]
+    for name in EXPERIMENTS:
+        title, blank, note = (quick_out / "quick" / name / "report.md").read_text().splitlines()[:3]
+        assert title == f"# Experiment: {name}" and blank == ""
+        assert note.startswith("**Smoke run (`--quick`)**") and "mean nothing" in note

@@ -121,3 +121,31 @@ def test_fold_leaves_group_norms_with_a_warning(norm):
     x = mini_input("resnext_mini")
     with torch.no_grad():
         assert torch.equal(model(x), folded(x))
+
+
+class _ConvCalledTwice(nn.Module):
+    """One conv module called at two places: ``a(conv(x)) + b(conv(2 * x))``, or with ``a`` at both."""
+
+    def __init__(self, same_bn: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.a = nn.BatchNorm2d(8)
+        self.b = self.a if same_bn else nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.a(self.conv(x)) + self.b(self.conv(2 * x))
+
+
+def test_fold_leaves_a_conv_called_before_two_different_bns_unfolded():
+    # Merging a into conv would make the second call, which b normalizes, use a's merged weights.
+    model = randomize_bn_stats(_ConvCalledTwice(same_bn=False)).eval()
+    folded = _fold_keeps_outputs(model, torch.randn(2, 3, 12, 12))
+    assert _count_bn(folded) == 0
+    assert folded.conv.bias is None and torch.equal(folded.conv.weight, model.conv.weight)
+    assert isinstance(folded.a, ScaleShift) and isinstance(folded.b, ScaleShift)
+
+
+def test_fold_merges_a_conv_called_twice_before_the_same_bn():
+    model = randomize_bn_stats(_ConvCalledTwice(same_bn=True)).eval()
+    folded = _fold_keeps_outputs(model, torch.randn(2, 3, 12, 12))
+    assert isinstance(folded.a, nn.Identity) and folded.conv.bias is not None

@@ -7,6 +7,7 @@ from torch import nn
 from tests.conftest import FULL_MODELS, MINI_MODELS, mini_input
 from tests.zoo import torchvision_reference as tvref
 from zoo import WeightsError, count_params, create_model, get_model_spec, list_models, load_weights
+from zoo.checkpoint import load_checkpoint
 from zoo.models.resnext import Bottleneck
 
 TORCHVISION_PARAMS = {
@@ -192,6 +193,31 @@ def test_load_weights_refuses_corrupt_and_code(tmp_path):
     torch.save({"model": create_model("resnext_mini").state_dict(), "hook": print}, evil)
     with pytest.raises(WeightsError, match="evil.pt: not a readable weights file"):
         load_weights(create_model("resnext_mini"), evil)
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"not a checkpoint", "not a PyTorch file"),
+    (b"", "the file ends early"),
+    ("half", "not a whole zip archive"),
+    ("code", "a Python object (print)"),
+])
+def test_unreadable_weights_are_one_line_without_torchs_unsafe_advice(tmp_path, content, reason):
+    """torch's message advises ``weights_only=False``, which would run the file's code."""
+    path = tmp_path / "garbage.pt"
+    if content == "half":
+        torch.save(create_model("resnext_mini").state_dict(), path)
+        content = path.read_bytes()[:2000]
+    elif content == "code":
+        torch.save({"model": create_model("resnext_mini").state_dict(), "hook": print}, path)
+        content = path.read_bytes()
+    path.write_bytes(content)
+    for load, what in ((lambda: load_weights(create_model("resnext_mini"), path), "not a readable weights file"),
+                       (lambda: load_checkpoint(path), "corrupt or truncated checkpoint")):
+        with pytest.raises(WeightsError) as info:
+            load()
+        message = str(info.value)
+        assert message.startswith(f"{path}: {what} (") and reason in message, message
+        assert "\n" not in message and "weights_only" not in message and "\x1b" not in message, message
 
 
 def test_load_weights_reads_torchvision_legacy_densenet_names(tmp_path):

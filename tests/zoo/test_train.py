@@ -186,7 +186,8 @@ def test_resume_of_a_finished_run_and_corrupt_checkpoint(tmp_path, capsys):
 
 @pytest.mark.parametrize("flag,value,message", [
     ("--model", "resnet9", "Unknown model 'resnet9'"),
-    ("--optimizer", "lion", "Unknown optimizer 'lion'; choose one of: sgd, momentum, nesterov, adagrad, adadelta, rmsprop, adam"),
+    ("--optimizer", "lion",
+     "Unknown optimizer 'lion'; choose one of: sgd, momentum, nesterov, adagrad, adadelta, rmsprop, adam"),
     ("--norm", "batch", "Unknown norm 'batch'; choose one of: bn, gn, ln, in"),
     ("--data", "folder:/nonexistent/dir", "/nonexistent/dir"),
 ])
@@ -203,7 +204,7 @@ def test_nan_loss_in_the_first_epoch_stops_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(TINY + ["--epochs", "1", "--out", str(out)]) == 0
     before = _sha(out / "last.pt")
-    code = main(TINY + ["--epochs", "1", "--out", str(out), "--optimizer", "sgd", "--lr", "1e30"])
+    code = main(TINY + ["--epochs", "1", "--out", str(out), "--optimizer", "sgd", "--lr", "1e30", "--force"])
     assert code == 1
     err = capsys.readouterr().err
     assert "at epoch 1, step" in err and "no checkpoint was written" in err
@@ -258,6 +259,9 @@ def test_init_weights_fine_tunes_a_1000_class_file_into_the_data_classes(tmp_pat
     assert main(TINY + ["--epochs", "1", "--optimizer", "sgd", "--lr", "1e-20", "--weight-decay", "0",
                         "--init-weights", str(path),
                         "--out", str(out)]) == 0
+    tensors = sum(not k.startswith("fc.") for k in pretrained.state_dict())
+    assert (f"--init-weights {path}: loaded {tensors} tensors; skipped the classifier head fc "
+            "(1000 classes in the file): it starts fresh, sized for --data's 4 classes\n") in capsys.readouterr().out
     trained = load_checkpoint(out / "last.pt")["model"]
     source = pretrained.state_dict()
     body = [k for k, v in source.items() if not k.startswith("fc.") and v.is_floating_point()
@@ -304,7 +308,38 @@ def test_init_weights_from_a_checkpoint_of_another_norm_is_refused(tmp_path, cap
     assert main(TINY + ["--epochs", "1", "--norm", "ln", "--init-weights", str(out / "last.pt"),
                         "--out", str(tmp_path / "ln")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "holds resnext_mini (norm=gn, gn_groups=32); this run trains resnext_mini (norm=ln)" in err[0]
+    assert len(err) == 1 and ("holds resnext_mini (norm=gn, gn_groups=32); "
+                              "this run trains resnext_mini (norm=ln)") in err[0]
     assert not (tmp_path / "ln" / "last.pt").exists()
     assert main(TINY + ["--epochs", "1", "--norm", "gn", "--init-weights", str(out / "last.pt"),
                         "--out", str(tmp_path / "gn2")]) == 0  # the same settings: fine-tunes
+
+
+def test_a_second_run_into_a_folder_holding_a_run_is_refused_unless_forced(tmp_path, capsys):
+    """A second run would silently replace the first's checkpoints and metrics: one line, exit 2,
+    naming what it would overwrite; --force overwrites. With neither --progress nor
+    --no-progress, a stderr that is not a terminal (a log, here pytest's capture) gets no bars."""
+    out = tmp_path / "run"
+    quiet = [flag for flag in TINY if flag != "--no-progress"]
+    assert main(quiet + ["--epochs", "1", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "epoch 1/1" not in err and "it/s" not in err, err
+    before = {name: _sha(out / name) for name in ("last.pt", "best.pt", "metrics.jsonl")}
+
+    assert main(TINY + ["--epochs", "1", "--seed", "4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --out {out} already holds a run (last.pt, best.pt, metrics.jsonl), which this run "
+                   f"would overwrite: pass another --out, --resume {out / 'last.pt'} to continue it, or --force "
+                   "to overwrite it"]
+    assert {name: _sha(out / name) for name in before} == before
+
+    other = tmp_path / "other"  # a resumed run into a third folder holding a run is refused too
+    assert main(TINY + ["--epochs", "1", "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["--resume", str(out / "last.pt"), "--epochs", "2", "--out", str(other), "--no-progress"]) == 2
+    assert "--out" in capsys.readouterr().err and load_checkpoint(other / "last.pt")["epoch"] == 1
+
+    # --progress draws the bars on stderr all the same
+    assert main(quiet + ["--epochs", "1", "--seed", "4", "--out", str(out), "--force", "--progress"]) == 0
+    assert "epoch 1/1" in capsys.readouterr().err
+    assert load_checkpoint(out / "last.pt")["config"]["seed"] == 4 and _sha(out / "last.pt") != before["last.pt"]

@@ -5,7 +5,9 @@
     python -m zoo.experiments norm-batch --quick --out /tmp/exp    # seconds, synthetic data
 
 Each writes ``OUT/NAME/report.md`` (command, settings, tables and a verdict computed from the
-numbers), ``OUT/NAME/NAME.png`` and ``OUT/NAME/results.json`` (the raw numbers).
+numbers), ``OUT/NAME/NAME.png`` and ``OUT/NAME/results.json`` (the raw numbers). A ``--quick``
+run writes to ``OUT/quick/NAME/`` instead, and its report opens by saying it is a smoke run: its
+verdicts come from a few dozen synthetic images and say nothing about the claims.
 
 - ``optimizers``: every rule of :data:`zoo.optim.OPTIMIZERS` trains the same model
   from the same initial weights on the same batches, each at its :data:`zoo.config.TRAIN_LR`;
@@ -95,13 +97,31 @@ def get_experiment(name: str) -> Experiment:
 
 # ------------------------------------------------------------------------------ CLI
 
+SMOKE_RUN_NOTE = ("**Smoke run (`--quick`)**: a budget of seconds on a few dozen images, to check that the "
+                  "code runs. The numbers and verdicts below mean nothing about the claims; run without "
+                  "`--quick` for those.")
+
+
+def output_dir(out: str, name: str, quick: bool) -> str:
+    """Where experiment ``name`` writes: ``OUT/NAME``, or ``OUT/quick/NAME`` for a smoke run,
+    so a smoke run never replaces a full run's report."""
+    return os.path.join(out, "quick", name) if quick else os.path.join(out, name)
+
+
+def smoke_run_report(report: str) -> str:
+    """``report`` with :data:`SMOKE_RUN_NOTE` under its title."""
+    title, _, rest = report.partition("\n")
+    return f"{title}\n\n{SMOKE_RUN_NOTE}\n{rest}"
+
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m zoo.experiments", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", metavar="NAME", help=f"one of: {', '.join(EXPERIMENTS)}")
-    p.add_argument("--out", default="runs/experiments", help="results go to OUT/NAME/")
-    p.add_argument("--quick", action="store_true", help="a budget of seconds on synthetic data (tests, smoke runs)")
+    p.add_argument("--out", default="runs/experiments", help="results go to OUT/NAME/ (default: %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: a budget of seconds on synthetic data, written to OUT/quick/NAME/")
     g = p.add_argument_group("overrides (default: the experiment's settings)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--input-size", type=int, help="side of the square input")
@@ -145,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         get_model_spec(cfg["model"])
     except ValueError as e:
         parser.error(str(e))
-    out_dir = os.path.join(args.out, args.name)
+    out_dir = output_dir(args.out, args.name, args.quick)
     os.makedirs(out_dir, exist_ok=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -159,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)
     elapsed = time.perf_counter() - t0
+    if args.quick:
+        report = smoke_run_report(report)
     atomic_write(os.path.join(out_dir, "report.md"),
                  report + f"\nWall time: {elapsed:.0f} s with {args.threads} torch thread(s).\n")
     print(f"done in {elapsed:.0f}s: {out_dir}/report.md", flush=True)

@@ -44,7 +44,8 @@ class BatchNormFunction(torch.autograd.Function):
         m = x.numel() // x.shape[1]
         if training:
             if m < 2:
-                raise ValueError(f"BatchNorm in training needs more than 1 value per channel, got input {tuple(x.shape)}")
+                raise ValueError("BatchNorm in training needs more than 1 value per channel, "
+                                 f"got input {tuple(x.shape)}")
             mu = x.mean(dim=axes)
             var = ((x - _per_channel(mu, x)) ** 2).mean(dim=axes)
             if running_mean is not None:

@@ -68,15 +68,21 @@ def _has_batchnorm(model: nn.Module) -> bool:
 
 
 def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
-    parent_name, _, child = target.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+    """Put ``module`` at ``target`` and at every other name of the module there (one module
+    registered twice, ``self.b = self.a``, is one set of weights that fx names once)."""
+    old = root.get_submodule(target)
+    for name, m in list(root.named_modules(remove_duplicate=False)):
+        if m is old:
+            parent_name, _, child = name.rpartition(".")
+            setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """Return an eval-mode copy of ``model`` with every BatchNorm folded away.
 
-    Conv->BN pairs (the conv's only user is the BN) become one conv with a bias; any other
-    BatchNorm becomes a :class:`ScaleShift`. The model's own forward code is kept: modules are
+    Conv->BN pairs (every call of the conv is read by that BN alone, and the BN reads nothing
+    else) become one conv with a bias; any other BatchNorm becomes a :class:`ScaleShift`. The
+    model's own forward code is kept: modules are
     swapped in place (the BN of a pair becomes ``nn.Identity``), so checkpoints' module names
     still describe the folded model. Models with GN/LN/IN and no BatchNorm are returned
     (as an eval copy) unchanged, with a warning.
@@ -96,20 +102,38 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         )
         return folded
 
-    # Trace the graph to find which BN reads only the output of a conv that nothing else reads.
+    # Trace the graph to find the conv->BN pairs that can merge. A module called at several
+    # places is one set of weights: merging a BN into a conv changes every call of the conv, and
+    # turning the BN into an identity changes every call of the BN. So a pair merges only when
+    # every call of the conv is read by a call of that BN alone, and every call of the BN reads a
+    # call of that conv.
     graph = torch.fx.symbolic_trace(folded).graph
     modules = dict(folded.named_modules())
-    paired: set[str] = set()
+    calls: dict[str, list[torch.fx.Node]] = {}
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm):
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    # Weights read directly (``self.conv.weight`` in forward) would see the merged values too.
+    read_directly = {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}
+
+    def only_reader(node: torch.fx.Node) -> str | None:
+        """The module whose call alone reads ``node``, with ``node`` as its input."""
+        if len(node.users) != 1:
+            return None
+        user = next(iter(node.users))
+        return user.target if user.op == "call_module" and user.args[:1] == (node,) else None
+
+    for bn_name, bn_calls in calls.items():
+        if not isinstance(modules[bn_name], nn.modules.batchnorm._BatchNorm) or bn_name in read_directly:
             continue
-        src = node.args[0]
-        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
-                and isinstance(modules[src.target], nn.Conv2d) and len(src.users) == 1
-                and src.target not in paired):
-            _set_submodule(folded, src.target, fold_conv_bn(modules[src.target], modules[node.target]))
-            _set_submodule(folded, node.target, nn.Identity())
-            paired.add(src.target)
+        sources = {n.args[0].target if n.args and isinstance(n.args[0], torch.fx.Node)
+                   and n.args[0].op == "call_module" else None for n in bn_calls}
+        conv_name = sources.pop() if len(sources) == 1 else None
+        if (conv_name is None or not isinstance(modules[conv_name], nn.Conv2d) or conv_name in read_directly
+                or any(only_reader(n) != bn_name for n in calls[conv_name])):
+            continue
+        _set_submodule(folded, conv_name, fold_conv_bn(modules[conv_name], modules[bn_name]))
+        _set_submodule(folded, bn_name, nn.Identity())
 
     # What is left has no conv to merge into.
     for name, m in list(folded.named_modules()):

@@ -1,0 +1,211 @@
+"""``zoo.serving.v1.Classifier`` over the serving core: Classify, ClassifyStream, ListModels,
+GetLatencyReport. Translates its messages to :class:`serve.core.ServingCore` calls and back;
+every failure leaves through :func:`serve.errors.status_of`. Imports neither torch nor zoo.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import grpc
+import numpy as np
+
+from serve import preprocess
+from serve._proto.zoo.serving.v1 import classifier_pb2 as pb
+from serve._proto.zoo.serving.v1 import classifier_pb2_grpc as pb_grpc
+from serve.batching import Pending
+from serve.core import ServingCore, deadline_of, shown, split_model
+from serve.errors import RequestError, status_of
+from serve.runtime import Model
+
+log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+DEFAULT_TOP_K = 5
+
+
+@dataclass
+class _Job:
+    """A request between submission to its model's batcher and its answer."""
+
+    request: Any  # pb.ClassifyRequest
+    model: Model
+    top_k: int
+    pending: Pending
+    t0: float
+    decode_s: float
+    preprocess_s: float
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = np.exp(z - z.max())
+    return z / z.sum()
+
+
+class ClassifierServicer(pb_grpc.ClassifierServicer):
+    """``zoo.serving.v1.Classifier`` over ``core``."""
+
+    def __init__(self, core: ServingCore) -> None:
+        self.core = core
+
+    def _prepare(self, request: Any, deadline: float | None, is_active: Callable[[], bool] | None,
+                 t0: float) -> _Job:
+        """Resolve, decode, preprocess and queue one request."""
+        core = self.core
+        model = core.resolve(request.model, request.version)
+        if request.top_k < 0:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"invalid top_k {request.top_k}: 0 (= {DEFAULT_TOP_K}) or positive")
+        top_k = min(request.top_k or DEFAULT_TOP_K, len(model.labels))
+        which = request.WhichOneof("input")
+        t = time.perf_counter()
+        if which is None:
+            raise preprocess.InputError("request has no input: set image (encoded bytes) or tensor")
+        if which == "image":
+            image = preprocess.decode_image(request.image, core.max_image_pixels)
+        else:
+            tensor = request.tensor
+            kind, array = preprocess.parse_tensor(tensor.shape, tensor.dtype, tensor.data, model.input_size,
+                                                  core.max_image_pixels)
+            image = preprocess.image_from_pixels(array) if kind == "pixels" else None
+        decode_s, t = time.perf_counter() - t, time.perf_counter()
+        if image is None:  # a model-ready tensor: nothing to preprocess
+            x, preprocess_s = array, 0.0
+        else:
+            x = core.transform(image, model)
+            preprocess_s = time.perf_counter() - t
+        pending = core.submit(model, x, deadline, is_active)
+        return _Job(request, model, top_k, pending, t0, decode_s, preprocess_s)
+
+    def _complete(self, job: _Job, deadline: float | None) -> Any:
+        """Wait for the job's batch and build its response."""
+        result = self.core.wait(job.pending, deadline)
+        model, request = job.model, job.request
+        probs = _softmax(result.logits)
+        top = np.argsort(-probs, kind="stable")[:job.top_k]
+        total_s = time.perf_counter() - job.t0
+        response = pb.ClassifyResponse(
+            classes=[pb.Class(index=int(i), label=model.labels[i], score=float(probs[i])) for i in top],
+            model=model.name, version=model.version, provider=model.provider, batch_size=result.batch_size,
+            request_id=request.request_id,
+            timing=pb.Timing(decode_us=round(job.decode_s * 1e6), preprocess_us=round(job.preprocess_s * 1e6),
+                             queue_us=round(result.queue_s * 1e6), inference_us=round(result.inference_s * 1e6),
+                             total_us=round(total_s * 1e6)))
+        if request.return_logits:
+            response.logits.extend(result.logits.tolist())
+        self.core.metrics.observe(model.name, total_s, result.queue_s, result.inference_s, result.batch_size)
+        return response
+
+    # ------------------------------------------------------------------ RPCs
+
+    def Classify(self, request: Any, context: grpc.ServicerContext) -> Any:
+        t0 = time.perf_counter()
+        release = self.core.acquire_for(context, request.model)
+        deadline = deadline_of(context)
+        try:
+            answer = self._complete(self._prepare(request, deadline, context.is_active, t0), deadline)
+        except Exception as e:
+            answer = status_of(e, "Classify", request.request_id)
+        finally:
+            release()
+        if isinstance(answer, RequestError):
+            self.core.metrics.count(self.core.label(request.model), answer.code.name)
+            context.abort(answer.code, answer.message)
+        return answer
+
+    def ClassifyStream(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        release = self.core.acquire_for(context, "")
+        try:
+            yield from self._stream(request_iterator, context)
+        finally:
+            release()
+
+    def _stream(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        deadline = deadline_of(context)
+        jobs: queue.Queue = queue.Queue(maxsize=self.core.stream_window)
+        end = object()
+
+        def put(entry: Any) -> bool:
+            while context.is_active():
+                try:
+                    jobs.put(entry, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def read() -> None:
+            # Decode, preprocess and queue each request as it arrives, while the loop below
+            # answers earlier ones: the client's pipelining reaches the batcher.
+            try:
+                for index, request in enumerate(request_iterator):
+                    t0 = time.perf_counter()
+                    try:
+                        entry = (index, request, self._prepare(request, deadline, context.is_active, t0))
+                    except Exception as e:
+                        entry = (index, request, status_of(e, "ClassifyStream item", request.request_id))
+                    if not put(entry):
+                        return
+            except Exception:  # the client went away mid-stream: nothing left to answer
+                log.debug("ClassifyStream request stream ended", exc_info=True)
+            finally:
+                put(end)
+
+        threading.Thread(target=read, name="classify-stream-reader", daemon=True).start()
+        while True:
+            try:
+                entry = jobs.get(timeout=0.5)
+            except queue.Empty:
+                if not context.is_active():
+                    return
+                continue
+            if entry is end:
+                return
+            index, request, job = entry
+            if isinstance(job, _Job):
+                try:
+                    answer = self._complete(job, deadline)
+                except Exception as e:
+                    answer = status_of(e, "ClassifyStream item", request.request_id)
+            else:
+                answer = job
+            if isinstance(answer, RequestError):
+                self.core.metrics.count(self.core.label(request.model), answer.code.name)
+                yield pb.ClassifyStreamResponse(index=index, request_id=request.request_id,
+                                                error=pb.ItemError(code=answer.code.value[0], message=answer.message))
+            else:
+                yield pb.ClassifyStreamResponse(index=index, request_id=request.request_id, response=answer)
+
+    def ListModels(self, request: Any, context: grpc.ServicerContext) -> Any:
+        core, infos = self.core, []
+        for m in core.repo.all():
+            infos.append(pb.ModelInfo(
+                name=m.name, version=m.version, labels=m.labels, input_size=list(m.input_size), mean=m.mean,
+                std=m.std, crop_pct=m.crop_pct, precision=m.meta["precision"], norm=m.meta["norm"],
+                provider=m.provider, max_batch=core.batchers[(m.name, m.version)].max_batch,
+                is_default=m.name == core.default_model, source=m.meta["source"]))
+        return pb.ListModelsResponse(models=infos, default_model=core.default_model or "")
+
+    def GetLatencyReport(self, request: Any, context: grpc.ServicerContext) -> Any:
+        core = self.core
+        try:
+            name = split_model(request.model)[0] if request.model else ""
+        except RequestError as e:
+            context.abort(e.code, e.message)
+        if name and name not in core.repo.models:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {shown(name)}; "
+                                                     f"this server serves: {', '.join(core.repo.names())}")
+        out = []
+        for n in [name] if name else core.repo.names():
+            r = core.metrics.report(n)
+            pct = {k: pb.Percentiles(p50_us=r[k][50], p90_us=r[k][90], p99_us=r[k][99])
+                   for k in ("total", "queue", "inference")}
+            out.append(pb.ModelLatency(model=n, count=r["count"], window=core.metrics.window,
+                                       mean_batch_size=r["mean_batch_size"], total_requests=r["total_requests"],
+                                       **pct))
+        return pb.LatencyReportResponse(models=out)
