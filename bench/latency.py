@@ -788,7 +788,8 @@ class Report:
             out += [f"> {e['note']}", ""]
         if self._busy():
             out += [f"> **Warning: recorded on a busy machine** (load average {e['load_start']} at the start, "
-                    f"{e.get('load_end', '?')} at the end, on {self.machine.get('cores')} cores). Other processes "
+                    f"{e.get('load_end', '?')} at the end, this run's own {e.get('threads_n', '?')} threads "
+                    f"included, on {self.machine.get('cores')} cores). Other processes "
                     "took CPU time from this run: its latencies are too high and its ratios unreliable. Rerun it "
                     "with nothing else running.", ""]
         out += ["## How it was measured", "",
@@ -876,14 +877,19 @@ class Report:
         return "\n".join(out) + "\n"
 
     def _busy(self) -> bool:
-        """Load above half the cores at the start or the end, or the ceilings' matmul got under 90% of its
-        threads' CPU time. Half, not all: a 1-minute load of 1 on 2 cores already means one core was taken."""
-        try:
-            loads = [float(v) for v in (self.env["load_start"].split()[:1] + self.env.get("load_end", "").split()[:1])]
-            busy = max(loads) > float(self.machine.get("cores", "1")) / 2
-        except ValueError:
-            busy = False
+        """Other processes' load above half the cores at the start or the end, or the ceilings' matmul
+        got under 90% of its threads' CPU time. Half, not all: a 1-minute load of 1 on 2 cores already
+        means one core was taken. The load at the end includes this run's own threads (up to one per
+        core), so they are taken off it first."""
+        cores = float(self.machine.get("cores", "1") or 1)
         threads = float(self.env.get("threads_n", "0") or 0)
+        try:
+            start = float(self.env["load_start"].split()[0])
+            end_fields = self.env.get("load_end", "").split()
+            end = float(end_fields[0]) - min(threads, cores) if end_fields else 0.0
+            busy = max(start, end) > cores / 2
+        except (ValueError, IndexError):
+            busy = False
         if self.ceil.cpu_cores and threads:
             busy = busy or self.ceil.cpu_cores < 0.9 * threads
         return busy
