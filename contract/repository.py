@@ -11,19 +11,18 @@ is written reads back as the same message, and a file Triton would refuse is ref
 from __future__ import annotations
 
 import os
-import re
 from typing import Sequence
 
 from google.protobuf import text_format
 
 from contract._proto.inference import model_config_pb2
 from contract.metadata import INPUT_NAME, OUTPUT_NAME
+from contract.names import NAME_RE, is_model_name, parse_version  # noqa: F401 (NAME_RE: part of the layout's API)
 
 MODEL_FILE = "model.onnx"
 LABELS_FILE = "labels.txt"
 CONFIG_FILE = "config.pbtxt"
 # A model's directory name (Triton's model name): no path separators, no leading dot or dash.
-NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # Triton's backend for an ONNX model file run by onnxruntime.
 PLATFORM = "onnxruntime_onnx"
 
@@ -34,16 +33,12 @@ class ConfigError(ValueError):
     """A config.pbtxt that cannot be read; the message is one line naming the file."""
 
 
-def is_model_name(name: str) -> bool:
-    return NAME_RE.fullmatch(name) is not None
-
-
 def versions(model_dir: str | os.PathLike) -> list[int]:
     """The version directories of ``model_dir`` (positive integer names), ascending; [] without it."""
     if not os.path.isdir(model_dir):
         return []
     return sorted(int(d) for d in os.listdir(model_dir)
-                  if d.isascii() and d.isdigit() and int(d) > 0 and os.path.isdir(os.path.join(model_dir, d)))
+                  if parse_version(d) is not None and os.path.isdir(os.path.join(model_dir, d)))
 
 
 def model_names(root: str | os.PathLike) -> list[str]:

@@ -37,6 +37,7 @@ import numpy as np
 from serve._proto.zoo.serving.v1 import classifier_pb2 as pb
 from serve._proto.zoo.serving.v1 import classifier_pb2_grpc as pb_grpc
 from contract.cli import HelpFormatter
+from contract.names import split_model_ref
 
 PROG = "python -m serve.client"
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -58,14 +59,14 @@ def split_model(model: str, version: int = 0) -> tuple[str, int]:
     Raises:
         ValueError: a version that is not a positive integer, or one given twice differently.
     """
-    name, sep, tail = model.rpartition(":")
-    if not sep:
+    if ":" not in model:
         return model, version
-    if not tail.isdigit() or int(tail) < 1:
+    name, named = split_model_ref(model)
+    if named is None:
         raise ValueError(f"invalid model {model!r}: expected NAME or NAME:VERSION with VERSION a positive integer")
-    if version and version != int(tail):
-        raise ValueError(f"model {model!r} names version {tail} but version={version} was given")
-    return name, int(tail)
+    if version and version != named:
+        raise ValueError(f"model {model!r} names version {named} but version={version} was given")
+    return name, named
 
 
 def _pil_image(x: Any) -> Any:

@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 from PIL import Image
 
+from contract.names import split_model_ref
 from serve import preprocess
 from serve.batching import Batcher, BatchResult, Pending
 from serve.errors import RequestError
@@ -47,12 +48,13 @@ def deadline_of(context: grpc.ServicerContext) -> float | None:
 def split_model(name: str, version: int = 0) -> tuple[str, int]:
     """``("NAME", VERSION)`` for ``NAME:VERSION`` with a positive VERSION; any other name as it
     is (it then names no served model). A version given both ways must agree."""
-    base, sep, tail = name.rpartition(":")
-    if not (sep and base and tail.isdigit() and tail == str(int(tail)) and int(tail) > 0):
+    base, named = split_model_ref(name)
+    if named is None:
         return name, version
-    if version and version != int(tail):
-        raise RequestError(_INVALID, f"model {shown(name)} names version {tail} but the request's version is {version}")
-    return base, int(tail)
+    if version and version != named:
+        raise RequestError(_INVALID, f"model {shown(name)} names version {named} but the request's version is "
+                                     f"{version}")
+    return base, named
 
 
 def describe(model: Model) -> str:

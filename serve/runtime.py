@@ -30,7 +30,8 @@ except ImportError as e:  # it comes from an extra: say which
 
 from contract import repository as layout
 from contract.metadata import INPUT_NAME, OUTPUT_NAME, MetadataError, decode_metadata
-from contract.repository import CONFIG_FILE, MODEL_FILE, NAME_RE, ConfigError, read_config
+from contract.names import is_model_name, split_model_ref
+from contract.repository import CONFIG_FILE, MODEL_FILE, ConfigError, read_config
 
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 CPU = "CPUExecutionProvider"
@@ -153,13 +154,13 @@ def parse_model_specs(specs: Sequence[str]) -> dict[str, set[int]]:
     """``["a", "b:2", "b:3"]`` -> ``{"a": set(), "b": {2, 3}}`` (empty set: the newest version)."""
     wanted: dict[str, set[int]] = {}
     for spec in specs:
-        name, sep, version = spec.partition(":")
-        if not NAME_RE.fullmatch(name) or (sep and not (version.isdigit() and int(version) > 0)):
+        name, version = split_model_ref(spec)
+        if not is_model_name(name) or ":" in name:
             raise RepositoryError(f"invalid --model {spec!r}: expected NAME or NAME:VERSION "
                                   "(VERSION a positive integer)")
         wanted.setdefault(name, set())
-        if sep:
-            wanted[name].add(int(version))
+        if version is not None:
+            wanted[name].add(version)
     return wanted
 
 
