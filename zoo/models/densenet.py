@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
+from zoo.models.head import ClassifierHead
 from zoo.nn.norm import NormLayer
 
 
@@ -87,7 +88,7 @@ class _Transition(nn.Sequential):
         self.pool = nn.AvgPool2d(2, stride=2)
 
 
-class DenseNet(nn.Module):
+class DenseNet(ClassifierHead, nn.Module):
     """DenseNet-BC.
 
     Args:
@@ -100,6 +101,8 @@ class DenseNet(nn.Module):
         memory_efficient: checkpoint each bottleneck (less memory, ~15-20% slower training).
         depthwise: depthwise 3x3 + pointwise 1x1 instead of each dense 3x3 conv.
     """
+
+    head_attr = "classifier"  # torchvision's name: checkpoints depend on it
 
     def __init__(
         self,
@@ -166,19 +169,6 @@ class DenseNet(nn.Module):
         head = nn.Linear(self.num_features, num_classes)
         nn.init.zeros_(head.bias)
         return head
-
-    def get_classifier(self) -> nn.Module:
-        """The classifier head, ``classifier`` (torchvision's name)."""
-        return self.classifier
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """A fresh head for ``num_classes`` classes (``0``: none, the model returns pooled features),
-        on the model's device and dtype."""
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"Invalid num_classes: {num_classes!r}")
-        like = next(self.parameters())
-        self.num_classes = num_classes
-        self.classifier = self._head(num_classes).to(device=like.device, dtype=like.dtype)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The feature map before pooling, ``(N, num_features, H', W')``: ``norm5`` and its ReLU

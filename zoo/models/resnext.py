@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from zoo.models.head import ClassifierHead
 from zoo.nn.norm import NormLayer
 
 
@@ -58,7 +59,7 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-class ResNet(nn.Module):
+class ResNet(ClassifierHead, nn.Module):
     """ResNet/ResNeXt with bottleneck blocks.
 
     Args:
@@ -71,6 +72,8 @@ class ResNet(nn.Module):
             for 32x32 inputs.
         stem_width: output channels of the stem conv.
     """
+
+    head_attr = "fc"  # torchvision's name: checkpoints depend on it
 
     def __init__(
         self,
@@ -140,19 +143,6 @@ class ResNet(nn.Module):
 
     def _head(self, num_classes: int) -> nn.Module:
         return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def get_classifier(self) -> nn.Module:
-        """The classifier head, ``fc`` (torchvision's name)."""
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """A fresh head for ``num_classes`` classes (``0``: none, the model returns pooled features),
-        on the model's device and dtype."""
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"Invalid num_classes: {num_classes!r}")
-        like = next(self.parameters())
-        self.num_classes = num_classes
-        self.fc = self._head(num_classes).to(device=like.device, dtype=like.dtype)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The feature map before pooling, ``(N, num_features, H', W')``."""
