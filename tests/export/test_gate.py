@@ -21,8 +21,8 @@ from export import export as run_export
 from export.config import SilentReporter
 from export.verify import ort_session
 from zoo.checkpoint import save_checkpoint
+from tests.export.digits import fit_resnext_mini, stacked
 from zoo.data import build_datasets
-from zoo.registry import create_model
 
 INPUT_SIZE = (3, 16, 16)
 
@@ -33,32 +33,12 @@ def digits_checkpoint(tmp_path_factory):
     the gate counts agreement, not accuracy, and confident logits on the very images it checks
     leave fp16 and int8 (nearly) no disagreements of their own to blur the floor."""
     bundle = build_datasets("digits", INPUT_SIZE)
-    torch.manual_seed(0)  # train items are shifted at random: fix them, or the model depends on test order
-    items = [bundle.train[i] for i in range(len(bundle.train))] + [bundle.val[i] for i in range(len(bundle.val))]
-    x = torch.stack([item[0] for item in items])
-    y = torch.tensor([item[1] for item in items])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        model = create_model("resnext_mini", num_classes=10)
-        steps = 60
-        opt = torch.optim.Adam(model.parameters(), 1e-2)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-2, total_steps=steps, pct_start=0.25)
-        g = torch.Generator().manual_seed(0)
-        model.train()
-        for _ in range(steps):
-            idx = torch.randint(0, len(x), (64,), generator=g)
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    finally:
-        torch.set_num_threads(threads)
+    train_x, train_y = stacked(bundle.train)
+    val_x, val_y = stacked(bundle.val)
+    model = fit_resnext_mini(torch.cat([train_x, val_x]), torch.cat([train_y, val_y]), steps=60)
     path = tmp_path_factory.mktemp("gate") / "digits.pt"
     save_checkpoint(path, dict(
-        model=model.eval().state_dict(), model_name="resnext_mini",
+        model=model.state_dict(), model_name="resnext_mini",
         model_args=dict(num_classes=10, norm="bn", gn_groups=32, in_chans=INPUT_SIZE[0]),
         classes=list(bundle.classes), input_size=list(INPUT_SIZE), mean=list(bundle.mean), std=list(bundle.std),
         data="digits", epoch=1, config=dict(seed=0, val_fraction=0.2)))

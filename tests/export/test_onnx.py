@@ -25,6 +25,7 @@ from export import ExportConfig, VerificationError, export
 from export.config import SilentReporter
 from export.convert import count_batchnorm_with_statistics
 from export.verify import ort_session
+from tests.export.digits import fit_resnext_mini, stacked
 from contract._proto.inference.model_config_pb2 import DataType, ModelConfig
 from contract.metadata import decode_metadata, read_metadata
 from tests.conftest import MINI_MODELS, randomize_bn_stats
@@ -132,29 +133,8 @@ def trained(tmp_path_factory):
     """resnext_mini trained ~10 s on digits at 16x16 (~90% val top-1): logits with real margins."""
     size = (3, 16, 16)
     bundle = build_datasets("digits", size)
-    torch.manual_seed(0)  # train items are shifted at random: fix them, or the model depends on test order
-    x = torch.stack([bundle.train[i][0] for i in range(len(bundle.train))])
-    y = torch.tensor([bundle.train[i][1] for i in range(len(bundle.train))])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        model = create_model("resnext_mini", num_classes=10)
-        steps = 30
-        opt = torch.optim.Adam(model.parameters(), 1e-2)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-2, total_steps=steps, pct_start=0.25)
-        g = torch.Generator().manual_seed(0)
-        model.train()
-        for _ in range(steps):
-            idx = torch.randint(0, len(x), (64,), generator=g)
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
+    x, y = stacked(bundle.train)
+    model = fit_resnext_mini(x, y, steps=30)
     root = tmp_path_factory.mktemp("trained")
     path = make_checkpoint(root / "digits.pt", model, "resnext_mini", data="digits", input_size=size,
                            classes=bundle.classes, mean=bundle.mean, std=bundle.std)
