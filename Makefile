@@ -42,7 +42,8 @@ demo: $(STAMP)
 
 # The gRPC stubs in serve/_proto, from protos/ (needs grpcio-tools, in .[dev]). They are checked
 # in, so a fresh clone needs no step; rerun after editing a .proto (tests/serve diffs them).
-# -Iserve/_proto=protos makes the generated imports package-qualified (serve._proto.zoo...).
+# -Iserve/_proto=protos makes the generated imports package-qualified (serve._proto.zoo...);
+# -Icontract/_proto=protos lets the service import the one ModelConfig where contract has it.
 # CONTRACT_PROTOS are messages only (no services, so no gRPC stubs) for the torch-free contract
 # package, generated once into contract/_proto: protobuf refuses a second registration of the
 # same message from another file in one process.
@@ -51,7 +52,7 @@ PROTOS := protos/zoo/serving/v1/classifier.proto protos/inference/grpc_predict_v
 CONTRACT_PROTOS := protos/inference/model_config.proto
 .PHONY: protos
 protos:
-	$(PY) -m grpc_tools.protoc -Iserve/_proto=protos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+	$(PY) -m grpc_tools.protoc -Iserve/_proto=protos -Icontract/_proto=protos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
 		--grpc_python_out=$(PROTO_OUT) $(PROTOS)
 	$(PY) -m grpc_tools.protoc -Icontract/_proto=protos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
 		$(CONTRACT_PROTOS)

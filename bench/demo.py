@@ -3,6 +3,9 @@
 train (``python -m zoo.train``) -> export (``python -m export.onnx``) -> serve (``python -m
 serve``) -> classify every held-out digit through the gRPC client as a PNG -> accuracy and
 latency -> stop the server. Each step runs as the command a user would type.
+
+With ``DEMO_KEEP_SERVING=1`` the server stays up after the last step: the demo prints the web
+page's address (the HTTP port, :mod:`serve.http`) and serves until Ctrl-C.
 """
 from __future__ import annotations
 
@@ -47,7 +50,10 @@ def held_out_digits(seed: int, val_fraction: float) -> tuple[list[bytes], np.nda
     return pngs, digits.target[val_idx]
 
 
-def start_server(model_dir: str) -> tuple[subprocess.Popen, str]:
+KEEP_SERVING_ENV = "DEMO_KEEP_SERVING"
+
+
+def start_server(model_dir: str) -> tuple[subprocess.Popen, str, str | None]:
     cmd = [sys.executable, "-m", "serve", "--model-dir", model_dir, "--port", "0"]
     print(f"\n$ {' '.join(cmd)} &", flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -56,7 +62,7 @@ def start_server(model_dir: str) -> tuple[subprocess.Popen, str]:
         print(line, end="", flush=True)
         ready = parse_ready_line(line)
         if ready is not None:
-            return proc, ready.address
+            return proc, ready.address, ready.http_url
     raise SystemExit(f"demo: the server exited before it was ready (exit {proc.wait()})")
 
 
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from zoo.train import DEFAULTS
 
     pngs, labels = held_out_digits(DEFAULTS["seed"], DEFAULTS["val_fraction"])
-    server, address = start_server(model_dir)
+    server, address, page = start_server(model_dir)
     try:
         print(f"\n== 4/4 classify the {len(pngs)} held-out digits as PNG files, {args.concurrency} at a time",
               flush=True)
@@ -100,8 +106,18 @@ def main(argv: list[str] | None = None) -> int:
             with ThreadPoolExecutor(args.concurrency) as pool:
                 answers = list(pool.map(one, pngs))
             wall = time.perf_counter() - t0
+        if os.environ.get(KEEP_SERVING_ENV) == "1" and page is not None:
+            print(f"\nthe web page: {page}/  (serving until Ctrl-C)", flush=True)
+            try:
+                server.wait()
+            except KeyboardInterrupt:  # the server got the same Ctrl-C: let it drain and stop by itself
+                try:
+                    server.wait(30)
+                except subprocess.TimeoutExpired:
+                    pass
     finally:
-        server.send_signal(signal.SIGTERM)
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
         try:
             server.wait(30)
         except subprocess.TimeoutExpired:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from bench import _common as common
 from bench import roofline as rl
+from contract.cli import md_table, text_table
+
 
 def _f(v: Any, fmt: str = ".2f", none: str = "-") -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
@@ -31,20 +33,6 @@ def _pct(v: Any) -> str:
 
 def _x(v: Any) -> str:
     return _f(v, ".2f") + ("x" if v is not None else "")
-
-
-def text_table(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in body)])
-
-
-def md_table(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in body]
-    return "\n".join(out)
 
 
 @dataclass

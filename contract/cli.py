@@ -1,7 +1,9 @@
-"""What every command line of the project shares: help that shows each default once."""
+"""What every command line of the project shares: help that shows each default once, and the
+tables they print (terminal text and markdown)."""
 from __future__ import annotations
 
 import argparse
+from typing import Sequence
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -14,3 +16,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False, "", argparse.SUPPRESS) or "default" in text.lower():
             return text
         return super()._get_help_string(action)
+
+
+def text_table(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    """Columns two spaces apart under a dashed rule; the first column left-aligned, the rest right."""
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in body)])
+
+
+def md_table(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    """A GitHub-flavoured markdown table (cells as given: no escaping of ``|``)."""
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(out)

@@ -21,8 +21,20 @@ Keys in the model's ``metadata_props`` (all values are strings; JSON where marke
                     digits/synthetic)
     zoo.created     ISO 8601 UTC time of the export
 
-Optional (informational): zoo.data (the dataset spec it was trained on), zoo.opset,
-zoo.exporter. The input is named ``input`` [N, C, H, W] float32 and the output ``logits``
+Optional, checked when present (exports older than these keys lack them):
+
+    zoo.flops       int: FLOPs of one forward pass at batch 1 and zoo.input_size (conv and matmul
+                    layers, a multiply-add counts as 2), as zoo.flops.count_flops and
+                    ``python -m zoo list`` count them
+    zoo.dense_twin  for a depthwise variant: the registry name of the dense model it is measured
+                    against (e.g. "resnext_mini" for "resnext_mini_dw")
+    zoo.int8        int8 exports: JSON object, how it was quantized (activation and weight types,
+                    format, per-channel, --int8-exclude and the nodes kept fp32, calibration)
+
+Optional (informational): zoo.data (the dataset spec it was trained on), zoo.weights ("model" or
+"ema": which of a checkpoint's weights), zoo.act and zoo.attn (the activation and attention a
+checkpoint's model was built with, when given), zoo.opset, zoo.exporter. The input is named
+``input`` [N, C, H, W] float32 and the output ``logits``
 [N, len(labels)] float32.
 """
 from __future__ import annotations
@@ -30,6 +42,8 @@ from __future__ import annotations
 import json
 import os
 from typing import Any, Mapping
+
+from contract.names import is_model_name
 
 PREFIX = "zoo."
 INPUT_NAME = "input"
@@ -52,6 +66,12 @@ FIELDS: dict[str, str] = {
     "created": "str",
 }
 REQUIRED = tuple(FIELDS)
+# Keys an export may leave out; same kinds as FIELDS.
+OPTIONAL: dict[str, str] = {
+    "flops": "int",
+    "dense_twin": "str",
+    "int8": "json",
+}
 
 
 class MetadataError(ValueError):
@@ -95,7 +115,7 @@ def decode_metadata(props: Mapping[str, str]) -> dict[str, Any]:
         if not full.startswith(PREFIX):
             continue
         key = full[len(PREFIX):]
-        kind = FIELDS.get(key, "str")
+        kind = FIELDS.get(key) or OPTIONAL.get(key, "str")
         try:
             if kind == "json":
                 value: Any = json.loads(text)
@@ -135,6 +155,12 @@ def _validate(meta: dict[str, Any]) -> None:
         raise MetadataError(f"bad metadata zoo.crop_pct: must be in (0, 1], got {meta['crop_pct']!r}")
     if meta["precision"] not in PRECISIONS:
         raise MetadataError(f"bad metadata zoo.precision: {meta['precision']!r}")
+    if "flops" in meta and meta["flops"] <= 0:
+        raise MetadataError(f"bad metadata zoo.flops: must be positive, got {meta['flops']!r}")
+    if "dense_twin" in meta and not is_model_name(meta["dense_twin"]):
+        raise MetadataError(f"bad metadata zoo.dense_twin: not a model name: {meta['dense_twin']!r}")
+    if "int8" in meta and not isinstance(meta["int8"], dict):
+        raise MetadataError(f"bad metadata zoo.int8: expected a JSON object, got {meta['int8']!r}")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -32,6 +32,10 @@ RANDOM_SAMPLES = 4  # random N(0, 1) inputs checked in every export
 VAL_SAMPLES = 500  # val images checked at most (deterministic subset)
 CALIB_SAMPLES = 128  # train images int8 calibration sees
 CALIB_BATCH = 16
+# --int8-exclude: "auto" keeps fp32 for the grouped convs whose int8 form measured slower in the
+# export itself, "none" quantizes everything, otherwise comma-separated ONNX op types kept fp32.
+INT8_EXCLUDE = "auto"
+INT8_TIMING_ROUNDS = 9  # auto: interleaved batch-1 rounds per variant, the fastest counts (after 2 warm-ups)
 EVAL_BATCH = 32
 LATENCY_RUNS = 20  # onnxruntime batch-1 runs for the median (after 3 warm-up runs)
 TRITON_MAX_BATCH = 32
@@ -96,6 +100,7 @@ class ExportConfig:
 
     model: str | None = None
     checkpoint: str | None = None
+    ema: bool | None = None  # a checkpoint's weights: None its selected ones, True the EMA's, False the raw ones
     torchvision_weights: str | None = None
     norm: str | None = None
     num_classes: int | None = None
@@ -113,6 +118,7 @@ class ExportConfig:
     calib_data: str | None = None
     calib_samples: int = CALIB_SAMPLES
     calib_method: str = "minmax"
+    int8_exclude: str = INT8_EXCLUDE
     val_samples: int = VAL_SAMPLES
     latency_runs: int = LATENCY_RUNS
     threads: int = 0
@@ -144,3 +150,15 @@ class ExportResult:
     latency_ms: float | None
     file_bytes: int
     summary: str  # the table the CLI prints
+    int8: Any = None  # export.convert.Int8Choice for an int8 export
+    audit: Any = None  # export.verify.GraphAudit: the graph onnxruntime runs after its optimisations
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``python -m export.onnx --json`` writes: plain JSON types only."""
+        from dataclasses import asdict
+
+        return dict(path=self.path, model_dir=self.model_dir, version=self.version, precision=self.precision,
+                    written=list(self.written), parities=[asdict(p) for p in self.parities],
+                    latency_ms=self.latency_ms, file_bytes=self.file_bytes,
+                    int8=self.int8.as_dict() if self.int8 is not None else None,
+                    audit=self.audit.as_dict() if self.audit is not None else None)

@@ -3,11 +3,13 @@ BatchNorm folding left), and the fp16 and int8 versions of a graph."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -128,8 +130,152 @@ def topological_sort(graph: Any) -> None:
     graph.node.extend(copies)
 
 
-def to_int8(model: Any, calib: Iterator[np.ndarray], method: str, workdir: str) -> Any:
-    """Static QDQ quantization with per-channel int8 weights, calibrated on ``calib`` batches.
+# fp16 on the CPU provider: said once in the export output.
+FP16_CPU_NOTE = ("note: onnxruntime's CPU provider has no fast fp16 kernels (it runs most nodes in fp32 with casts "
+                 "around them): fp16 buys file size here, not speed; it is the fast path on CUDA (onnxruntime-gpu, "
+                 "CUDAExecutionProvider). bf16 is not offered: the CPU provider has no bf16 conv kernels either")
+
+# What x86 runs fastest (onnxruntime's "quantization on x86" notes and its QDQ transformer):
+# - uint8 activations with int8 weights (U8S8). The CPU provider turns DequantizeLinear -> Conv ->
+#   QuantizeLinear into a real QLinearConv only for uint8 activations; int8 activations are
+#   rewritten to uint8 only where a quantized tensor has a single consumer, so every ResNeXt block
+#   input and every DenseNet feature map stayed float with a Q/DQ pair around it (slower than fp32).
+# - per-channel, symmetric weights (zero point 0: MLAS skips the zero-point correction of the
+#   weights), asymmetric activations (uint8 ranges that start at ReLU's 0 lose no level).
+# - QDQ rather than QOperator: onnxruntime fuses QDQ into the same QLinearConv/QLinearAdd/QGemm
+#   graph the operator format spells out, and a QDQ file also runs on providers (TensorRT, CUDA)
+#   that read QDQ but not the com.microsoft QLinear* operators.
+INT8_SETTINGS = dict(activations="uint8", weights="int8", per_channel=True, format="QDQ", weight_symmetric=True,
+                     activation_symmetric=False)
+
+
+# auto keeps a class of grouped convs fp32 only when the model ran clearly faster so: a near tie
+# stays int8 (a quarter of the weight bytes), and timing noise alone must not flip the choice.
+AUTO_FP32_IF_BELOW = 0.95
+
+
+@dataclass(frozen=True)
+class Int8Choice:
+    """How an int8 export was quantized, and why (recorded as ``zoo.int8`` and in ``--json``)."""
+
+    exclude: str  # what --int8-exclude asked: "auto", "none" or op types
+    excluded: tuple[str, ...]  # nodes kept fp32
+    # auto: per grouped-conv class, fastest batch-1 time with those convs fp32 / everything int8,
+    # in the same interleaved run ({} where there was nothing to measure)
+    measured: dict[str, float] = field(default_factory=dict)
+    calib_method: str = "minmax"
+    calib_images: int = 0
+    scale_shift_convs: int = 0  # folded scale/shift nodes run as int8 depthwise convs
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(INT8_SETTINGS, exclude=self.exclude, excluded=list(self.excluded), measured=dict(self.measured),
+                    calib_method=self.calib_method, calib_images=self.calib_images,
+                    scale_shift_convs=self.scale_shift_convs)
+
+    def describe(self) -> str:
+        kept = f"{len(self.excluded)} node(s) kept fp32" if self.excluded else "no node kept fp32"
+        text = f"uint8 activations, int8 per-channel weights, QDQ; --int8-exclude {self.exclude}: {kept}"
+        if self.scale_shift_convs:
+            text += f"; {self.scale_shift_convs} scale/shift nodes as depthwise convs"
+        if self.measured:
+            ratios = ", ".join(f"{k} {v:.2f}x" for k, v in self.measured.items())
+            text += f" (measured, model time with them fp32 / all int8: {ratios})"
+        return text
+
+
+def parse_int8_exclude(text: str) -> tuple[str, ...] | str:
+    """``"auto"`` / ``"none"`` as they are, otherwise a tuple of ONNX op types; ValueError if malformed."""
+    if text in ("auto", "none"):
+        return text
+    ops = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not ops or not all(t.isidentifier() for t in ops):
+        raise ValueError(f"Invalid --int8-exclude {text!r}: auto, none or comma-separated ONNX op types "
+                         "(e.g. Conv,Gemm)")
+    return ops
+
+
+def grouped_conv_classes(model: Any) -> dict[str, list[str]]:
+    """Grouped, non-depthwise convs by input channels per group: ``{"4 ch/group": [node names]}``.
+
+    These are the candidates ``auto`` measures: MLAS runs an int8 conv with group > 1 as a loop of
+    one im2col and one small GEMM per group, which for few channels per group can lose to the fp32
+    kernels. Depthwise convs (1 channel per group) have their own int8 kernel and are not candidates.
+    """
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    classes: dict[int, list[str]] = {}
+    for n in model.graph.node:
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        shape = weights.get(n.input[1]) if n.op_type == "Conv" and len(n.input) > 1 else None
+        if group > 1 and shape is not None and shape[1] > 1:
+            classes.setdefault(shape[1], []).append(n.name)
+    return {f"{k} ch/group": v for k, v in sorted(classes.items())}
+
+
+def scale_shift_to_depthwise_conv(model: Any) -> int:
+    """Rewrite, in place, each folded scale/shift node (BatchNormalization with mean 0, variance 1,
+    epsilon 0: :class:`zoo.nn.ScaleShift`) as the same per-channel affine map spelled as a 1x1
+    depthwise Conv; returns how many.
+
+    Why, for int8 only: onnxruntime quantizes no BatchNormalization, so each of DenseNet's
+    pre-activation scale/shifts (one per layer, reading the concatenated features) would stay a
+    float node with a Dequantize/Quantize pair and NHWC<->NCHW transposes around it, between two
+    integer convs. As a depthwise conv it runs MLAS's int8 depthwise kernel with its ReLU fused,
+    and one int8 weight per channel (per-channel scales) stores each scale exactly.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    consts = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:  # the TorchScript exporter spells some of them as Constant and Identity nodes
+        if n.op_type == "Constant":
+            consts.update({n.output[0]: a.t for a in n.attribute if a.name == "value"})
+        elif n.op_type == "Identity" and n.input[0] in consts:
+            consts[n.output[0]] = consts[n.input[0]]
+    rewritten = 0
+    nodes = []
+    for n in model.graph.node:
+        attrs = {a.name: a for a in n.attribute}
+        eps = attrs["epsilon"].f if "epsilon" in attrs else 1e-5
+        params = [consts.get(i) for i in n.input[1:5]] if n.op_type == "BatchNormalization" else [None]
+        if None in params or eps != 0 or len(n.output) != 1:
+            nodes.append(n)
+            continue
+        scale, shift, mean, var = (numpy_helper.to_array(t) for t in params)
+        if scale.ndim != 1 or not ((mean == 0).all() and (var == 1).all()):
+            nodes.append(n)
+            continue
+        weight = numpy_helper.from_array(scale.reshape(-1, 1, 1, 1).astype(np.float32), f"{n.name}_dw_weight")
+        bias = numpy_helper.from_array(shift.astype(np.float32), f"{n.name}_dw_bias")
+        model.graph.initializer.extend([weight, bias])
+        nodes.append(helper.make_node("Conv", [n.input[0], weight.name, bias.name], list(n.output),
+                                      name=f"{n.name}_dw", group=len(scale), kernel_shape=[1, 1]))
+        rewritten += 1
+    if rewritten:
+        # The BatchNormalization inputs are now unread: drop them (onnxruntime warns about each).
+        needed = {o.name for o in model.graph.output}
+        live = []
+        for n in reversed(nodes):
+            if any(o in needed for o in n.output):
+                live.append(n)
+                needed.update(n.input)
+        del model.graph.node[:]
+        model.graph.node.extend(reversed(live))
+        kept = [t for t in model.graph.initializer if t.name in needed]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+        onnx.checker.check_model(model)
+    return rewritten
+
+
+def to_int8(model: Any, calib: Iterator[np.ndarray], method: str, workdir: str, exclude: str = "auto",
+            threads: int = 0, timing_rounds: int = 9) -> tuple[Any, Int8Choice]:
+    """Static quantization as :data:`INT8_SETTINGS` says, calibrated on ``calib`` batches.
+
+    ``exclude`` (``--int8-exclude``): ``"none"`` quantizes every node onnxruntime can;
+    comma-separated op types keep those nodes fp32; ``"auto"`` times, in one interleaved run at
+    batch 1 with ``threads``, the all-int8 model against one variant per class of grouped convs
+    (:func:`grouped_conv_classes`) kept fp32, and keeps fp32 the classes whose variant ran faster
+    by more than :data:`AUTO_FP32_IF_BELOW` says.
 
     The node that writes ``logits`` keeps int8 weights but a float output: quantizing its output
     would round the logits themselves to 256 levels of their calibrated range (on a
@@ -145,27 +291,90 @@ def to_int8(model: Any, calib: Iterator[np.ndarray], method: str, workdir: str) 
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from export.config import UserError
+
+    try:
+        asked = parse_int8_exclude(exclude)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    batches = list(calib)
+
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter(calib)
+            self.batches = iter(batches)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self.batches, None)
             return None if batch is None else {INPUT_NAME: batch}
 
-    src, pre, dst = (os.path.join(workdir, f) for f in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+    src, pre, cache = (os.path.join(workdir, f) for f in ("fp32.onnx", "pre.onnx", "calibration.json"))
+    model = copy.deepcopy(model)
+    scale_shifts = scale_shift_to_depthwise_conv(model)
     onnx.save(model, src)
+    calibrate_method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                        "entropy": CalibrationMethod.Entropy}[method]
+
+    def quantize(excluded: Sequence[str], name: str) -> str:
+        dst = os.path.join(workdir, name)
+        # Calibrated once: the cache holds the tensor ranges, so a variant costs only the rewrite.
+        quantize_static(
+            pre, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=list(excluded),
+            extra_options={"OpTypesToExcludeOutputQuantization": head_ops, "WeightSymmetric": True,
+                           "ActivationSymmetric": False},
+            calibrate_method=calibrate_method, calibration_cache_path=cache)
+        return dst
+
     with quiet_loggers("root", "onnxruntime"):
         # Shape inference plus onnxruntime's graph fusions, so QDQ pairs land on the fused graph.
         quant_pre_process(src, pre, skip_symbolic_shape=True)
-        head_ops = sorted({n.op_type for n in onnx.load(pre, load_external_data=False).graph.node
-                           if OUTPUT_NAME in n.output})
-        quantize_static(
-            pre, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            extra_options={"OpTypesToExcludeOutputQuantization": head_ops},
-            calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                              "entropy": CalibrationMethod.Entropy}[method])
+        prepared = onnx.load(pre, load_external_data=False)
+        graph = prepared.graph
+        head_ops = sorted({n.op_type for n in graph.node if OUTPUT_NAME in n.output})
+        measured: dict[str, float] = {}
+        made: dict[tuple[str, ...], str] = {}  # auto's variants by their excluded nodes, reused when chosen
+        if asked == "none":
+            excluded: list[str] = []
+        elif asked != "auto":
+            present = {n.op_type for n in graph.node}
+            if set(asked) - present:
+                raise UserError(f"--int8-exclude {','.join(sorted(set(asked) - present))}: no such node in the graph "
+                                f"(its op types: {', '.join(sorted(present))})")
+            excluded = [n.name for n in graph.node if n.op_type in asked]
+        else:
+            classes = grouped_conv_classes(prepared)
+            excluded = []
+            if classes:
+                variants = {"int8": quantize([], "all.onnx")}
+                variants.update({k: quantize(names, f"keep{i}.onnx") for i, (k, names) in enumerate(classes.items())})
+                made = {(): variants["int8"], **{tuple(names): variants[k] for k, names in classes.items()}}
+                times = _interleaved_fastest_ms(variants, batches[0][:1], threads, timing_rounds)
+                measured = {k: round(times[k] / times["int8"], 3) for k in classes}
+                excluded = [n for k, names in classes.items() if measured[k] < AUTO_FP32_IF_BELOW for n in names]
+        dst = made.get(tuple(excluded)) or quantize(excluded, "int8.onnx")
     quantized = onnx.load(dst)
     onnx.checker.check_model(quantized, full_check=True)
-    return quantized
+    return quantized, Int8Choice(exclude=exclude, excluded=tuple(excluded), measured=measured, calib_method=method,
+                                 calib_images=sum(len(b) for b in batches), scale_shift_convs=scale_shifts)
+
+
+def _interleaved_fastest_ms(paths: dict[str, str], x: np.ndarray, threads: int, rounds: int) -> dict[str, float]:
+    """Fastest ms of ``session.run`` per model, timed in rounds (A B C A B C ...) so that other load
+    on the machine hits every variant alike. The fastest run, not the median: this picks the
+    faster kernel, and on a loaded machine the median mostly measures the other load."""
+    import time
+
+    from export.verify import ort_session
+
+    sessions = {k: ort_session(p, threads) for k, p in paths.items()}
+    feeds = {INPUT_NAME: np.ascontiguousarray(x)}
+    for s in sessions.values():
+        for _ in range(2):
+            s.run([OUTPUT_NAME], feeds)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run([OUTPUT_NAME], feeds)
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1000.0 * min(v) for k, v in times.items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 import os
 import tempfile
 import time
@@ -21,6 +22,7 @@ from export import convert, verify
 from export.config import (
     CALIB_BATCH,
     EVAL_BATCH,
+    INT8_TIMING_ROUNDS,
     RANDOM_SAMPLES,
     TRITON_QUEUE_DELAY_US,
     ExportConfig,
@@ -152,22 +154,26 @@ def _export(config: ExportConfig) -> ExportResult:
                       + (f" (+ {scale_shift} folded to scale/shift)" if scale_shift else "")
 
     renorm = verify.renormalizer(bundle, plan.mean, plan.std) if bundle is not None else None
+    int8 = None
     if precision == "fp16":
+        reporter.warning(convert.FP16_CPU_NOTE)
         with steps.step("convert to fp16 (fp32 input/output)"):
             onnx_model = convert.to_fp16(onnx_model)
             onnx.checker.check_model(onnx_model, full_check=True)
     elif precision == "int8":
         idx = verify.subset(len(bundle.train), config.calib_samples, seed=1)
-        with steps.step(f"quantize int8 (QDQ, per-channel, {config.calib_method}, {len(idx)} calibration images)"):
+        with steps.step(f"quantize int8 ({config.calib_method}, {len(idx)} calibration images)") as note:
             calib = (x for x, _ in verify.dataset_batches(bundle.train, idx, CALIB_BATCH, renorm, False))
             with tempfile.TemporaryDirectory(prefix="export-int8-") as work:
-                onnx_model = convert.to_int8(onnx_model, calib, config.calib_method, work)
+                onnx_model, int8 = convert.to_int8(onnx_model, calib, config.calib_method, work, config.int8_exclude,
+                                                   config.threads, INT8_TIMING_ROUNDS)
+            note["msg"] = int8.describe()
 
     out = OutputDir(config.out, plan.dir_name, version, explicit=config.version is not None)
     try:
         with steps.step("write temporary model file") as note:
             version = out.claim()
-            data = _stamped(onnx_model, plan, config, version, folded, torch.__version__)
+            data = _stamped(onnx_model, plan, config, version, folded, torch.__version__, flops, int8)
             tmp = out.write(data)
             note["msg"] = f"{_size(len(data))} in {out.version_dir}"
 
@@ -185,6 +191,7 @@ def _export(config: ExportConfig) -> ExportResult:
             failures = verify.gate(parities, config, random_init=plan.source == "random-init")
             note["msg"] = "FAILED" if failures else "passed"
         latency = verify.median_latency_ms(session, c, config.latency_runs) if not failures else None
+        audit = verify.optimized_graph_audit(tmp, config.threads)
 
         bn_note = f"{bn_nodes}"
         if folded:
@@ -201,6 +208,8 @@ def _export(config: ExportConfig) -> ExportResult:
             ("file size", _size(len(data))),
             ("BatchNormalization nodes", bn_note),
             ("opset / exporter", f"{opset} / {config.exporter}"),
+            *([("int8", int8.describe())] if int8 is not None else []),
+            ("onnxruntime graph", audit.describe()),
         ]
         for p in parities:
             rows.append((f"parity {p.what} ({p.count})", p.describe(precision)))
@@ -225,18 +234,23 @@ def _export(config: ExportConfig) -> ExportResult:
     rows.append(("written", written[0]))
     return ExportResult(path=written[0], model_dir=out.model_dir, version=version, precision=precision,
                         written=tuple(written), parities=tuple(parities), latency_ms=latency, file_bytes=len(data),
-                        summary=summary_table(rows, title))
+                        summary=summary_table(rows, title), int8=int8, audit=audit)
 
 
 def _stamped(onnx_model: Any, plan: Any, config: ExportConfig, version: int, folded: bool,
-             torch_version: str) -> bytes:
-    """The serialized model with its metadata (:mod:`contract.metadata`) for ``version``."""
+             torch_version: str, flops: int, int8: Any = None) -> bytes:
+    """The serialized model with its metadata (:mod:`contract.metadata`) for ``version``;
+    ``flops`` is zoo.flops.count_flops at batch 1 and the exported input size."""
+    from zoo.registry import get_model_spec
+
+    twin = get_model_spec(plan.name).dense_twin
     meta = encode_metadata(
         model=plan.name, version=version, labels=plan.labels, input_size=list(plan.input_size), mean=plan.mean,
         std=plan.std, norm=plan.norm, folded=folded, precision=config.precision, source=plan.source,
         crop_pct=plan.crop_pct, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         opset=config.resolved_opset, exporter=f"torch {torch_version.split('+')[0]} {config.exporter}",
-        **plan.extra_meta)
+        flops=flops, **({"dense_twin": twin} if twin else {}), **plan.extra_meta,
+        **({"int8": json.dumps(int8.as_dict())} if int8 is not None else {}))
     del onnx_model.metadata_props[:]
     for key, value in meta.items():
         onnx_model.metadata_props.add(key=key, value=value)

@@ -73,7 +73,7 @@ def _read_labels(path: str) -> list[str]:
 def resolve_plan(config: ExportConfig) -> Plan:
     """Check every argument and load the weights; UserError names the first problem."""
     from contract.preprocess import CROP_PCT
-    from zoo.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from zoo.checkpoint import CheckpointError, checkpoint_weights, load_checkpoint, model_from_checkpoint
     from zoo.registry import create_model, get_model_spec, resolve_name
     from zoo.weights import WeightsError, describe_mismatch, read_weights
 
@@ -104,11 +104,14 @@ def resolve_plan(config: ExportConfig) -> Plan:
             raise UserError(f"{config.checkpoint} holds a {ckpt_name} checkpoint, not {name}")
         name = ckpt_name
         try:
-            model = model_from_checkpoint(ckpt, config.checkpoint)
+            # By default the weights that scored the checkpoint's val accuracy (the EMA's when they did better).
+            extra["weights"] = checkpoint_weights(ckpt, config.ema, config.checkpoint)[1]
+            model = model_from_checkpoint(ckpt, config.checkpoint, ema=config.ema)
         except (CheckpointError, ValueError, TypeError) as e:
             raise UserError(str(e).splitlines()[0]) from None
         model_args = dict(ckpt["model_args"])
         norm = str(model_args.get("norm", "bn"))
+        extra.update({key: str(model_args[key]) for key in ("act", "attn") if model_args.get(key)})
         labels = [str(c) for c in ckpt["classes"]]
         for flag, given, fixed in (("--norm", config.norm, norm), ("--num-classes", config.num_classes, len(labels))):
             if given is not None and given != fixed:

@@ -157,3 +157,79 @@ def median_latency_ms(session: Any, input_size: Sequence[int], runs: int) -> flo
         times.append(time.perf_counter() - t0)
     return 1000.0 * float(np.median(times))
 
+
+
+# What the audit counts, by op type in the graph onnxruntime runs (domains ai.onnx,
+# com.microsoft and com.microsoft.nchwc). A conv or matmul is "integer" when its kernel reads
+# 8-bit tensors; "float" when it reads float (fp32 or fp16) ones.
+INTEGER_OPS = {
+    "QLinearConv": "conv", "ConvInteger": "conv", "NhwcQLinearConv": "conv",
+    "QLinearMatMul": "matmul", "MatMulInteger": "matmul", "QGemm": "matmul", "MatMulIntegerToFloat": "matmul",
+    "DynamicQuantizeMatMul": "matmul", "QAttention": "matmul",
+}
+FLOAT_OPS = {
+    "Conv": "conv", "FusedConv": "conv", "NhwcFusedConv": "conv", "ConvTranspose": "conv",
+    "MatMul": "matmul", "Gemm": "matmul", "FusedMatMul": "matmul", "FusedGemm": "matmul",
+}
+QUANTIZE_OPS = ("QuantizeLinear", "DynamicQuantizeLinear")
+DEQUANTIZE_OPS = ("DequantizeLinear",)
+
+
+@dataclass(frozen=True)
+class GraphAudit:
+    """Which convs and matmuls onnxruntime runs as integer ops after its graph optimisations."""
+
+    integer_convs: int
+    float_convs: int
+    integer_matmuls: int  # MatMul and Gemm (the classifier) together
+    float_matmuls: int
+    quantize: int  # QuantizeLinear nodes left (a float -> uint8 edge at run time)
+    dequantize: int
+    ops: dict[str, int]  # every op type in the optimised graph, with its count
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (f"convs {self.integer_convs} integer / {self.float_convs} float, matmul/gemm "
+                f"{self.integer_matmuls} integer / {self.float_matmuls} float; QuantizeLinear {self.quantize}, "
+                f"DequantizeLinear {self.dequantize}")
+
+
+def audit_graph(model: Any) -> GraphAudit:
+    """:class:`GraphAudit` of an (optimised) onnx.ModelProto."""
+    from collections import Counter
+
+    ops = Counter(n.op_type for n in model.graph.node)
+    count = {(kind, table): 0 for kind in ("conv", "matmul") for table in ("int", "float")}
+    for op, n in ops.items():
+        if op in INTEGER_OPS:
+            count[INTEGER_OPS[op], "int"] += n
+        elif op in FLOAT_OPS:
+            count[FLOAT_OPS[op], "float"] += n
+    return GraphAudit(integer_convs=count["conv", "int"], float_convs=count["conv", "float"],
+                      integer_matmuls=count["matmul", "int"], float_matmuls=count["matmul", "float"],
+                      quantize=sum(ops[o] for o in QUANTIZE_OPS), dequantize=sum(ops[o] for o in DEQUANTIZE_OPS),
+                      ops=dict(sorted(ops.items())))
+
+
+def optimized_graph_audit(path: str, threads: int = 0) -> GraphAudit:
+    """Audit the graph onnxruntime's CPU provider runs for the model at ``path``: the session
+    writes its optimised graph (``optimized_model_filepath``, all optimisation levels), which is
+    read back and counted."""
+    import os
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="export-audit-") as work:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = os.path.join(work, "optimized.onnx")
+        ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return audit_graph(onnx.load(options.optimized_model_filepath))

@@ -1,4 +1,5 @@
-"""``python -m serve --model-dir DIR``: serve an ONNX model repository over gRPC.
+"""``python -m serve --model-dir DIR``: serve an ONNX model repository over gRPC, and over HTTP/REST
+with a web page on ``--http-port`` (:mod:`serve.http`).
 
 Prints one line when ready (address; each model's version and precision, e.g. ``resnext_mini:3
 fp16``; provider) so scripts can wait for it (:func:`serve.ready.parse_ready_line` reads it). SIGTERM or
@@ -33,21 +34,23 @@ from typing import Any, Sequence
 from PIL import Image
 
 from contract.cli import HelpFormatter
-from serve.core import describe
+from serve.core import MODEL_CONTROL_MODES, describe
 from serve.preprocess import MAX_IMAGE_PIXELS
-from serve.ready import PROG, parse_ready_line, ready_line, workers_ready_line
+from serve.ready import PROG, http_part, parse_ready_line, ready_line, workers_ready_line
 from serve.ready import address as _address
 from serve.runtime import PROVIDER_CHOICES, RepositoryError, load_repository
 from serve.server import (
     DEFAULT_BATCH_TIMEOUT_MS,
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_POLL_SECS,
     MAX_MESSAGE_BYTES,
     create_server,
 )
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: exposing the server is an explicit choice
 DEFAULT_PORT = 50051
+DEFAULT_HTTP_PORT = 8000  # Triton's: its clients and examples default to it
 DEFAULT_GRACE_S = 10.0
 # Long enough for calls already sent to reach a handler; set it to the health-check period of
 # the load balancer in front (Kubernetes: the readiness probe's period) to move traffic first.
@@ -67,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model-dir", required=True, metavar="DIR", help="model repository root")
     m.add_argument("--model", action="append", default=[], metavar="NAME[:VERSION]",
                    help="serve only these (repeatable; VERSION pins one, else the newest; none given: every model)")
+    m.add_argument("--model-control-mode", choices=MODEL_CONTROL_MODES, default="none",
+                   help="Triton's: none serves what loads at start; poll follows the repository (a new version "
+                        "directory or a replaced model.onnx loads, a removed one unloads) without a restart; explicit "
+                        "loads and unloads on RepositoryModelLoad/Unload")
+    m.add_argument("--repository-poll-secs", type=float, default=DEFAULT_POLL_SECS, metavar="SECONDS",
+                   help="with --model-control-mode poll: seconds between two looks at the repository")
+    m.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                   help="with --model-control-mode explicit: load this model at start (repeatable; none: start empty)")
     m.add_argument("--default-model", default=None, metavar="NAME",
                    help="model for requests that name none (default: the only model, when there is one)")
     m.add_argument("--providers", choices=PROVIDER_CHOICES, default="auto",
@@ -75,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     n = p.add_argument_group("network")
     n.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (0.0.0.0: every interface)")
     n.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (0: pick a free one and print it)")
+    n.add_argument("--http-port", type=int, default=None,
+                   help=f"HTTP/REST port (the Open Inference Protocol's REST API, a classify route, the web page "
+                        f"at /); default {DEFAULT_HTTP_PORT}, or a free one with --port 0 (0: pick a free one)")
+    n.add_argument("--no-http", action="store_true", help="serve gRPC only")
     n.add_argument("--max-concurrency", type=int, default=DEFAULT_MAX_CONCURRENCY,
                    help="Classify and ModelInfer calls + ClassifyStream streams in flight; "
                         "beyond it RESOURCE_EXHAUSTED")
@@ -135,6 +150,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"Invalid {flag}: {value} (at least {low})")
     if args.port > 65535 or (args.metrics_port is not None and not 0 <= args.metrics_port <= 65535):
         parser.error("ports are 0..65535")
+    if args.http_port is not None and not 0 <= args.http_port <= 65535:
+        parser.error(f"Invalid --http-port: {args.http_port} (0..65535)")
+    if args.no_http and args.http_port is not None:
+        parser.error("--http-port and --no-http exclude each other")
+    # Port 0 for gRPC (tests, scripts) picks a free HTTP port too, so such servers never collide on 8000.
+    http_port = None if args.no_http else (args.http_port if args.http_port is not None
+                                           else 0 if args.port == 0 else DEFAULT_HTTP_PORT)
+    if http_port and http_port == args.port:
+        parser.error(f"--http-port {http_port} is the gRPC --port too: give each its own")
+    if args.load_model and args.model_control_mode != "explicit":
+        parser.error("--load-model needs --model-control-mode explicit")
+    if args.model and args.model_control_mode == "poll":
+        parser.error("--model does not go with --model-control-mode poll: the repository (and each config.pbtxt's "
+                     "version_policy) decides what serves")
+    if not args.repository_poll_secs > 0 or not math.isfinite(args.repository_poll_secs):
+        parser.error(f"Invalid --repository-poll-secs: {args.repository_poll_secs} (more than 0)")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     if args.workers < 1:
@@ -150,10 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--auth-token-file {args.auth_token_file} is empty")
     if args.workers > 1:
         exposed = not _is_loopback(args.host) and not (tls and token)
-        return run_workers(args, list(sys.argv[1:] if argv is None else argv), warn_exposed=exposed)
+        return run_workers(args, list(sys.argv[1:] if argv is None else argv), warn_exposed=exposed,
+                           http_port=http_port)
 
     try:
-        repo = load_repository(args.model_dir, providers=args.providers, threads=args.threads, models=args.model)
+        repo = load_repository(args.model_dir, providers=args.providers, threads=args.threads,
+                               models=args.model + args.load_model, empty_ok=args.model_control_mode == "explicit")
     except RepositoryError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
@@ -162,7 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         server, port = create_server(repo, address, max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms,
                                      max_concurrency=args.max_concurrency, default_model=args.default_model, tls=tls,
                                      token=token, metrics_port=args.metrics_port,
-                                     max_message_bytes=int(args.max_message_mb * 2**20), reuse_port=args.reuse_port)
+                                     max_message_bytes=int(args.max_message_mb * 2**20), reuse_port=args.reuse_port,
+                                     http_port=http_port, model_control=args.model_control_mode,
+                                     poll_secs=args.repository_poll_secs)
         # Process-wide, so here and not in create_server: Pillow's own decompression-bomb guard
         # (an error at twice this) behind the explicit size check in preprocess.decode_image,
         # which refuses everything over it; Pillow's warning in between would only repeat that.
@@ -184,12 +219,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, on_signal)
     default = server.default_model
     models = ", ".join(describe(m) + (" (default)" if m.name == default else "") for m in repo.all())
-    providers = ", ".join(sorted({m.provider for m in repo.all()}))
+    providers = ", ".join(sorted({m.provider for m in repo.all()})) or ", ".join(repo.providers)
+    models = models or "none yet (load them with RepositoryModelLoad)"
     security = ("TLS" if tls else "plaintext") + (", bearer token" if token else "")
     ready = ready_line(args.host, port, f"({security}); models {models}; provider {providers}; "
                                         f"max batch {args.max_batch}, timeout {args.batch_timeout_ms:g} ms")
+    if args.model_control_mode != "none":
+        ready += f"; model control {args.model_control_mode}" + (
+            f" every {args.repository_poll_secs:g} s" if args.model_control_mode == "poll" else "")
     if server.metrics_port is not None:
         ready += f"; metrics http://{_address(args.host, server.metrics_port)}/metrics"
+    if server.http_port is not None:
+        ready += http_part(args.host, server.http_port, tls is not None)
     print(ready, flush=True)
     if not _is_loopback(args.host) and not (tls and token) and PARENT_ENV not in os.environ:
         print(f"{PROG}: warning: listening on {args.host} without TLS and a token: anyone who reaches it can use it",
@@ -225,9 +266,12 @@ def _reserve_port(host: str) -> socket.socket:
     return sock
 
 
-def _worker_argv(argv: list[str], args: argparse.Namespace, index: int, port: int) -> list[str]:
+def _worker_argv(argv: list[str], args: argparse.Namespace, index: int, port: int,
+                 http_port: int | None = None) -> list[str]:
     """The child's options: the user's, then overrides (argparse keeps an option's last value)."""
     extra = ["--workers", "1", "--reuse-port", "--port", str(port)]
+    if http_port is not None:
+        extra += ["--http-port", str(http_port)]
     if args.threads == 0:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         extra += ["--threads", str(max(1, cores // args.workers))]
@@ -279,7 +323,8 @@ class _Worker:
         return code
 
 
-def run_workers(args: argparse.Namespace, argv: list[str], warn_exposed: bool = False) -> int:
+def run_workers(args: argparse.Namespace, argv: list[str], warn_exposed: bool = False,
+                http_port: int | None = None) -> int:
     """``--workers N``: N ``python -m serve`` processes on one port; returns the exit status."""
     stop = threading.Event()
     workers: list[_Worker] = []
@@ -302,20 +347,31 @@ def run_workers(args: argparse.Namespace, argv: list[str], warn_exposed: bool = 
             print(f"{PROG}: error: cannot listen on {args.host}: {e.strerror or e}", file=sys.stderr)
             return 1
         port = reserved.getsockname()[1]
+    reserved_http = None
+    if http_port == 0:  # one free port for every worker's HTTP side too
+        try:
+            reserved_http = _reserve_port(args.host)
+        except OSError as e:
+            print(f"{PROG}: error: cannot listen on {args.host}: {e.strerror or e}", file=sys.stderr)
+            return 1
+        http_port = reserved_http.getsockname()[1]
     try:
         # The first worker alone: a bad repository or a taken port fails once, with one message.
         for index in range(args.workers):
-            workers.append(_Worker(index, _worker_argv(argv, args, index, port)))
+            workers.append(_Worker(index, _worker_argv(argv, args, index, port, http_port)))
             if index == 0 and not workers[0].wait_ready(stop):
                 break
         started = all(w.wait_ready(stop) for w in workers) and len(workers) == args.workers
     finally:
         if reserved is not None:
             reserved.close()
+        if reserved_http is not None:
+            reserved_http.close()
     if started:
         pids = ", ".join(str(w.proc.pid) for w in workers)
         print(workers_ready_line(args.workers, args.host, port,
-                                 f"(pids {pids}; connections spread by SO_REUSEPORT)"), flush=True)
+                                 f"(pids {pids}; connections spread by SO_REUSEPORT)")
+              + (http_part(args.host, http_port, bool(args.tls_cert)) if http_port is not None else ""), flush=True)
         if warn_exposed:
             print(f"{PROG}: warning: listening on {args.host} without TLS and a token: "
                   "anyone who reaches it can use it", file=sys.stderr, flush=True)

@@ -6,7 +6,14 @@ request never waits longer than the timeout, and one that already queued behind 
 waits no extra). Requests whose deadline has passed, or whose caller went away, are dropped
 before the batch runs. The queue is bounded: a full queue is refused, never grown. While one
 batch runs, the next one gathers in the queue, which is what makes batching pay off under load.
-``max_batch=1`` turns batching off (each request runs alone, at once).
+``max_batch=1`` turns batching off (each request runs alone, at once). A request that finds its
+model idle and nothing queued runs on the thread that waits for it (no hand-over to the worker and
+back: two thread wake-ups, and on few cores the scheduling jitter that comes with them); batching
+happens only under contention, as with Triton's default ``max_queue_delay`` of 0 (``inline=True``;
+off by default). One model call runs at a time either way. A model call that raises
+is logged here, once for its whole batch, under a request id per request; each caller gets
+:class:`BatchFailed` with its own id (:mod:`serve.errors` answers INTERNAL with that id and logs
+nothing more).
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,6 +42,21 @@ class ShuttingDown(Exception):
     """The batcher was closed before the request ran."""
 
 
+class BatchFailed(Exception):
+    """The model call of the request's batch raised (the ``__cause__``). The batcher has logged it,
+    traceback and all, under ``request_id`` among the ids of the whole batch."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"the model failed on this request's batch (request id {request_id})")
+        self.request_id = request_id
+
+
+def new_request_id() -> str:
+    """The id that ties an INTERNAL answer to its server log record (here, not in
+    :mod:`serve.errors`, which imports this module)."""
+    return uuid.uuid4().hex[:16]
+
+
 @dataclass
 class BatchResult:
     logits: np.ndarray  # this request's row, [classes]
@@ -45,7 +68,7 @@ class BatchResult:
 class Pending:
     """A submitted request: :meth:`wait` returns its :class:`BatchResult` or raises."""
 
-    __slots__ = ("x", "deadline", "is_active", "enqueued", "_done", "_result", "_error", "abandoned")
+    __slots__ = ("x", "deadline", "is_active", "enqueued", "_done", "_result", "_error", "_abandoned", "_inline")
 
     def __init__(self, x: np.ndarray, deadline: float | None, is_active: Callable[[], bool] | None) -> None:
         self.x = x
@@ -55,7 +78,22 @@ class Pending:
         self._done = threading.Event()
         self._result: BatchResult | None = None
         self._error: BaseException | None = None
-        self.abandoned = False  # the waiter gave up: skip it
+        self._abandoned = False
+        # The batcher whose idle model this request claimed at submit: wait() runs it on the calling thread.
+        self._inline: Batcher | None = None
+
+    @property
+    def abandoned(self) -> bool:
+        """The waiter gave up: skip it."""
+        return self._abandoned
+
+    @abandoned.setter
+    def abandoned(self, value: bool) -> None:
+        self._abandoned = value
+        inline, self._inline = (self._inline, None) if value else (None, self._inline)
+        if inline is not None:  # nobody will wait() to run it: give the model back
+            self._finish(error=DeadlineExceeded("abandoned before it ran"))
+            inline._release()
 
     def expired(self, now: float) -> bool:
         if self.abandoned or (self.deadline is not None and now >= self.deadline):
@@ -68,7 +106,10 @@ class Pending:
 
     def wait(self, timeout: float | None = None) -> BatchResult:
         """Block until the batch ran. Raises DeadlineExceeded when ``timeout`` passes first."""
-        if not self._done.wait(timeout):
+        inline, self._inline = self._inline, None
+        if inline is not None:
+            inline._run_inline(self, timeout)
+        elif not self._done.wait(timeout):
             self.abandoned = True
             raise DeadlineExceeded("deadline exceeded while waiting in the batch queue")
         if self._error is not None:
@@ -90,10 +131,12 @@ class Batcher:
         max_queue: requests that may wait at once; beyond it :meth:`submit` raises QueueFull.
         on_batch: called with each batch's size after it ran (metrics).
         name: for the thread name and logs.
+        inline: a request that finds the model idle and nothing queued runs on the thread that waits for it.
     """
 
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int = 16, timeout_s: float = 0.002,
-                 max_queue: int = 1024, on_batch: Callable[[int], None] | None = None, name: str = "model") -> None:
+                 max_queue: int = 1024, on_batch: Callable[[int], None] | None = None, name: str = "model",
+                 inline: bool = False) -> None:
         if max_batch < 1:
             raise ValueError(f"Invalid max_batch: {max_batch} (at least 1)")
         if timeout_s < 0:
@@ -101,8 +144,11 @@ class Batcher:
         self.run, self.max_batch, self.timeout_s = run, max_batch, timeout_s
         self.on_batch = on_batch
         self.name = name
+        self.inline = inline
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._closed = False
+        self._idle = threading.Condition()
+        self._busy = False  # a model call (or a claim on the idle model by a submitted request) is under way
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -112,6 +158,11 @@ class Batcher:
         if self._closed:
             raise ShuttingDown("server is shutting down")
         item = Pending(x, deadline, is_active)
+        with self._idle:
+            if self.inline and not self._busy and self._queue.empty():
+                self._busy = True
+                item._inline = self
+                return item
         try:
             self._queue.put_nowait(item)
         except queue.Full:
@@ -124,7 +175,34 @@ class Batcher:
             return
         self._closed = True
         self._queue.put(_STOP)
+        end = None if timeout is None else time.monotonic() + timeout
         self._thread.join(timeout)
+        with self._idle:  # a request claimed before the close still runs on its caller's thread
+            self._idle.wait_for(lambda: not self._busy, None if end is None else max(0.0, end - time.monotonic()))
+
+    def _claim(self) -> None:
+        with self._idle:
+            self._idle.wait_for(lambda: not self._busy)
+            self._busy = True
+
+    def _release(self) -> None:
+        with self._idle:
+            self._busy = False
+            self._idle.notify_all()
+
+    def _run_inline(self, item: Pending, timeout: float | None) -> None:
+        """Run ``item`` (whose submit claimed the idle model) on the calling thread."""
+        try:
+            start = time.monotonic()
+            if (timeout is not None and timeout <= 0) or item.expired(start):
+                item._finish(error=DeadlineExceeded("deadline exceeded while waiting in the batch queue"))
+            else:
+                self._run([item])
+                # The queued path answers DEADLINE_EXCEEDED when the wait outlasts the deadline: so does this one.
+                if timeout is not None and time.monotonic() - start > timeout and item._error is None:
+                    item._finish(error=DeadlineExceeded("deadline exceeded while the model ran"))
+        finally:
+            self._release()
 
     # ------------------------------------------------------------------ worker
 
@@ -149,16 +227,11 @@ class Batcher:
             first = self._queue.get()
             if first is _STOP:
                 break
-            batch, stop = self._gather(first)
-            now = time.monotonic()
-            live = []
-            for item in batch:
-                if item.expired(now):
-                    item._finish(error=DeadlineExceeded("deadline exceeded while waiting in the batch queue"))
-                else:
-                    live.append(item)
-            if live:
-                self._run(live)
+            self._claim()  # waits out a request running on its caller's thread; meanwhile the batch grows
+            try:
+                stop = self._take(first)
+            finally:
+                self._release()
         # Closed: nothing new arrives (submit refuses), fail whatever slipped in.
         while True:
             try:
@@ -168,15 +241,34 @@ class Batcher:
             if item is not _STOP:
                 item._finish(error=ShuttingDown("server is shutting down"))
 
+    def _take(self, first: Pending) -> bool:
+        """Gather a batch behind ``first``, drop the expired, run the rest. True: the batcher was closed."""
+        batch, stop = self._gather(first)
+        now = time.monotonic()
+        live = []
+        for item in batch:
+            if item.expired(now):
+                item._finish(error=DeadlineExceeded("deadline exceeded while waiting in the batch queue"))
+            else:
+                live.append(item)
+        if live:
+            self._run(live)
+        return stop
+
     def _run(self, items: list[Pending]) -> None:
         start = time.monotonic()
         try:
             x = items[0].x[None] if len(items) == 1 else np.stack([it.x for it in items])
             logits = self.run(x)
         except Exception as e:  # the model failed: every caller of this batch hears about it
-            log.exception("%s: batch of %d failed", self.name, len(items))
-            for item in items:
-                item._finish(error=e)
+            ids = [new_request_id() for _ in items]
+            # One record for the batch: N callers must not log the same traceback N times.
+            log.error("%s: batch of %d failed (request id%s %s)", self.name, len(items), "s" if len(ids) > 1 else "",
+                      ", ".join(ids), exc_info=e)
+            for item, request_id in zip(items, ids):
+                failure = BatchFailed(request_id)  # one per caller: threads raising one object tangle its traceback
+                failure.__cause__ = e
+                item._finish(error=failure)
             return
         elapsed = time.monotonic() - start
         if self.on_batch is not None:

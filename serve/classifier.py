@@ -18,7 +18,7 @@ from serve import preprocess
 from serve._proto.zoo.serving.v1 import classifier_pb2 as pb
 from serve._proto.zoo.serving.v1 import classifier_pb2_grpc as pb_grpc
 from serve.batching import Pending
-from serve.core import ServingCore, deadline_of, shown, split_model
+from serve.core import ServingCore, deadline_of, split_model, unknown_model
 from serve.errors import RequestError, status_of
 from serve.runtime import Model
 
@@ -198,14 +198,15 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         except RequestError as e:
             context.abort(e.code, e.message)
         if name and name not in core.repo.models:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {shown(name)}; "
-                                                     f"this server serves: {', '.join(core.repo.names())}")
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"{unknown_model(name)}; this server serves: {', '.join(core.repo.names())}")
         out = []
-        for n in [name] if name else core.repo.names():
-            r = core.metrics.report(n)
+        for r in core.latency_report([name] if name else core.repo.names()):
             pct = {k: pb.Percentiles(p50_us=r[k][50], p90_us=r[k][90], p99_us=r[k][99])
                    for k in ("total", "queue", "inference")}
-            out.append(pb.ModelLatency(model=n, count=r["count"], window=core.metrics.window,
+            out.append(pb.ModelLatency(model=r["model"], count=r["count"], window=core.metrics.window,
                                        mean_batch_size=r["mean_batch_size"], total_requests=r["total_requests"],
+                                       flops=r["flops"], dense_twin=r["dense_twin"], twin_model=r["twin_model"],
+                                       flops_ratio=r["flops_ratio"], latency_ratio=r["latency_ratio"], gap=r["gap"],
                                        **pct))
         return pb.LatencyReportResponse(models=out)

@@ -420,7 +420,7 @@ class Classifier:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Classify images with a python -m serve server.",
                                 formatter_class=HelpFormatter)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, BMP or WebP files")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="JPEG, PNG, BMP or WebP files")
     p.add_argument("--model", default="", metavar="NAME[:VERSION]",
                    help="model as NAME or NAME:VERSION (no VERSION: the newest served; no --model: the server's "
                         "only model)")
@@ -430,7 +430,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", metavar="FILE", help="bearer token for a server started with --auth-token-file")
     p.add_argument("--tls-ca", metavar="PEM", help="CA certificate that signed the server's (turns TLS on)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds for the whole run")
+    p.add_argument("--latency-report", action="store_true",
+                   help="instead of classifying, print the server's latency report (of --model, else of every "
+                        "model): percentiles, FLOPs and, for a depthwise model served beside its dense twin, "
+                        "the FLOPs ratio, the inference latency ratio and the gap")
     return p
+
+
+def _ratio(v: float, fmt: str = ".3f", unit: str = "") -> str:
+    return format(v, fmt) + unit if v else "-"  # 0 in the report: not known
+
+
+def format_latency_report(report: Any) -> str:
+    """A ``LatencyReportResponse`` as a table (milliseconds; GFLOPs at batch 1, a multiply-add
+    counts as 2). For a depthwise model whose dense twin the server serves too: the FLOPs ratio,
+    the inference latency ratio (p50, model over twin) and the gap, as ``bench.latency`` prints
+    them."""
+    def ms(p: Any) -> str:
+        return f"{p.p50_us / 1e3:.3f}/{p.p90_us / 1e3:.3f}/{p.p99_us / 1e3:.3f}"
+
+    headers = ["model", "requests", "total p50/p90/p99 ms", "queue p50 ms", "inference p50/p90/p99 ms",
+               "mean batch", "GFLOPs", "dense twin", "FLOPs ratio", "latency ratio", "gap"]
+    body = [[m.model, f"{m.count}/{m.total_requests}", ms(m.total), f"{m.queue.p50_us / 1e3:.3f}", ms(m.inference),
+             f"{m.mean_batch_size:.2f}", _ratio(m.flops / 1e9), m.twin_model or (f"{m.dense_twin} (not served)"
+                                                                                  if m.dense_twin else "-"),
+             _ratio(m.flops_ratio), _ratio(m.latency_ratio), _ratio(m.gap, ".2f", "x")] for m in report.models]
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    lines = [line(headers), line(["-" * w for w in widths]), *(line(r) for r in body),
+             "requests: in the window / since the server started"]
+    if any(m.twin_model for m in report.models):
+        lines.append("gap = latency ratio / FLOPs ratio (inference p50 and FLOPs, depthwise model over its dense "
+                     "twin): cost of a FLOP, depthwise over dense")
+    return "\n".join(lines)
 
 
 def format_result(name: str, r: Result) -> str:
@@ -460,6 +495,10 @@ def describe_error(e: ClientError, tls: bool) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.latency_report and args.images:
+        parser.error("--latency-report classifies nothing: drop the IMAGE arguments")
+    if not args.images and not args.latency_report:
+        parser.error("the following arguments are required: IMAGE (or --latency-report)")
     if args.top_k < 1:
         parser.error(f"Invalid --top-k: {args.top_k} (at least 1)")
     token = None
@@ -489,6 +528,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--server: {e}")
     try:
         with Classifier(args.server, token=token, tls_ca=args.tls_ca, timeout=args.timeout) as client:
+            if args.latency_report:
+                print(format_latency_report(client.latency_report(args.model)))
+                return 0
             if len(images) == 1:
                 try:
                     results: list[Result | ClientError] = [client.classify(images[0], args.model, args.top_k)]

@@ -13,22 +13,32 @@ Imports neither torch nor zoo.
 """
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import grpc
 import numpy as np
 from PIL import Image
 
-from contract.names import split_model_ref
+from contract import repository as layout
+from contract.names import is_model_name, split_model_ref
 from serve import preprocess
 from serve.batching import Batcher, BatchResult, Pending
 from serve.errors import RequestError
 from serve.metrics import UNKNOWN_MODEL, Metrics
-from serve.runtime import Model, Repository
+from serve import runtime
+from serve.runtime import CUDA, Model, Repository, RepositoryError
 
+MODEL_CONTROL_MODES = ("none", "poll", "explicit")
+# A version replaced or unloaded keeps its batcher this long: a request that looked the model up
+# just before the swap still queues on it and is answered by the version it named, and what is
+# queued runs; then the batcher closes and its session is freed.
+RETIRE_AFTER_S = 5.0
+log = logging.getLogger("serve")
 _NO_DEADLINE_S = 1e6  # grpc reports a call without deadline as one ~infinitely far away
 _NOT_FOUND = grpc.StatusCode.NOT_FOUND
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -66,6 +76,110 @@ def _abbreviates(requested: str, full: str) -> bool:
     return bool(requested) and (full == requested or full.startswith(requested + "_"))
 
 
+def unknown_model(name: str) -> str:
+    """Triton's words for a model it does not serve (clients and their tests match them)."""
+    return f"Request for unknown model: {shown(name)} is not found"
+
+
+@dataclass
+class Duration:
+    """How often something happened and how long it took in all (Triton's StatisticDuration)."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.ns += max(0, round(seconds * 1e9))
+
+
+@dataclass
+class ModelStatistics:
+    """One model version's cumulative statistics, as Triton's ModelStatistics defines them.
+
+    Per request (a ModelInfer or Classify call; a stream counts each of its requests): success,
+    fail (total time in the server), queue (its longest row's wait for a batch), compute_input
+    (parsing, decoding, preprocessing), compute_infer (the onnxruntime call of its batch),
+    compute_output (gathering its rows). Per execution (one onnxruntime call): execution_count,
+    inference_count (+ its batch size), ``batches[size]`` (the call's time; onnxruntime copies
+    the input and output inside that call, so a batch's compute_input and compute_output are
+    counted with no time of their own). ``last_inference``: milliseconds since the epoch.
+    """
+
+    last_inference: int = 0
+    inference_count: int = 0
+    execution_count: int = 0
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    batches: dict[int, Duration] = field(default_factory=dict)
+
+
+class Statistics:
+    """:class:`ModelStatistics` per ``(name, version)``, safe across threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: dict[tuple[str, int], ModelStatistics] = {}
+
+    def _of(self, name: str, version: int) -> ModelStatistics:
+        return self._models.setdefault((name, version), ModelStatistics())
+
+    def timed(self, name: str, version: int, run: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray],
+                                                                                                   np.ndarray]:
+        """``run`` (a batcher's model call) recording each execution that succeeds."""
+        def timed_run(batch: np.ndarray) -> np.ndarray:
+            start = time.perf_counter()
+            out = run(batch)
+            self.executed(name, version, len(batch), time.perf_counter() - start)
+            return out
+        return timed_run
+
+    def executed(self, name: str, version: int, batch_size: int, seconds: float) -> None:
+        with self._lock:
+            s = self._of(name, version)
+            s.execution_count += 1
+            s.inference_count += batch_size
+            s.last_inference = int(time.time() * 1e3)
+            s.batches.setdefault(batch_size, Duration()).add(seconds)
+
+    def succeeded(self, name: str, version: int, total_s: float, input_s: float, queue_s: float, infer_s: float,
+                  output_s: float) -> None:
+        with self._lock:
+            s = self._of(name, version)
+            s.success.add(total_s)
+            s.queue.add(queue_s)
+            s.compute_input.add(input_s)
+            s.compute_infer.add(infer_s)
+            s.compute_output.add(output_s)
+
+    def failed(self, name: str, version: int, total_s: float) -> None:
+        with self._lock:
+            self._of(name, version).fail.add(total_s)
+
+    def get(self, name: str, version: int) -> ModelStatistics:
+        """A copy of ``(name, version)``'s figures (zeros before its first request)."""
+        with self._lock:
+            s = self._models.get((name, version)) or ModelStatistics()
+            return ModelStatistics(s.last_inference, s.inference_count, s.execution_count,
+                                   *(Duration(d.count, d.ns) for d in (s.success, s.fail, s.queue, s.compute_input,
+                                                                       s.compute_infer, s.compute_output)),
+                                   batches={k: Duration(d.count, d.ns) for k, d in s.batches.items()})
+
+
+@dataclass
+class Submitted:
+    """A request's rows queued on its model's batcher (:meth:`ServingCore.begin`)."""
+
+    model: Model
+    pending: list[Pending]
+    started: float  # the request's arrival, time.perf_counter()
+    submitted: float  # its first row queued
+
+
 @dataclass
 class Row:
     """One input's answer from its model's batcher."""
@@ -88,17 +202,42 @@ class ServingCore:
         stream_window: requests a stream keeps between arrival and answer.
         max_image_pixels: largest decoded image accepted.
         max_batch: the server's ``--max-batch`` (the batch limit of models without config.pbtxt).
+        statistics: per model version, Triton's figures (the batchers' model calls record their
+            executions into it: :meth:`Statistics.timed`).
+        batch_timeout_s: the batchers' wait for a batch to fill (``--batch-timeout-ms``).
+        model_control: Triton's ``--model-control-mode``: ``none`` (the models loaded at start),
+            ``poll`` (:meth:`poll` follows the repository) or ``explicit`` (:meth:`load` and
+            :meth:`unload` on request).
     """
 
     def __init__(self, repository: Repository, batchers: dict[tuple[str, int], Batcher], metrics: Metrics,
                  default_model: str | None, max_concurrency: int, stream_window: int,
-                 max_image_pixels: int = preprocess.MAX_IMAGE_PIXELS, max_batch: int = 1) -> None:
+                 max_image_pixels: int = preprocess.MAX_IMAGE_PIXELS, max_batch: int = 1,
+                 statistics: Statistics | None = None, batch_timeout_s: float = 0.0,
+                 model_control: str = "none") -> None:
+        if model_control not in MODEL_CONTROL_MODES:
+            raise ValueError(f"unknown model control mode {model_control!r}; choose from "
+                             f"{', '.join(MODEL_CONTROL_MODES)}")
         self.repo, self.batchers, self.metrics = repository, batchers, metrics
+        self.statistics = statistics if statistics is not None else Statistics()
+        self.batch_timeout_s, self.model_control = batch_timeout_s, model_control
+        # Called with (name, serving) when a model is loaded or unloaded: health per model.
+        self.on_change: Callable[[str, bool], None] = lambda name, serving: None
+        self._load_lock = threading.Lock()  # one load or unload at a time
+        self.failures: dict[str, str] = {}  # name -> why its last load failed (RepositoryIndex)
+        self._failed_files: dict[str, str] = {}  # poll: name -> the files a load failed on
+        self._retiring: list[tuple[threading.Timer, Batcher]] = []
+        # Every batcher this core made, by id of its Model, until it is closed.
+        self._own: dict[int, tuple[Model, Batcher]] = {}
+        self._own_lock = threading.Lock()
         self.default_model = default_model
         self.max_concurrency, self.stream_window = max_concurrency, stream_window
         self.max_image_pixels, self.max_batch = max_image_pixels, max_batch
         self.slots = threading.BoundedSemaphore(max_concurrency)
         self.stopping = False  # set when the drain begins: readiness probes say no from then on
+        for m in repository.all():
+            if "flops" in m.meta:
+                metrics.set_flops(m.name, m.version, m.meta["flops"])
 
     # ------------------------------------------------------------------ names
 
@@ -132,18 +271,304 @@ class ServingCore:
         canonical = [m for m in self.repo.names()
                      if _abbreviates(name, m) or _abbreviates(name, str(self.repo.get(m).meta["model"]))]
         if canonical:
-            raise RequestError(_NOT_FOUND, f"unknown model {shown(name)}: models are named exactly; "
+            raise RequestError(_NOT_FOUND, f"{unknown_model(name)}; models are named exactly: "
                                            f"{' or '.join(repr(c) for c in canonical)} is served under that name")
-        raise RequestError(_NOT_FOUND, f"unknown model {shown(name)}; this server serves: {served}")
+        raise RequestError(_NOT_FOUND, f"{unknown_model(name)}; this server serves: {served}")
 
     def _version_missing(self, name: str, version: int) -> str:
         loaded = sorted(self.repo.models[name])
         serving = ", ".join(describe(self.repo.models[name][v]) for v in loaded)
-        message = (f"model {shown(name)} has no version {version} loaded (loaded: {', '.join(map(str, loaded))}); "
-                   f"serving {serving}")
+        message = (f"Request for unknown model: {shown(name)} version {version} is not found (loaded: "
+                   f"{', '.join(map(str, loaded))}); serving {serving}")
         if version in self.repo.on_disk.get(name, ()):
             return message + f"; version {version} is in the repository: start the server with --model {name}:{version}"
         return message + f"; the server serves other versions when started with --model {name}:VERSION (repeatable)"
+
+    def statistics_of(self, name: str, version: int = 0) -> list[tuple[Model, ModelStatistics]]:
+        """Each loaded version's :class:`ModelStatistics` that ``name`` and ``version`` select:
+        an empty name every model, version 0 every loaded version of the name; RequestError as
+        :meth:`resolve` for a name or version not served."""
+        if not name:
+            if version:
+                raise RequestError(_INVALID, f"version {version} without a model name: name a model, or neither")
+            chosen = self.repo.all()
+        else:
+            base, named = split_model(name, version)
+            if named:
+                chosen = [self.resolve(base, named)]
+            else:
+                chosen = [m for _, m in sorted(self.repo.models.get(base, {}).items())] or [self.resolve(base)]
+        return [(m, self.statistics.get(m.name, m.version)) for m in chosen]
+
+    def model_config(self, model: Model) -> layout.ModelConfig:
+        """Triton's ModelConfig of a served version: its config.pbtxt when the repository has one,
+        completed as Triton completes a config for an ONNX model (what the file leaves out);
+        without one, the config Triton would complete for that model.onnx from nothing. Either
+        way ``max_batch_size``, the input's format and dims are what this server accepts."""
+        labels = os.path.join(self.repo.root, model.name, layout.LABELS_FILE)
+        delay_us = round(self.batch_timeout_s * 1e6)
+        auto = layout.triton_config(model.name, model.input_size, len(model.labels), self.batch_limit(model),
+                                    delay_us, label_file=layout.LABELS_FILE if os.path.isfile(labels) else "")
+        auto.backend = "onnxruntime"
+        group = auto.instance_group.add(name=model.name, count=1)
+        if model.provider == CUDA:
+            group.kind = group.KIND_GPU
+            group.gpus.append(0)
+        else:
+            group.kind = group.KIND_CPU
+        loaded = sorted(self.repo.models.get(model.name, {model.version: model}))
+        on_disk = self.repo.on_disk.get(model.name, loaded)
+        if len(loaded) == 1 and loaded[-1] == max(on_disk, default=loaded[-1]):
+            auto.version_policy.latest.num_versions = 1  # Triton's default policy
+        else:  # pinned with --model NAME:VERSION
+            auto.version_policy.specific.versions.extend(loaded)
+        if model.config is None:
+            return auto
+        config = layout.ModelConfig()
+        config.CopyFrom(model.config)
+        for name in ("name", "platform", "backend"):
+            if not getattr(config, name):
+                setattr(config, name, getattr(auto, name))
+        for name in ("version_policy", "dynamic_batching"):
+            if not config.HasField(name) and not (name == "dynamic_batching" and config.HasField("sequence_batching")):
+                getattr(config, name).CopyFrom(getattr(auto, name))
+        for name in ("input", "output", "instance_group"):
+            if not len(getattr(config, name)):
+                getattr(config, name).extend(getattr(auto, name))
+        return config
+
+    def twin_of(self, name: str) -> str | None:
+        """The served model that stands for ``name``'s dense twin (metadata zoo.dense_twin): the
+        served model exported from that registry name, the one also named so when several are;
+        None when the twin is not served or which one it is stays ambiguous."""
+        twin = self.repo.get(name).meta.get("dense_twin")
+        if not twin:
+            return None
+        found = [n for n in self.repo.names() if n != name and self.repo.get(n).meta["model"] == twin]
+        if twin in found:
+            return twin
+        return found[0] if len(found) == 1 else None
+
+    def latency_report(self, names: Sequence[str]) -> list[dict[str, Any]]:
+        """For each served name: :meth:`Metrics.report` plus ``flops`` and ``dense_twin`` from the
+        newest loaded version's metadata (0 and "" when the export does not say) and, against the
+        twin when it is served (``twin_model``), ``flops_ratio``, ``latency_ratio`` (inference p50,
+        this model over its twin) and ``gap`` = latency_ratio / flops_ratio, as bench.latency
+        defines them; each 0 where a figure it needs is unknown. Each model's window is read once,
+        so a ratio agrees with the percentiles reported beside it."""
+        windows: dict[str, dict[str, Any]] = {}
+
+        def window(n: str) -> dict[str, Any]:
+            if n not in windows:
+                windows[n] = self.metrics.report(n)
+            return windows[n]
+
+        out = []
+        for name in names:
+            meta = self.repo.get(name).meta
+            r = dict(window(name), model=name, flops=meta.get("flops", 0), dense_twin=meta.get("dense_twin", ""),
+                     twin_model="", flops_ratio=0.0, latency_ratio=0.0, gap=0.0)
+            twin = self.twin_of(name)
+            if twin is not None:
+                theirs, twin_flops = window(twin), self.repo.get(twin).meta.get("flops", 0)
+                mine_p50, their_p50 = r["inference"][50], theirs["inference"][50]
+                r["twin_model"] = twin
+                r["flops_ratio"] = r["flops"] / twin_flops if r["flops"] and twin_flops else 0.0
+                r["latency_ratio"] = mine_p50 / their_p50 if r["count"] and theirs["count"] and their_p50 else 0.0
+                if r["flops_ratio"] and r["latency_ratio"]:
+                    r["gap"] = r["latency_ratio"] / r["flops_ratio"]
+            out.append(r)
+        return out
+
+    # ------------------------------------------------------------------ repository control
+
+    def start_model(self, model: Model) -> Batcher:
+        """Warm ``model`` up (:func:`serve.runtime.warm_up`: batch 1 and its batch limit, or
+        config.pbtxt's model_warmup) and give it its batcher (returned); it serves once it is in
+        the table. A request keeps the Model it looked up, so it queues on that object's batcher
+        even when a reload swapped another file in under the same version number meanwhile."""
+        runtime.warm_up(model, (1, self.batch_limit(model)), os.path.join(self.repo.root, model.name))
+        batcher = Batcher(
+            self.statistics.timed(model.name, model.version, model.run), max_batch=self.max_batch,
+            timeout_s=self.batch_timeout_s, max_queue=self.max_concurrency * self.stream_window,
+            name=f"{model.name}:{model.version}",
+            on_batch=lambda n, name=model.name: self.metrics.observe_batch(name, n))
+        if "flops" in model.meta:
+            self.metrics.set_flops(model.name, model.version, model.meta["flops"])
+        with self._own_lock:
+            self._own[id(model)] = (model, batcher)  # the model held: its id is not reused meanwhile
+        return batcher
+
+    def batcher_of(self, model: Model) -> Batcher:
+        with self._own_lock:
+            own = self._own.get(id(model))
+        return own[1] if own is not None else self.batchers[(model.name, model.version)]
+
+    def load(self, name: str) -> list[Model]:
+        """Load or reload ``name`` from the repository: the versions its directory and
+        version_policy give now; new or replaced files are loaded and warmed up before the swap,
+        unchanged ones kept. Returns the versions now served. On any failure nothing changes
+        (what served goes on serving) and RepositoryError says why (also kept for
+        RepositoryIndex and logged)."""
+        with self._load_lock:
+            fresh: list[Model] = []
+            try:
+                versions, available = runtime.load_versions(self.repo, name)
+                for model in versions.values():
+                    if id(model) not in self._own:
+                        self.start_model(model)
+                        fresh.append(model)
+            except RepositoryError as e:
+                for model in fresh:
+                    with self._own_lock:
+                        self._own.pop(id(model))[1].close()
+                self.failures[name] = str(e)
+                log.error("loading model %s failed; %s: %s", shown(name),
+                          "the loaded versions go on serving" if name in self.repo.models else "not loaded", e)
+                raise
+            old = self.repo.models.get(name) or {}
+            self.repo.on_disk[name] = available
+            self.repo.models[name] = dict(versions)  # one assignment: readers see the old or the new set
+            for version, model in versions.items():
+                self.batchers[(name, version)] = self.batcher_of(model)
+            for version in set(old) - set(versions):
+                self.batchers.pop((name, version), None)
+            self.failures.pop(name, None)
+            for version, model in old.items():
+                if versions.get(version) is not model:
+                    self._retire(model)
+        if fresh:
+            log.info("model %s: serving %s", name, ", ".join(describe(versions[v]) for v in sorted(versions)))
+        self.on_change(name, True)
+        return [versions[v] for v in sorted(versions)]
+
+    def unload(self, name: str) -> bool:
+        """Stop serving ``name`` (requests already queued finish); False when it was not loaded."""
+        with self._load_lock:
+            old = self.repo.models.pop(name, None)
+            self.failures.pop(name, None)
+            for version in old or ():
+                self.batchers.pop((name, version), None)
+        if old is None:
+            return False
+        for model in old.values():
+            self._retire(model)
+        log.info("model %s: unloaded", name)
+        self.on_change(name, False)
+        return True
+
+    def request_load(self, name: str) -> list[Model]:
+        """A client's RepositoryModelLoad: :meth:`load`, in explicit mode only; RequestError
+        says why not (another mode, a name the repository lacks, a load that failed)."""
+        self._explicit_only()
+        if not is_model_name(name) or not os.path.isdir(os.path.join(self.repo.root, name)):
+            raise RequestError(_NOT_FOUND, f"{unknown_model(name)} in the model repository; it holds: "
+                                           f"{', '.join(layout.model_names(self.repo.root)) or 'nothing'}")
+        try:
+            return self.load(name)
+        except RepositoryError as e:
+            kept = ", ".join(describe(m) for m in self.repo.all() if m.name == name)
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"failed to load {shown(name)}: {e}"
+                                                                    + (f"; still serving {kept}" if kept else ""))
+
+    def request_unload(self, name: str) -> None:
+        """A client's RepositoryModelUnload: :meth:`unload`, in explicit mode only (a name not
+        loaded is no error, as in Triton)."""
+        self._explicit_only()
+        self.unload(name)
+
+    def _explicit_only(self) -> None:
+        if self.model_control != "explicit":
+            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                               f"explicit model load / unload is not allowed: this server runs with "
+                               f"--model-control-mode {self.model_control} (--model-control-mode explicit allows it)")
+
+    def poll(self) -> None:
+        """One look at the repository (``--model-control-mode poll``): a new model or version,
+        a replaced model.onnx or config.pbtxt is loaded, a removed one unloaded. A load that
+        fails leaves what served serving (and is logged once): it is tried again when the files
+        change again."""
+        on_disk = set(layout.model_names(self.repo.root))
+        for name in sorted(set(self.repo.models) - on_disk):
+            self.unload(name)
+        for name in sorted(on_disk):
+            if self._changed(name):
+                try:
+                    self.load(name)
+                except RepositoryError:
+                    self._failed_files[name] = self._fingerprint(name)
+                else:
+                    self._failed_files.pop(name, None)
+
+    def _fingerprint(self, name: str) -> str:
+        model_dir = os.path.join(self.repo.root, name)
+        parts = [repr(runtime.file_signature(os.path.join(model_dir, layout.CONFIG_FILE)))]
+        for v in layout.versions(model_dir):
+            parts.append(f"{v}:{runtime.file_signature(layout.model_file(model_dir, v))}")
+        return ";".join(parts)
+
+    def _changed(self, name: str) -> bool:
+        if name in self._failed_files:
+            return self._failed_files[name] != self._fingerprint(name)
+        loaded = self.repo.models.get(name)
+        if not loaded:
+            return True
+        model_dir = os.path.join(self.repo.root, name)
+        try:
+            config = runtime.read_triton_config(model_dir)
+        except RepositoryError:
+            return True  # load() says why, once
+        wanted = runtime.policy_versions(config, layout.versions(model_dir))
+        if config != next(iter(loaded.values())).config or sorted(loaded) != wanted:
+            return True
+        return any(m.signature != runtime.file_signature(layout.model_file(model_dir, v)) for v, m in loaded.items())
+
+    def repository_index(self, ready_only: bool = False) -> list[tuple[str, str, str, str]]:
+        """``(name, version, state, reason)`` for each model of the repository and each loaded
+        version, as Triton's RepositoryIndex: READY, or UNAVAILABLE with why (unloaded, or the
+        failed load's message) and no version."""
+        out = []
+        names = set(self.repo.models) | set(layout.model_names(self.repo.root))
+        for name in sorted(names):
+            versions = self.repo.models.get(name) or {}
+            for v in sorted(versions):
+                out.append((name, str(v), "READY", ""))
+            if not versions and not ready_only:
+                out.append((name, "", "UNAVAILABLE", self.failures.get(name, "unloaded")))
+        return out
+
+    def _retire(self, model: Model) -> None:
+        """Close ``model``'s batcher :data:`RETIRE_AFTER_S` from now (it is out of the table)."""
+        with self._own_lock:
+            own = self._own.get(id(model))
+        if own is None:
+            return
+        batcher = own[1]
+
+        def close() -> None:
+            batcher.close(timeout=30.0)
+            with self._own_lock:
+                self._own.pop(id(model), None)  # the session is freed with the last reference
+
+        timer = threading.Timer(RETIRE_AFTER_S, close)
+        timer.daemon = True
+        with self._own_lock:
+            self._retiring = [(t, b) for t, b in self._retiring if t.is_alive()] + [(timer, batcher)]
+        timer.start()
+
+    def close(self) -> None:
+        """Close every batcher, retired ones too (what is queued runs first)."""
+        with self._own_lock:
+            retiring, self._retiring = self._retiring, []
+        for timer, batcher in retiring:
+            timer.cancel()
+            batcher.close(timeout=5.0)
+        for batcher in list(self.batchers.values()):
+            batcher.close(timeout=5.0)
+        with self._own_lock:
+            own, self._own = list(self._own.values()), {}
+        for _, batcher in own:
+            batcher.close(timeout=5.0)
 
     # ------------------------------------------------------------------ limits
 
@@ -189,7 +614,7 @@ class ServingCore:
                is_active: Callable[[], bool] | None = None) -> Pending:
         """Queue one input ``[C, H, W]`` on its model's batcher. Raises the batcher's QueueFull or
         ShuttingDown (:func:`serve.errors.status_of` turns them into the client's answer)."""
-        return self.batchers[(model.name, model.version)].submit(x, deadline, is_active)
+        return self.batcher_of(model).submit(x, deadline, is_active)
 
     def wait(self, pending: Pending, deadline: float | None) -> BatchResult:
         """The batch result of a submitted input. Raises DeadlineExceeded, ShuttingDown, or what
@@ -198,18 +623,44 @@ class ServingCore:
         return pending.wait(timeout)
 
     def run(self, model: Model, batch: np.ndarray, deadline: float | None,
-            is_active: Callable[[], bool] | None = None) -> Row:
+            is_active: Callable[[], bool] | None = None, started: float | None = None) -> Row:
         """Each row of ``batch [N, C, H, W]`` through the model's batcher: logits ``[N, classes]``,
-        the longest queue and inference time, the largest batch a row ran in."""
-        pending: list[Pending] = []
+        the longest queue and inference time, the largest batch a row ran in. ``started``: when
+        the request arrived (``time.perf_counter``), for its statistics; None: now."""
+        return self.finish(self.begin(model, batch, deadline, is_active, started), deadline)
+
+    def begin(self, model: Model, batch: np.ndarray, deadline: float | None,
+              is_active: Callable[[], bool] | None = None, started: float | None = None) -> Submitted:
+        """The first half of :meth:`run`: the rows queued, not waited for (a stream queues its
+        next request while an earlier one runs)."""
+        submitted = time.perf_counter()
+        job = Submitted(model, [], submitted if started is None else started, submitted)
         try:
             for row in batch:
-                pending.append(self.submit(model, row, deadline, is_active))
-            results = [self.wait(p, deadline) for p in pending]
+                job.pending.append(self.submit(model, row, deadline, is_active))
         except BaseException:
-            for p in pending:  # rows still queued are skipped instead of run for nobody
-                p.abandoned = True
+            self.abandon(job)
             raise
+        return job
+
+    def abandon(self, job: Submitted) -> None:
+        """Rows still queued are skipped instead of run for nobody; the request counts as failed."""
+        for p in job.pending:
+            p.abandoned = True
+        self.statistics.failed(job.model.name, job.model.version, time.perf_counter() - job.started)
+
+    def finish(self, job: Submitted, deadline: float | None) -> Row:
+        """The second half of :meth:`run`."""
+        try:
+            results = [self.wait(p, deadline) for p in job.pending]
+        except BaseException:
+            self.abandon(job)
+            raise
+        answered = time.perf_counter()
         logits = np.stack([r.logits for r in results]).astype(np.float32, copy=False)
-        return Row(logits, max(r.queue_s for r in results), max(r.inference_s for r in results),
-                   max(r.batch_size for r in results))
+        out = Row(logits, max(r.queue_s for r in results), max(r.inference_s for r in results),
+                  max(r.batch_size for r in results))
+        done = time.perf_counter()
+        self.statistics.succeeded(job.model.name, job.model.version, done - job.started, job.submitted - job.started,
+                                  out.queue_s, out.inference_s, done - answered)
+        return out

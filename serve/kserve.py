@@ -6,7 +6,11 @@ Registered by :func:`serve.server.create_server` on the same server and port as
 translate their protocol to one :class:`serve.core.ServingCore`: ModelInfer shares the
 Classifier's batchers, metrics, ``--max-concurrency`` slots, bearer-token check, model names
 (``NAME:VERSION`` in ``model_name`` too) and error table; each row of a request joins its
-model's dynamic batcher like one Classify request.
+model's dynamic batcher like one Classify request. Triton's extensions are served the same way:
+ModelStreamInfer (ModelInfer per message, answered in order, errors in ``error_message``),
+ModelConfig, ModelStatistics and the repository RPCs, each a call to the core
+(:meth:`ServingCore.model_config`, :meth:`ServingCore.statistics_of`,
+:meth:`ServingCore.repository_index`, :meth:`ServingCore.request_load` / ``request_unload``).
 
 Every model looks as Triton shows an ONNX export with ``config.pbtxt``::
 
@@ -25,11 +29,15 @@ parameters are refused (INVALID_ARGUMENT). Imports neither torch nor zoo.
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import math
 import os
+import queue
 import struct
+import threading
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import grpc
 import numpy as np
@@ -38,13 +46,16 @@ from contract.metadata import INPUT_NAME, OUTPUT_NAME
 from serve import preprocess
 from serve._proto.inference import grpc_predict_v2_pb2 as pb
 from serve._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from serve.core import ServingCore, deadline_of, shown
+from serve.core import ServingCore, Submitted, deadline_of, shown
 from serve.errors import RequestError, status_of
 from serve.runtime import Model
 
+log = logging.getLogger("serve")
+
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "zoo-serve"
-EXTENSIONS = ("classification",)
+# Triton's names for what it serves beyond the core protocol.
+EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
 PLATFORM = "onnxruntime_onnx"  # what Triton reports for the same model.onnx
 CLASSIFICATION = "classification"
 PID_PARAMETER = "server_pid"
@@ -53,6 +64,11 @@ DATATYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "UINT8": np.dtype
 # The protocol's typed-contents field per accepted datatype (FP16 travels raw only).
 TYPED_FIELDS = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
+_SAME_HOST = ("tensors sharing memory with a client on the same host are out of scope; send them in "
+              "raw_input_contents or contents")
+_WHY = {"system shared memory": _SAME_HOST, "CUDA shared memory": _SAME_HOST,
+        "tracing": "per-request timings are in ModelStatistics, the Prometheus metrics and GetLatencyReport",
+        "changing log settings": "the log is configured when the server starts"}
 _OUTPUT_PARAMETERS_IGNORED = ("binary_data",)  # an HTTP-protocol hint some clients send over gRPC too
 
 
@@ -92,6 +108,18 @@ def classification_strings(logits: np.ndarray, labels: list[str], k: int) -> lis
         top = np.argsort(-row, kind="stable")[:k]
         out.append([f"{float(row[i]):f}:{int(i)}:{labels[i]}".encode() for i in top])
     return out
+
+
+@dataclass
+class _Job:
+    """A ModelInfer request whose rows are queued: what is needed to answer it."""
+
+    request: Any
+    model: Model
+    raw: bool
+    k: int | None
+    t0: float
+    submitted: Submitted
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -137,13 +165,104 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             inputs=[tensor(name=INPUT_NAME, datatype="FP32", shape=[-1, *model.input_size])],
             outputs=[tensor(name=OUTPUT_NAME, datatype="FP32", shape=[-1, len(model.labels)])])
 
+    def ModelConfig(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            model = self.core.resolve(request.name, parse_version(request.version))
+        except RequestError as e:
+            context.abort(e.code, e.message)
+        return pb.ModelConfigResponse(config=self.core.model_config(model))
+
+    def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            chosen = self.core.statistics_of(request.name, parse_version(request.version))
+        except RequestError as e:
+            context.abort(e.code, e.message)
+        response = pb.ModelStatisticsResponse()
+        for model, s in chosen:
+            out = response.model_stats.add(name=model.name, version=str(model.version),
+                                           last_inference=s.last_inference, inference_count=s.inference_count,
+                                           execution_count=s.execution_count)
+            for key in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+                d = getattr(s, key)
+                getattr(out.inference_stats, key).MergeFrom(pb.StatisticDuration(count=d.count, ns=d.ns))
+            for size in sorted(s.batches):
+                d = s.batches[size]
+                # onnxruntime copies input and output inside its run: counted, no time of their own
+                out.batch_stats.add(batch_size=size, compute_infer=pb.StatisticDuration(count=d.count, ns=d.ns),
+                                    compute_input=pb.StatisticDuration(count=d.count),
+                                    compute_output=pb.StatisticDuration(count=d.count))
+        return response
+
+    # ------------------------------------------------------------------ repository control
+
+    def RepositoryIndex(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._one_repository(request.repository_name, context)
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(models=[
+            index(name=name, version=version, state=state, reason=reason)
+            for name, version, state, reason in self.core.repository_index(request.ready)])
+
+    def RepositoryModelLoad(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._one_repository(request.repository_name, context)
+        if request.parameters:
+            context.abort(_INVALID, f"load parameters ({', '.join(sorted(shown(k) for k in request.parameters))}) "
+                                    "are not supported: a model loads from its files in the repository")
+        try:
+            self.core.request_load(request.model_name)
+        except RequestError as e:
+            context.abort(e.code, e.message)
+        return pb.RepositoryModelLoadResponse()
+
+    def RepositoryModelUnload(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._one_repository(request.repository_name, context)
+        try:
+            self.core.request_unload(request.model_name)
+        except RequestError as e:
+            context.abort(e.code, e.message)
+        return pb.RepositoryModelUnloadResponse()
+
+    def _one_repository(self, name: str, context: grpc.ServicerContext) -> None:
+        if name:  # Triton's name for one of several repositories; this server has one, unnamed
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown repository {shown(name)}: this server serves one "
+                                                     "model repository; leave repository_name empty")
+
+    # ------------------------------------------------------------------ not served
+
+    def _unimplemented(self, context: grpc.ServicerContext, what: str) -> None:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not supported by this server: {_WHY[what]}")
+
+    def SystemSharedMemoryStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._unimplemented(context, "system shared memory")
+
+    def SystemSharedMemoryRegister(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._unimplemented(context, "system shared memory")
+
+    def SystemSharedMemoryUnregister(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._unimplemented(context, "system shared memory")
+
+    def CudaSharedMemoryStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._unimplemented(context, "CUDA shared memory")
+
+    def CudaSharedMemoryRegister(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._unimplemented(context, "CUDA shared memory")
+
+    def CudaSharedMemoryUnregister(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._unimplemented(context, "CUDA shared memory")
+
+    def TraceSetting(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._unimplemented(context, "tracing")
+
+    def LogSettings(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._unimplemented(context, "changing log settings")
+
     # ------------------------------------------------------------------ inference
 
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
         t0 = time.perf_counter()
         release = self.core.acquire_for(context, request.model_name)
+        deadline = deadline_of(context)
         try:
-            answer = self._infer(request, deadline_of(context), context.is_active, t0)
+            answer = self._complete(self._prepare(request, deadline, context.is_active, t0), deadline)
         except Exception as e:
             answer = status_of(e, "ModelInfer", request.id)
         finally:
@@ -153,12 +272,88 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             context.abort(answer.code, answer.message)
         return answer
 
-    def _infer(self, request: Any, deadline: float | None, is_active: Callable[[], bool], t0: float) -> Any:
+    def ModelStreamInfer(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        """Answers in request order; a request that fails is answered with its error_message and
+        the stream goes on. At most ``stream_window`` requests wait between arrival and answer:
+        beyond that the stream is not read, and gRPC's flow control holds the client back."""
+        release = self.core.acquire_for(context, "")
+        try:
+            yield from self._stream(request_iterator, context)
+        finally:
+            release()
+
+    def _stream(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        deadline = deadline_of(context)
+        jobs: queue.Queue = queue.Queue(maxsize=self.core.stream_window)
+        end = object()
+
+        def put(entry: Any) -> bool:
+            while context.is_active():
+                try:
+                    jobs.put(entry, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def read() -> None:
+            # Each request is parsed and its rows queued as it arrives, while the loop below
+            # answers earlier ones: the client's pipelining reaches the batcher.
+            try:
+                for request in request_iterator:
+                    t0 = time.perf_counter()
+                    try:
+                        entry = (request, self._prepare(request, deadline, context.is_active, t0))
+                    except Exception as e:
+                        entry = (request, status_of(e, "ModelStreamInfer item", request.id))
+                    if not put(entry):
+                        if isinstance(entry[1], _Job):
+                            self.core.abandon(entry[1].submitted)
+                        return
+            except Exception:  # the client went away mid-stream: nothing left to answer
+                log.debug("ModelStreamInfer request stream ended", exc_info=True)
+            finally:
+                put(end)
+
+        threading.Thread(target=read, name="model-stream-reader", daemon=True).start()
+        while True:
+            try:
+                entry = jobs.get(timeout=0.5)
+            except queue.Empty:
+                if not context.is_active():
+                    return
+                continue
+            if entry is end:
+                return
+            request, job = entry
+            if isinstance(job, _Job):
+                try:
+                    answer = self._complete(job, deadline)
+                except Exception as e:
+                    answer = status_of(e, "ModelStreamInfer item", request.id)
+            else:
+                answer = job
+            if isinstance(answer, RequestError):
+                self.core.metrics.count(self.core.label(request.model_name), answer.code.name)
+                yield pb.ModelStreamInferResponse(
+                    error_message=answer.message,
+                    infer_response=pb.ModelInferResponse(model_name=request.model_name,
+                                                         model_version=request.model_version, id=request.id))
+            else:
+                yield pb.ModelStreamInferResponse(infer_response=answer)
+
+    def _prepare(self, request: Any, deadline: float | None, is_active: Callable[[], bool], t0: float) -> _Job:
+        """A request checked and its rows queued on the model's batcher."""
         model = self.core.resolve(request.model_name, parse_version(request.model_version))
         raw = len(request.raw_input_contents) > 0
         batch = self._input(request, model, raw)
         k = self._classification(request)
-        row = self.core.run(model, batch, deadline, is_active)
+        return _Job(request, model, raw, k, t0, self.core.begin(model, batch, deadline, is_active, t0))
+
+    def _complete(self, job: _Job, deadline: float | None) -> Any:
+        """The answer of a prepared request, once its rows ran."""
+        request, model, raw, k, t0 = job.request, job.model, job.raw, job.k, job.t0
+        row = self.core.finish(job.submitted, deadline)
         logits = row.logits
 
         response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)

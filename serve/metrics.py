@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 # Recent successful requests kept per model for GetLatencyReport.
 LATENCY_WINDOW = 2048
@@ -51,6 +51,10 @@ class Metrics:
                                    buckets=LATENCY_BUCKETS, registry=self.registry)
         self.batch_size = Histogram("zoo_serve_batch_size", "Requests per onnxruntime call", ["model"],
                                     buckets=BATCH_BUCKETS, registry=self.registry)
+        # One series per loaded model version; versions exported before zoo.flops have none.
+        self.flops = Gauge("zoo_serve_model_flops", "FLOPs of one forward pass at batch 1 and the model's input "
+                           "size (a multiply-add counts as 2), from its export", ["model", "version"],
+                           registry=self.registry)
         self._lock = threading.Lock()
         self._windows: dict[str, collections.deque[_Sample]] = {}
         self._counts: dict[str, int] = collections.Counter()
@@ -72,6 +76,9 @@ class Metrics:
                 win = self._windows[model] = collections.deque(maxlen=self.window)
             win.append(_Sample(total_s, queue_s, inference_s, batch_size))
             self._counts[model] += 1
+
+    def set_flops(self, model: str, version: int, flops: int) -> None:
+        self.flops.labels(model, str(version)).set(flops)
 
     def observe_batch(self, model: str, size: int) -> None:
         self.batch_size.labels(model).observe(size)

@@ -6,7 +6,8 @@ A repository is the layout ``python -m export.onnx`` writes (Triton's; :mod:`con
     DIR/NAME/labels.txt             informational: the labels served come from the ONNX metadata
     DIR/NAME/config.pbtxt           optional (``export --triton``): its ``max_batch_size`` is the
                                     model's per-request batch limit for ModelInfer (see
-                                    :func:`read_triton_max_batch`); the rest is Triton's alone
+                                    :func:`read_triton_max_batch`); the whole file is what the
+                                    ModelConfig RPC answers
 
 By default the newest version of every name is loaded; ``--model NAME[:VERSION]`` (repeatable)
 picks names and pins versions. Every file is read into memory and the session is built from
@@ -57,6 +58,11 @@ class Model:
     # config.pbtxt's max_batch_size when the model directory has one (and it is > 0): the
     # largest batch one ModelInfer request may carry. None: the server's --max-batch.
     max_batch_size: int | None = None
+    # config.pbtxt as read at load (Triton's ModelConfig), None without one: what ModelConfig
+    # answers, so a request never reads the disk.
+    config: Any = None
+    # (inode, size, mtime) of the file when it was read: a replaced model.onnx differs.
+    signature: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def labels(self) -> list[str]:
@@ -92,12 +98,19 @@ class Repository:
     # Every version directory of each loaded name at load time: what a request for a version not
     # loaded is told it could have (without reading the disk on a request).
     on_disk: dict[str, list[int]] = field(default_factory=dict)
+    # How models are (re)loaded while serving (load_versions): what load_repository was given.
+    providers: list[str] = field(default_factory=lambda: [CPU])
+    threads: int = 0
+    require: str | None = None
 
     def names(self) -> list[str]:
         return sorted(self.models)
 
     def all(self) -> list[Model]:
-        return [self.models[n][v] for n in self.names() for v in sorted(self.models[n])]
+        # A name's versions are replaced as a whole dict, never changed in place, so a reader
+        # sees one name's old or new versions, never a mix.
+        found = [(n, self.models.get(n) or {}) for n in self.names()]
+        return [versions[v] for _, versions in found for v in sorted(versions)]
 
     def get(self, name: str, version: int = 0) -> Model | None:
         """The model ``name`` at ``version`` (0: the newest loaded), or None."""
@@ -172,16 +185,21 @@ def read_triton_max_batch(model_dir: str) -> int | None:
     read here as "no per-model limit"). RepositoryError names a file that is unreadable, is not a
     Triton model config, or whose value is negative.
     """
+    config = read_triton_config(model_dir)
+    return None if config is None else config.max_batch_size or None
+
+
+def read_triton_config(model_dir: str) -> Any:
+    """``model_dir/config.pbtxt`` as Triton's ModelConfig, or None without the file;
+    RepositoryError as :func:`read_triton_max_batch` says."""
     path = os.path.join(model_dir, CONFIG_FILE)
     try:
         config = read_config(path)
     except ConfigError as e:
         raise RepositoryError(str(e)) from None
-    if config is None:
-        return None
-    if config.max_batch_size < 0:
+    if config is not None and config.max_batch_size < 0:
         raise RepositoryError(f"{path}: max_batch_size {str(config.max_batch_size)!r} is not a non-negative integer")
-    return config.max_batch_size or None
+    return config
 
 
 def load_model(path: str, name: str, version: int, providers: Sequence[str], threads: int,
@@ -208,7 +226,8 @@ def load_model(path: str, name: str, version: int, providers: Sequence[str], thr
     if require is not None and provider != require:
         raise RepositoryError(f"--providers cuda: onnxruntime fell back to {provider} for {path} "
                               "(no usable GPU or CUDA libraries)")
-    model = Model(name=name, version=version, path=path, session=session, meta=meta, provider=provider)
+    model = Model(name=name, version=version, path=path, session=session, meta=meta, provider=provider,
+                  signature=file_signature(path))
     # One run now: the first request does not pay onnxruntime's first-run setup, and a model
     # that loads but cannot run stops the start instead of failing every request.
     try:
@@ -219,6 +238,97 @@ def load_model(path: str, name: str, version: int, providers: Sequence[str], thr
     if out.shape != (1, len(model.labels)):
         raise RepositoryError(f"model file {path}: logits of shape {list(out.shape)} for {len(model.labels)} labels")
     return model
+
+
+def file_signature(path: str) -> tuple[int, int, int]:
+    """What tells a replaced file from the one read: (inode, size, mtime); zeros when it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def policy_versions(config: Any, available: Sequence[int]) -> list[int]:
+    """The versions Triton's ``version_policy`` serves out of ``available`` (default: the newest)."""
+    policy = config.version_policy.WhichOneof("policy_choice") if config is not None else None
+    if policy == "all":
+        return sorted(available)
+    if policy == "specific":
+        return sorted(set(available) & {int(v) for v in config.version_policy.specific.versions})
+    n = config.version_policy.latest.num_versions if policy == "latest" else 1
+    return sorted(available)[-max(n, 1):] if available else []
+
+
+def warm_up(model: Model, batch_sizes: Sequence[int], model_dir: str) -> None:
+    """Run ``model`` before it serves: config.pbtxt's ``model_warmup`` samples when it has
+    some (Triton's; zero, random or file data), else zeros at each of ``batch_sizes``. The first
+    requests then do not pay onnxruntime's setup for those batch sizes. RepositoryError names
+    a sample that cannot be built or run."""
+    rng = np.random.default_rng(0)
+    runs: list[tuple[str, np.ndarray]] = []
+    for sample in getattr(model.config, "model_warmup", ()):
+        n = max(int(sample.batch_size), 1)
+        spec = sample.inputs.get(INPUT_NAME)
+        if spec is None or len(sample.inputs) != 1:
+            raise RepositoryError(f"{model_dir}/{CONFIG_FILE}: model_warmup {sample.name!r} must give one input "
+                                  f"named {INPUT_NAME!r}")
+        shape = (n, *model.input_size)
+        kind = spec.WhichOneof("input_data_type")
+        if kind == "random_data":
+            x = rng.standard_normal(shape).astype(np.float32)
+        elif kind == "input_data_file":
+            path = os.path.join(model_dir, "warmup", spec.input_data_file)
+            try:
+                one = np.fromfile(path, dtype="<f4")
+            except OSError as e:
+                raise RepositoryError(f"model_warmup {sample.name!r}: cannot read {path}: {e.strerror or e}") from None
+            if one.size != int(np.prod(model.input_size)):
+                raise RepositoryError(f"model_warmup {sample.name!r}: {path} holds {one.size} float32 values; the "
+                                      f"input {list(model.input_size)} needs {int(np.prod(model.input_size))}")
+            x = np.broadcast_to(one.reshape(model.input_size), shape).astype(np.float32)
+        else:
+            x = np.zeros(shape, np.float32)
+        runs += [(sample.name, x)] * max(int(sample.count), 1)
+    if not runs:
+        runs = [(f"batch {n}", np.zeros((n, *model.input_size), np.float32)) for n in sorted(set(batch_sizes))]
+    for name, x in runs:
+        try:
+            model.session.run([OUTPUT_NAME], {INPUT_NAME: x})
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RepositoryError(f"model file {model.path}: warmup {name} does not run: {first}") from None
+
+
+def load_versions(repo: Repository, name: str) -> tuple[dict[int, Model], list[int]]:
+    """``name``'s versions as its directory and config.pbtxt's version_policy say now: those
+    loaded and unchanged are reused, new or replaced ones loaded (not warmed up). Returns them
+    and every version directory. RepositoryError (nothing is kept) when one cannot be loaded."""
+    model_dir = os.path.join(repo.root, name)
+    if not is_model_name(name) or not os.path.isdir(model_dir):
+        raise RepositoryError(f"no model directory {model_dir}")
+    available = layout.versions(model_dir)
+    config = read_triton_config(model_dir)
+    wanted = policy_versions(config, available)
+    if not wanted:
+        raise RepositoryError(f"{model_dir}: no version to serve (version directories: "
+                              f"{', '.join(map(str, available)) or 'none'}; version_policy of {CONFIG_FILE})")
+    max_batch_size = None if config is None else config.max_batch_size or None
+    current = repo.models.get(name) or {}
+    out: dict[int, Model] = {}
+    for version in wanted:
+        path = layout.model_file(model_dir, version)
+        if not os.path.isfile(path):
+            raise RepositoryError(f"missing model file {path}")
+        old = current.get(version)
+        if (old is not None and old.signature == file_signature(path) and old.config == config
+                and old.max_batch_size == max_batch_size):
+            out[version] = old
+            continue
+        model = load_model(path, name, version, repo.providers, repo.threads, repo.require)
+        model.max_batch_size, model.config = max_batch_size, config
+        out[version] = model
+    return out, available
 
 
 def _check_graph(session: Any, meta: dict[str, Any], path: str) -> None:
@@ -238,14 +348,16 @@ def _check_graph(session: Any, meta: dict[str, Any], path: str) -> None:
 
 
 def load_repository(root: str, providers: str = "auto", threads: int = 0,
-                    models: Sequence[str] = ()) -> Repository:
+                    models: Sequence[str] = (), empty_ok: bool = False) -> Repository:
     """Load the newest version of every model under ``root`` (or the ``models`` specs).
 
     Args:
         root: the model repository directory.
         providers: ``auto``, ``cpu`` or ``cuda`` (see :func:`resolve_providers`).
         threads: onnxruntime intra-op threads per session (0: onnxruntime's default).
-        models: ``NAME`` or ``NAME:VERSION`` specs; empty loads everything.
+        models: ``NAME`` or ``NAME:VERSION`` specs; empty loads everything (the versions each
+            config.pbtxt's version_policy selects, by default the newest).
+        empty_ok: with no ``models``, load none (``--model-control-mode explicit``).
 
     Raises:
         RepositoryError: one line naming the directory, file or option at fault.
@@ -261,23 +373,27 @@ def load_repository(root: str, providers: str = "auto", threads: int = 0,
             if not os.path.isdir(os.path.join(root, name)):
                 raise RepositoryError(f"--model {name}: no directory {os.path.join(root, name)}")
     else:
-        names = layout.model_names(root)
-    if not names:
+        names = [] if empty_ok else layout.model_names(root)
+    if not names and not empty_ok:
         raise RepositoryError(f"--model-dir {root}: no models (expected {root}/NAME/VERSION/{MODEL_FILE})")
-    repo = Repository(root=root)
+    repo = Repository(root=root, providers=list(provider_list), threads=threads, require=require)
     for name in names:
         model_dir = os.path.join(root, name)
         available = layout.versions(model_dir)
         repo.on_disk[name] = available
-        versions = sorted(wanted.get(name) or ([available[-1]] if available else []))
-        if not versions:
+        if not available:
             raise RepositoryError(f"{model_dir}: no version directories (expected {model_dir}/1/{MODEL_FILE})")
-        max_batch_size = read_triton_max_batch(model_dir)
+        config = read_triton_config(model_dir)
+        versions = sorted(wanted.get(name) or policy_versions(config, available))
+        if not versions:
+            raise RepositoryError(f"{model_dir}: version_policy of {CONFIG_FILE} selects none of the versions "
+                                  f"{', '.join(map(str, available))}")
+        max_batch_size = None if config is None else config.max_batch_size or None
         for version in versions:
             path = layout.model_file(model_dir, version)
             if not os.path.isfile(path):
                 raise RepositoryError(f"missing model file {path}")
             model = load_model(path, name, version, provider_list, threads, require)
-            model.max_batch_size = max_batch_size
+            model.max_batch_size, model.config = max_batch_size, config
             repo.models.setdefault(name, {})[version] = model
     return repo

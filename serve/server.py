@@ -2,7 +2,8 @@
 
 It serves ``zoo.serving.v1.Classifier`` (:mod:`serve.classifier`) and the Open Inference
 Protocol (``inference.GRPCInferenceService``, :mod:`serve.kserve`) on one port, both over one
-:class:`serve.core.ServingCore` (models, batchers, metrics, limits).
+:class:`serve.core.ServingCore` (models, batchers, metrics, limits); with ``http_port``, the same
+core answers HTTP/REST and the web page on a second port (:mod:`serve.http`).
 
 Tests and ``python -m serve`` build it the same way::
 
@@ -19,7 +20,9 @@ INTERNAL is kept for the server's own failures (:mod:`serve.errors`). Imports ne
 from __future__ import annotations
 
 import hmac
+import logging
 import socket
+import ssl
 import threading
 import time
 from concurrent import futures
@@ -30,10 +33,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serve import classifier, kserve, preprocess
-from serve.batching import Batcher
-from serve.core import ServingCore
+from serve.core import MODEL_CONTROL_MODES, ServingCore, Statistics
+from serve.http import HttpServer
 from serve.metrics import Metrics
-from serve.runtime import Repository
+from serve.runtime import Repository, RepositoryError
+
+log = logging.getLogger("serve")
 
 # Every default in one place (the CLI shows them in --help).
 DEFAULT_MAX_BATCH = 16
@@ -41,6 +46,7 @@ DEFAULT_MAX_BATCH = 16
 # (Triton's default max_queue_delay too). Waiting pays only when requests arrive spread out and
 # throughput matters more than latency; the README gives bench.serve's figures for both settings.
 DEFAULT_BATCH_TIMEOUT_MS = 0.0
+DEFAULT_POLL_SECS = 15.0  # Triton's --repository-poll-secs default
 DEFAULT_MAX_CONCURRENCY = 64  # Classify and ModelInfer calls + ClassifyStream streams in flight at once
 MAX_MESSAGE_BYTES = 16 * 2**20  # a 12 MP JPEG is ~5 MB; larger messages get RESOURCE_EXHAUSTED
 # RPCs beyond --max-concurrency that the thread pool still takes, so health checks, reflection
@@ -106,8 +112,13 @@ class Server:
     """The running parts: the gRPC server, the serving core, health. Made by :func:`create_server`."""
 
     def __init__(self, grpc_server: grpc.Server, core: ServingCore, health_servicer: Any,
-                 metrics_address: tuple[str, int] | None) -> None:
+                 metrics_address: tuple[str, int] | None, http: HttpServer | None = None,
+                 poll_secs: float | None = None) -> None:
+        self._poll_secs = poll_secs  # --model-control-mode poll
+        self._poller: threading.Thread | None = None
         self.grpc_server, self.core, self.health, self.metrics = grpc_server, core, health_servicer, core.metrics
+        self.http = http  # the HTTP/REST port (serve.http), or None when it is off
+        self.http_port: int | None = http.port if http is not None else None
         self._metrics_address = metrics_address
         self.metrics_port: int | None = None
         self._stop_begun = False
@@ -141,6 +152,19 @@ class Server:
                 raise RuntimeError(f"cannot serve metrics on {host}:{port} (--metrics-port): "
                                    f"{e.strerror or e}") from None
         self.grpc_server.start()
+        if self.http is not None:
+            self.http.start()
+        if self._poll_secs is not None:
+            self._poller = threading.Thread(target=self._poll, name="repository-poll", daemon=True)
+            self._poller.start()
+
+    def _poll(self) -> None:
+        """``--model-control-mode poll``: follow the repository until the drain begins."""
+        while not self._end_drain.wait(self._poll_secs) and not self.core.stopping:
+            try:
+                self.core.poll()
+            except Exception:  # e.g. the repository directory itself vanished: say so, keep serving
+                log.exception("polling the model repository %s failed", self.core.repo.root)
 
     def begin_stop(self, grace: float | None = 5.0, drain_delay: float = 0.0) -> None:
         """Health turns NOT_SERVING now; after ``drain_delay`` seconds new calls are refused and
@@ -169,6 +193,8 @@ class Server:
             if drain_delay > 0:
                 _wait(self._end_drain, drain_delay)
         finally:  # whatever interrupts the drain, the server still stops
+            if self.http is not None:
+                self.http.begin_stop()
             self._grpc_stopped = self.grpc_server.stop(0 if self._hurry else grace)
             self._grpc_stop_called.set()
 
@@ -187,6 +213,8 @@ class Server:
         """:meth:`begin_stop`, wait for in-flight calls to finish, then release everything.
         Returns once all of that is done, whichever caller did it."""
         self.begin_stop(grace, drain_delay)
+        if self.http is not None:  # its requests in flight finish while gRPC's do
+            self.http.stop(0 if self._hurry else grace)
         assert self._grpc_stopped is not None
         _wait(self._grpc_stopped)
         with self._lock:
@@ -195,8 +223,9 @@ class Server:
             _wait(self._closed)
             return
         try:
-            for batcher in self.core.batchers.values():
-                batcher.close(timeout=5.0)
+            if self._poller is not None:
+                self._poller.join(30)  # a load under way finishes before the batchers close
+            self.core.close()
             self.metrics.close()
         finally:
             self._closed.set()
@@ -236,7 +265,9 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
                   batch_timeout_ms: float = DEFAULT_BATCH_TIMEOUT_MS, max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
                   default_model: str | None = None, tls: tuple[bytes, bytes] | None = None, token: str | None = None,
                   metrics_port: int | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                  max_image_pixels: int = preprocess.MAX_IMAGE_PIXELS, reuse_port: bool = False) -> tuple[Server, int]:
+                  max_image_pixels: int = preprocess.MAX_IMAGE_PIXELS, reuse_port: bool = False,
+                  http_port: int | None = None, model_control: str = "none",
+                  poll_secs: float = DEFAULT_POLL_SECS) -> tuple[Server, int]:
     """Build (not start) a server for ``repository`` bound to ``address``.
 
     Args:
@@ -255,6 +286,13 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
         reuse_port: share ``address`` with other processes that set it too (SO_REUSEPORT; the
             kernel spreads new connections over them: ``python -m serve --workers N``). Off, a
             taken port is an error.
+        http_port: serve HTTP/REST and the web page (:mod:`serve.http`) on this port of the same
+            host (0: a free one; ``server.http_port``), with the same TLS, token and size limit;
+            None: off.
+        model_control: Triton's ``--model-control-mode``: ``none`` (the repository as loaded),
+            ``poll`` (the repository is looked at every ``poll_secs`` and followed), ``explicit``
+            (RepositoryModelLoad / RepositoryModelUnload; ``repository`` may then be empty).
+        poll_secs: seconds between two looks at the repository in ``poll`` mode.
 
     Returns:
         ``(server, port)``.
@@ -268,8 +306,12 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
             raise ValueError(f"Invalid {flag}: {value} (at least {low})")
     if batch_timeout_ms < 0:
         raise ValueError(f"Invalid batch_timeout_ms: {batch_timeout_ms} (at least 0)")
+    if model_control not in MODEL_CONTROL_MODES:
+        raise ValueError(f"Invalid model_control: {model_control!r} (one of {', '.join(MODEL_CONTROL_MODES)})")
+    if not poll_secs > 0:
+        raise ValueError(f"Invalid poll_secs: {poll_secs} (more than 0)")
     names = repository.names()
-    if not names:
+    if not names and model_control != "explicit":
         raise ValueError("the repository holds no models")
     if default_model is not None and default_model not in repository.models:
         raise ValueError(f"default model {default_model!r} is not served; models: {', '.join(names)}")
@@ -283,14 +325,14 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
 
     metrics = Metrics()
     stream_window = max(4, STREAM_WINDOW_FACTOR * max_batch)
-    batchers = {}
-    for m in repository.all():
-        batchers[(m.name, m.version)] = Batcher(
-            m.run, max_batch=max_batch, timeout_s=batch_timeout_ms / 1e3,
-            max_queue=max_concurrency * stream_window, name=f"{m.name}:{m.version}",
-            on_batch=lambda n, name=m.name: metrics.observe_batch(name, n))
-    core = ServingCore(repository, batchers, metrics, default_model, max_concurrency, stream_window,
-                       max_image_pixels, max_batch)
+    core = ServingCore(repository, {}, metrics, default_model, max_concurrency, stream_window,
+                       max_image_pixels, max_batch, Statistics(), batch_timeout_ms / 1e3, model_control)
+    try:
+        for m in repository.all():  # warmed up before the server listens
+            core.batchers[(m.name, m.version)] = core.start_model(m)
+    except RepositoryError as e:
+        core.close()
+        raise ValueError(str(e)) from None
 
     workers = max_concurrency + EXTRA_RPCS
     options = [("grpc.max_receive_message_length", max_message_bytes),
@@ -308,6 +350,11 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ["", CLASSIFIER_SERVICE, KSERVE_SERVICE, *names]:
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def model_health(name: str, serving: bool) -> None:  # per model, as it is loaded and unloaded
+        status = health_pb2.HealthCheckResponse
+        health_servicer.set(name, status.SERVING if serving and not core.stopping else status.NOT_SERVING)
+    core.on_change = model_health
     reflection.enable_server_reflection((CLASSIFIER_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME,
                                          reflection.SERVICE_NAME), server)
 
@@ -319,9 +366,18 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
     except RuntimeError:  # grpc's message only says "Failed to bind"; its C core logged the reason
         port = 0
     if port == 0:  # older grpc versions report a failed bind as port 0 instead of raising
-        for batcher in batchers.values():
-            batcher.close()
+        core.close()
         raise RuntimeError(f"cannot listen on {address}: the port is taken "
                            "or the host is not an address of this machine")
+    http = None
+    if http_port is not None:
+        try:
+            http = HttpServer(core, host, http_port, workers=workers, max_body=max_message_bytes, tls=tls, token=token,
+                              reuse_port=reuse_port)
+        except (OSError, ssl.SSLError) as e:
+            server.stop(None)
+            core.close()
+            raise RuntimeError(f"cannot listen on {host}:{http_port} (--http-port): {e.strerror or e}") from None
     metrics_address = (host, metrics_port) if metrics_port is not None else None
-    return Server(server, core, health_servicer, metrics_address), port
+    return Server(server, core, health_servicer, metrics_address, http,
+                  poll_secs if model_control == "poll" else None), port

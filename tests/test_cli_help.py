@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-COMMANDS = ["zoo.train", "zoo.experiments", "export.onnx", "serve.__main__", "serve.client", "bench.export",
+COMMANDS = ["zoo.train", "zoo.eval", "zoo.experiments", "export.onnx", "serve.__main__", "serve.client", "bench.export",
             "bench.latency", "bench.serve", "bench.demo", "bench.optim"]
 
 

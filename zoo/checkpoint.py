@@ -14,6 +14,13 @@ A checkpoint is a dict saved with ``torch.save`` holding only tensors and plain 
     epoch, best_metric, optimizer, scheduler, rng
     config         the run's settings, :meth:`zoo.config.TrainConfig.to_dict` (a plain dict)
     checksum       sha256 of the model tensors (names, dtypes, shapes and bytes)
+    augment        the train augmentation as resolved (zoo.augment.Augment.to_dict)
+    selected       "model" or "ema": the weights that scored this epoch's val accuracy
+    pruned         (a pruned model only) its layer sizes, :func:`zoo.pruned.record`
+With ``--model-ema``, also:
+    model_ema      the averaged weights (zoo.ema), same keys as ``model``
+    ema_updates    updates the average has had (its decay's warmup)
+    ema_checksum   sha256 of ``model_ema``
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from zoo import pruned
 from zoo.fileio import atomic_write
 from zoo.registry import create_model
 from zoo.weights import WeightsError, describe_mismatch, load_failure, state_checksum, torch_load
@@ -38,6 +46,8 @@ class CheckpointError(WeightsError):
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
     """Add the checksum and write ``checkpoint`` atomically (temp file, fsync, rename)."""
     checkpoint = dict(checkpoint, checksum=state_checksum(checkpoint["model"]))
+    if checkpoint.get("model_ema") is not None:
+        checkpoint["ema_checksum"] = state_checksum(checkpoint["model_ema"])
     buf = io.BytesIO()
     torch.save(checkpoint, buf)
     atomic_write(path, buf.getvalue())
@@ -57,14 +67,36 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a zoo training checkpoint (missing {', '.join(missing)})")
     if state_checksum(ckpt["model"]) != ckpt["checksum"]:
         raise CheckpointError(f"{path}: checksum mismatch, the weights are corrupt")
+    if ckpt.get("model_ema") is not None and state_checksum(ckpt["model_ema"]) != ckpt.get("ema_checksum"):
+        raise CheckpointError(f"{path}: checksum mismatch, the EMA weights are corrupt")
     return ckpt
 
 
-def model_from_checkpoint(ckpt: Mapping[str, Any], path: str = "checkpoint") -> nn.Module:
-    """Rebuild the trained model from the checkpoint's own model arguments and load its weights."""
+def checkpoint_weights(ckpt: Mapping[str, Any], ema: bool | None = None,
+                       path: str = "checkpoint") -> tuple[dict[str, Any], str]:
+    """``(state_dict, which)``: the raw weights (``which == "model"``) or the EMA's (``"ema"``).
+
+    ``ema=None`` takes the checkpoint's ``selected`` weights (the ones that scored its val
+    accuracy; raw weights for a run without ``--model-ema``); True requires the EMA weights.
+    """
+    has_ema = ckpt.get("model_ema") is not None
+    if ema and not has_ema:
+        raise CheckpointError(f"{path}: holds no EMA weights (trained without --model-ema)")
+    use_ema = has_ema and (ema if ema is not None else ckpt.get("selected") == "ema")
+    return (dict(ckpt["model_ema"]), "ema") if use_ema else (dict(ckpt["model"]), "model")
+
+
+def model_from_checkpoint(ckpt: Mapping[str, Any], path: str = "checkpoint", ema: bool | None = False) -> nn.Module:
+    """Rebuild the trained model from the checkpoint's own model arguments and load its weights:
+    the raw ones by default, else as :func:`checkpoint_weights` picks for ``ema``."""
     model = create_model(ckpt["model_name"], **ckpt["model_args"])
-    problem = describe_mismatch(model, ckpt["model"])
+    try:
+        pruned.apply(model, ckpt.get("pruned"))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    state, _ = checkpoint_weights(ckpt, ema, path)
+    problem = describe_mismatch(model, state)
     if problem:
         raise CheckpointError(f"{path}: weights do not fit {ckpt['model_name']}: {problem}")
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(state)
     return model

@@ -10,7 +10,10 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
+from zoo.augment import Augment, AugmentError, resolve_augment
 from zoo.losses import LOSSES
+from zoo.nn.act import ACTS
+from zoo.nn.attention import ATTNS
 from zoo.nn.norm import NORMS
 from zoo.optim import OPTIMIZERS, SCHEDULERS
 from zoo.registry import get_model_spec
@@ -36,6 +39,9 @@ class TrainConfig:
     model: str = "resnext_mini"  # a registry name or alias (validated() makes it the name)
     norm: str = "bn"  # one of zoo.nn.norm.NORMS
     gn_groups: int = 32  # GroupNorm groups (the largest divisor of the channels <= this)
+    act: str = "relu"  # one of zoo.nn.act.ACTS
+    attn: str | None = None  # none or one of zoo.nn.attention.ATTNS; None: the model's own
+    attn_reduction: int = 16  # channel reduction of se and cbam
     input_size: tuple[int, int] | None = None  # (H, W) to train at; None: the model's own
     init_weights: str | None = None  # fine-tune from this file, all but the classifier head
     # optimization
@@ -51,6 +57,27 @@ class TrainConfig:
     loss: str = "ce"  # one of zoo.losses.LOSSES
     label_smoothing: float = 0.0  # loss "ce" only
     focal_gamma: float = 2.0  # loss "focal" only
+    # augmentation of the train split (zoo.augment, timm's names); None: the data's default
+    no_aug: bool = False  # train on the val transform
+    hflip: float | None = None  # None: 0.5 for folders, 0 for digits/synthetic
+    vflip: float = 0.0
+    scale: tuple[float, float] | None = None  # random resized crop; None: 0.08-1 for folders, no crop otherwise
+    ratio: tuple[float, float] | None = None  # None: 3/4-4/3
+    color_jitter: float = 0.0
+    aa: str | None = None  # e.g. rand-m9-mstd0.5
+    reprob: float = 0.0  # random erasing
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0: off
+    cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0: off
+    mixup_prob: float = 1.0  # share of batches mixed
+    mixup_switch_prob: float = 0.5  # cutmix instead of mixup, when both are on
+    # weight averaging
+    model_ema: bool = False  # keep an exponential moving average of the weights (zoo.ema)
+    model_ema_decay: float = 0.9998
+    # knowledge distillation (zoo.losses.DistillationLoss)
+    teacher: str | None = None  # a zoo checkpoint to distil from; None: no distillation
+    teacher_sha256: str | None = None  # the teacher file's checksum, set by zoo.train (not a flag)
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.9  # weight of the distillation term; 1 - alpha weights the loss on the labels
     # data and output
     data: str = "digits"  # a zoo.data spec: digits, synthetic, folder:PATH
     val_fraction: float = 0.2  # share of each class held out for validation
@@ -72,8 +99,9 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """The checkpoint's ``config``: a plain dict of the saved settings (lists, not tuples)."""
         d = {name: getattr(self, name) for name in SAVED_KEYS}
-        if d["input_size"] is not None:
-            d["input_size"] = list(d["input_size"])
+        for key in ("input_size", "scale", "ratio"):
+            if d[key] is not None:
+                d[key] = list(d[key])
         return d
 
     @classmethod
@@ -86,6 +114,9 @@ class TrainConfig:
         d.setdefault("init_weights", None)
         if d.get("input_size") is not None:
             d["input_size"] = tuple(int(v) for v in d["input_size"])
+        for key in ("scale", "ratio"):
+            if d.get(key) is not None:
+                d[key] = tuple(float(v) for v in d[key])
         return cls(**d)
 
 
@@ -94,11 +125,19 @@ SAVED_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name not in ("progre
 # Every default, by name (the CLI's help texts quote them).
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig) if f.name in SAVED_KEYS}
 
+# The augmentation, mixup and weight-averaging settings (resumed from the checkpoint too).
+AUGMENT_KEYS = ("no_aug", "hflip", "vflip", "scale", "ratio", "color_jitter", "aa", "reprob", "mixup", "cutmix",
+                "mixup_prob", "mixup_switch_prob", "model_ema", "model_ema_decay")
+
+# The distillation settings (resumed from the checkpoint; the teacher file must still match its checksum).
+KD_KEYS = ("teacher", "teacher_sha256", "kd_temperature", "kd_alpha")
+
 # The settings a resumed run takes from its checkpoint (the model, data and optimization); the
 # command line still says how far to go (epochs), where to write (out) and how to run.
-RESUME_KEYS = ("model", "norm", "gn_groups", "input_size", "init_weights", "data", "val_fraction", "seed",
+RESUME_KEYS = ("model", "norm", "gn_groups", "act", "attn", "attn_reduction", "input_size", "init_weights", "data",
+               "val_fraction", "seed",
                "optimizer", "lr", "momentum", "weight_decay", "batch_size", "schedule",
-               "warmup_epochs", "step_epochs", "loss", "label_smoothing", "focal_gamma")
+               "warmup_epochs", "step_epochs", "loss", "label_smoothing", "focal_gamma") + AUGMENT_KEYS + KD_KEYS
 
 # Runtime settings a resumed run takes from the checkpoint unless the command line gives them:
 # they change the numbers (the DataLoader's worker count changes which RNG the augmentation draws
@@ -173,10 +212,17 @@ def validated(config: TrainConfig) -> TrainConfig:
         config = replace(config, model=get_model_spec(config.model).name)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for value, choices, what in ((config.norm, NORMS, "norm"), (config.optimizer, OPTIMIZERS, "optimizer"),
+    for value, choices, what in ((config.norm, NORMS, "norm"), (config.act, ACTS, "act"),
+                                 (config.attn or "none", ("none", *ATTNS), "attn"),
+                                 (config.optimizer, OPTIMIZERS, "optimizer"),
                                  (config.schedule, SCHEDULERS, "schedule"), (config.loss, LOSSES, "loss")):
         if value not in choices:
             raise ConfigError(f"Unknown {what} {value!r}; choose one of: {', '.join(choices)}")
+    fixed = get_model_spec(config.model).attn
+    if fixed is not None and config.attn not in (None, fixed):
+        raise ConfigError(f"{config.model} fixes --attn {fixed}; got --attn {config.attn}")
+    if config.attn_reduction < 1:
+        raise ConfigError(f"--attn-reduction must be >= 1, got {config.attn_reduction}")
     for name in ("epochs", "batch_size"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{_flag(name)} must be >= 1, got {getattr(config, name)}")
@@ -189,7 +235,32 @@ def validated(config: TrainConfig) -> TrainConfig:
                           f"got {config.warmup_epochs}")
     if config.step_epochs is not None and config.step_epochs < 1:
         raise ConfigError(f"--step-epochs must be >= 1, got {config.step_epochs}")
+    try:
+        augmentation(config)
+    except AugmentError as e:
+        raise ConfigError(str(e)) from None
+    for name in ("mixup", "cutmix"):
+        if not getattr(config, name) >= 0:
+            raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(config, name):g}")
+    for name in ("mixup_prob", "mixup_switch_prob"):
+        if not 0 <= getattr(config, name) <= 1:
+            raise ConfigError(f"{_flag(name)} must be in [0, 1], got {getattr(config, name):g}")
+    if (config.mixup or config.cutmix) and config.loss != "ce":
+        raise ConfigError(f"--mixup/--cutmix need soft targets, which --loss ce takes; not --loss {config.loss}")
+    if not 0 < config.model_ema_decay < 1:
+        raise ConfigError(f"--model-ema-decay must be in (0, 1), got {config.model_ema_decay:g}")
+    if not config.kd_temperature > 0:
+        raise ConfigError(f"--kd-temperature must be > 0, got {config.kd_temperature:g}")
+    if not 0 <= config.kd_alpha <= 1:
+        raise ConfigError(f"--kd-alpha must be in [0, 1], got {config.kd_alpha:g}")
     return config
+
+
+def augmentation(config: TrainConfig) -> Augment:
+    """The train split's augmentation as this run resolves it (:func:`zoo.augment.resolve_augment`)."""
+    return resolve_augment(data=config.data, no_aug=config.no_aug, hflip=config.hflip, vflip=config.vflip,
+                           scale=config.scale, ratio=config.ratio, color_jitter=config.color_jitter,
+                           aa=config.aa, reprob=config.reprob)
 
 
 def optimizer_hparams(config: TrainConfig) -> dict[str, Any]:
@@ -228,6 +299,6 @@ def _canonical(key: str, value: Any) -> Any:
             return get_model_spec(value).name
         except ValueError:
             return value
-    if key == "input_size" and value is not None:
-        return [int(v) for v in value]
+    if key in ("input_size", "scale", "ratio") and value is not None:
+        return [float(v) for v in value]
     return value

@@ -8,12 +8,13 @@
   orientation and brightness (and tint, for RGB) plus noise. Deterministic for a seed and easy
   to learn.
 - ``folder:PATH``: one subfolder of PATH per class (sorted names are the class labels), JPEG or
-  PNG files of any size. Train: random resized crop + horizontal flip; val:
-  :func:`val_transform`. ImageNet mean/std.
+  PNG files of any size; or, when PATH holds ``train/`` and ``val/`` (ImageNet's layout), those
+  two as given, with the same class subfolders. Val: :func:`val_transform`. ImageNet mean/std.
 
-``digits`` and ``synthetic`` are held as tensors (the model never waits on decoding); train
-items get a random shift of up to 1/16 of the image. Every split is stratified and
-deterministic for a seed (:func:`stratified_split`).
+``digits`` and ``synthetic`` are held as tensors (the model never waits on decoding). Train items
+are augmented as :mod:`zoo.augment` resolves the run's flags: by default a random resized crop
+and horizontal flip for folders, a random shift of up to 1/16 of the image for the tensor sets.
+A random split is stratified and deterministic for a seed (:func:`stratified_split`).
 
 Datasets hold only tensors, paths and plain settings, so they pickle into DataLoader workers
 and work under a ``DistributedSampler``. Train-time randomness comes from torch's global RNG,
@@ -21,9 +22,7 @@ which the DataLoader seeds differently in each worker.
 """
 from __future__ import annotations
 
-import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -36,6 +35,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from contract import preprocess
+from zoo.augment import DEFAULT_RATIO, DEFAULT_SCALE, TENSOR_SHIFT, Augment, photometric, random_erase
+from zoo.augment import random_resized_crop_box, random_shift, resolve_augment
 from zoo.registry import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -43,12 +44,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # Val/serving: resize the shorter side to size / CROP_PCT, then center-crop size (the
 # ImageNet convention: 224 <- 256).
 CROP_PCT = preprocess.CROP_PCT
-# Train on folders: torchvision's RandomResizedCrop defaults (Szegedy et al. 2015).
-RRC_SCALE = (0.08, 1.0)
-RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-# Train on tensors: random shift of up to this fraction of the side (1/16 of 32 px = 2 px,
-# a quarter of one original digit pixel at 8 -> 32).
-SHIFT_FRACTION = 1.0 / 16.0
+# Train on folders by default: torchvision's RandomResizedCrop defaults (Szegedy et al. 2015);
+# on tensors: a random shift of up to a fraction of the side (zoo.augment).
+RRC_SCALE = DEFAULT_SCALE
+RRC_RATIO = DEFAULT_RATIO
+SHIFT_FRACTION = TENSOR_SHIFT
 # Synthetic set: classes, images per class, and the largest side it is generated at (then
 # upsampled like the digits).
 SYNTHETIC_CLASSES = 4
@@ -156,44 +156,34 @@ def val_transform(image: Image.Image, input_size: Sequence[int], mean: Sequence[
         raise DataError(str(e)) from None
 
 
-def random_resized_crop_box(width: int, height: int, scale: tuple[float, float] = RRC_SCALE,
-                            ratio: tuple[float, float] = RRC_RATIO) -> tuple[int, int, int, int]:
-    """A random ``(left, top, right, bottom)`` box covering a ``scale`` fraction of the area
-    with aspect ratio in ``ratio`` (torchvision's RandomResizedCrop.get_params, on torch's RNG).
-    """
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).item())
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (1,)).item())
-            left = int(torch.randint(0, width - w + 1, (1,)).item())
-            return left, top, left + w, top + h
-    # Fallback: the whole image, cropped to the nearest allowed aspect ratio.
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        w, h = int(round(height * max(ratio))), height
-    else:
-        w, h = width, height
-    top, left = (height - h) // 2, (width - w) // 2
-    return left, top, left + w, top + h
-
-
 def train_transform(image: Image.Image, input_size: Sequence[int], mean: Sequence[float],
-                    std: Sequence[float]) -> np.ndarray:
-    """Random resized crop to ``H x W`` (bilinear) and a horizontal flip with probability 1/2."""
+                    std: Sequence[float], augment: Augment | None = None) -> np.ndarray:
+    """One training image from a decoded file: ``augment``'s steps (:mod:`zoo.augment`).
+
+    None: the folder default (timm's: random resized crop at scale 0.08-1, hflip 0.5). A crop is
+    resized to ``H x W`` (bilinear); without one (``--no-aug``) this is :func:`val_transform`.
+    """
+    augment = augment if augment is not None else resolve_augment(data="folder:")
     channels, height, width = (int(v) for v in input_size)
-    image = image.convert(_image_mode(channels))
-    box = random_resized_crop_box(*image.size)
-    image = image.resize((width, height), Image.BILINEAR, box=box)
-    if torch.rand(()).item() < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return preprocess.to_chw(image, mean, std)
+    if not augment.enabled or augment.scale is None:
+        array = val_transform(image, input_size, mean, std)
+        if not augment.enabled:
+            return array
+        x01 = torch.from_numpy(array) * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+    else:
+        image = image.convert(_image_mode(channels))
+        box = random_resized_crop_box(*image.size, scale=augment.scale, ratio=augment.ratio)
+        image = image.resize((width, height), Image.BILINEAR, box=box)
+        x01 = torch.from_numpy(preprocess.to_chw(image, (0.0,) * channels, (1.0,) * channels))
+    return _finish(x01, augment, mean, std).numpy()
+
+
+def _finish(x01: Tensor, augment: Augment, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
+    """Flips, jitter and policy on an image in 0..1, then normalise and erase."""
+    x01 = photometric(x01, augment)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return random_erase((x01 - mean_t) / std_t, augment.reprob)
 
 
 # --------------------------------------------------------------------------- datasets
@@ -203,36 +193,41 @@ class ImageFolderDataset(Dataset):
     """Images on disk: ``samples`` is a list of ``(path, class_index)``."""
 
     def __init__(self, samples: list[tuple[str, int]], input_size: Sequence[int],
-                 mean: Sequence[float], std: Sequence[float], train: bool) -> None:
+                 mean: Sequence[float], std: Sequence[float], train: bool, augment: Augment | None = None) -> None:
         self.samples = list(samples)
         self.targets = [t for _, t in self.samples]
         self.input_size = tuple(int(v) for v in input_size)
         self.mean, self.std = tuple(mean), tuple(std)
         self.train = train
+        self.augment = augment if augment is not None else resolve_augment(data="folder:")
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path, target = self.samples[index]
-        transform = train_transform if self.train else val_transform
-        return torch.from_numpy(transform(load_image(path), self.input_size, self.mean, self.std)), target
+        image = load_image(path)
+        if self.train:
+            return torch.from_numpy(train_transform(image, self.input_size, self.mean, self.std, self.augment)), target
+        return torch.from_numpy(val_transform(image, self.input_size, self.mean, self.std)), target
 
 
 class TensorImageDataset(Dataset):
     """Images held as a float tensor ``(N, C0, h, w)`` in 0..1 (C0 is 1 or the model's C).
 
-    Items are upsampled to the model's H x W if stored smaller, replicated to C channels,
-    shifted at random by up to ``shift`` pixels (zero fill) when ``shift > 0``, and normalised.
+    Items are upsampled to the model's H x W if stored smaller, replicated to C channels and
+    normalised. Train items (``augment`` given) are first augmented as :mod:`zoo.augment` says:
+    a random resized crop of the stored image when ``augment.scale`` is set, else a random shift
+    of up to ``augment.shift`` of the side (zero fill), then flips, jitter, policy and erasing.
     """
 
     def __init__(self, images: Tensor, targets: Sequence[int], input_size: Sequence[int],
-                 mean: Sequence[float], std: Sequence[float], shift: int = 0) -> None:
+                 mean: Sequence[float], std: Sequence[float], augment: Augment | None = None) -> None:
         self.input_size = tuple(int(v) for v in input_size)
         assert images.dim() == 4 and images.shape[1] in (1, self.input_size[0]), images.shape
         self.images = images
         self.targets = [int(t) for t in targets]
-        self.shift = int(shift)
+        self.augment = augment if augment is not None and augment.enabled else None
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
@@ -242,12 +237,17 @@ class TensorImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         channels, height, width = self.input_size
         x = self.images[index]
-        if x.shape[-2:] != (height, width):
+        augment = self.augment
+        if augment is not None and augment.scale is not None:
+            left, top, right, bottom = random_resized_crop_box(x.shape[-1], x.shape[-2], augment.scale, augment.ratio)
+            x = _upsample(x[None, :, top:bottom, left:right], (height, width))[0]
+        elif x.shape[-2:] != (height, width):
             x = _upsample(x[None], (height, width))[0]
-        if self.shift:
-            x = _random_shift(x, self.shift)
-        x = (x.expand(channels, -1, -1) - self.mean) / self.std
-        return x, self.targets[index]
+        if augment is None:
+            return (x.expand(channels, -1, -1) - self.mean) / self.std, self.targets[index]
+        if augment.scale is None and augment.shift:
+            x = random_shift(x, max(1, round(max(height, width) * augment.shift)))
+        return _finish(x.expand(channels, -1, -1), augment, self.mean, self.std), self.targets[index]
 
 
 def _upsample(images: Tensor, size: tuple[int, int]) -> Tensor:
@@ -258,15 +258,6 @@ def _upsampled_chunks(images: Tensor, size: tuple[int, int], chunk: int = 256) -
     for start in range(0, images.shape[0], chunk):
         part = images[start:start + chunk]
         yield part if part.shape[-2:] == size else _upsample(part, size)
-
-
-def _random_shift(x: Tensor, pad: int) -> Tensor:
-    dy, dx = torch.randint(-pad, pad + 1, (2,)).tolist()
-    h, w = x.shape[-2:]
-    out = torch.zeros_like(x)
-    out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-        x[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
-    return out
 
 
 # --------------------------------------------------------------------------- splitting
@@ -300,7 +291,8 @@ def stratified_split(targets: Sequence[int], val_fraction: float, seed: int = 0,
 
 
 def _tensor_bundle(name: str, images: Tensor, targets: np.ndarray, classes: list[str],
-                   input_size: tuple[int, int, int], seed: int, val_fraction: float) -> DataBundle:
+                   input_size: tuple[int, int, int], seed: int, val_fraction: float,
+                   augment: Augment) -> DataBundle:
     channels, height, width = input_size
     size = (height, width)
     train_idx, val_idx = stratified_split(targets, val_fraction, seed, classes)
@@ -322,21 +314,20 @@ def _tensor_bundle(name: str, images: Tensor, targets: np.ndarray, classes: list
     if images.shape[1] == 1 and channels > 1:
         mean, std = mean.expand(channels), std.expand(channels)
     mean_t, std_t = tuple(mean.tolist()), tuple(std.tolist())
-    shift = max(1, round(max(height, width) * SHIFT_FRACTION))
     return DataBundle(
-        train=TensorImageDataset(train_images, targets[train_idx], input_size, mean_t, std_t, shift=shift),
+        train=TensorImageDataset(train_images, targets[train_idx], input_size, mean_t, std_t, augment=augment),
         val=TensorImageDataset(images[torch.from_numpy(val_idx)], targets[val_idx], input_size, mean_t, std_t),
         classes=classes, mean=mean_t, std=std_t, input_size=input_size, name=name)
 
 
-def _digits(input_size: tuple[int, int, int], seed: int, val_fraction: float) -> DataBundle:
+def _digits(input_size: tuple[int, int, int], seed: int, val_fraction: float, augment: Augment) -> DataBundle:
     from sklearn.datasets import load_digits  # imported here: sklearn is slow to import
 
     digits = load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / np.float32(16.0)).unsqueeze(1)
     classes = [str(i) for i in range(10)]
     return _tensor_bundle("digits", images, digits.target.astype(np.int64), classes, input_size,
-                          seed, val_fraction)
+                          seed, val_fraction, augment)
 
 
 def synthetic_images(input_size: Sequence[int], seed: int = 0) -> tuple[Tensor, np.ndarray]:
@@ -364,18 +355,20 @@ def synthetic_images(input_size: Sequence[int], seed: int = 0) -> tuple[Tensor, 
     return torch.from_numpy(images), targets
 
 
-def _synthetic(input_size: tuple[int, int, int], seed: int, val_fraction: float) -> DataBundle:
+def _synthetic(input_size: tuple[int, int, int], seed: int, val_fraction: float, augment: Augment) -> DataBundle:
     images, targets = synthetic_images(input_size, seed)
     classes = [f"pattern{k}" for k in range(SYNTHETIC_CLASSES)]
-    return _tensor_bundle("synthetic", images, targets, classes, input_size, seed, val_fraction)
+    return _tensor_bundle("synthetic", images, targets, classes, input_size, seed, val_fraction, augment)
 
 
-def scan_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]], list[str]]:
+def scan_folder(root: str | os.PathLike,
+                allow_empty: bool = False) -> tuple[list[str], list[tuple[str, int]], list[str]]:
     """``(classes, samples, skipped)`` for a folder with one subfolder per class.
 
     Subfolders are searched recursively for :data:`IMAGE_EXTENSIONS` (any case); hidden files
     and folders (``.ipynb_checkpoints``, ``.DS_Store``) are ignored. Files that do not open as
-    images are left out and listed in ``skipped`` as ``"path (reason)"``.
+    images are left out and listed in ``skipped`` as ``"path (reason)"``. A class folder with no
+    readable image is an error unless ``allow_empty`` (a val split may lack a class).
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -402,42 +395,86 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int
                     samples.append((path, index))
                 else:
                     skipped.append(f"{path} ({reason})")
-    if not samples:
+    if not samples and not allow_empty:
         raise DataError(f"data folder {root} has no readable images "
                         f"({', '.join(IMAGE_EXTENSIONS)}) in its class subfolders")
     counts = np.bincount([t for _, t in samples], minlength=len(classes))
     empty = [c for c, n in zip(classes, counts) if n == 0]
-    if empty:
+    if empty and not allow_empty:
         raise DataError(f"class folder(s) with no readable images in {root}: {', '.join(empty)}")
     return classes, samples, skipped
 
 
 def _folder(spec: str, path: str, input_size: tuple[int, int, int], seed: int,
-            val_fraction: float) -> DataBundle:
+            val_fraction: float, augment: Augment) -> DataBundle:
     channels, height, width = input_size
     if height != width:
         raise DataError(f"folder data needs a square input size, got {height}x{width}")
-    classes, samples, skipped = scan_folder(path)
-    if skipped:
-        shown = "; ".join(skipped[:3]) + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else "")
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s): {shown}", stacklevel=3)
-    train_idx, val_idx = stratified_split([t for _, t in samples], val_fraction, seed, classes)
+    root = Path(path).expanduser()
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        classes, train_samples, skipped = scan_folder(root / "train")
+        val_classes, val_samples, val_skipped = scan_folder(root / "val", allow_empty=True)
+        if val_classes != classes:
+            only_train = sorted(set(classes) - set(val_classes))
+            only_val = sorted(set(val_classes) - set(classes))
+            differ = "; ".join(f"only in {where}/: {', '.join(names)}"
+                               for where, names in (("train", only_train), ("val", only_val)) if names)
+            raise DataError(f"data folder {root}: train/ and val/ must hold the same class subfolders; {differ}"
+                            if differ else f"data folder {root}: train/ and val/ class subfolders differ")
+        skipped += val_skipped
+    else:
+        classes, samples, skipped = scan_folder(root)
+        train_idx, val_idx = stratified_split([t for _, t in samples], val_fraction, seed, classes)
+        train_samples, val_samples = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
     if channels == 3:
         mean, std = tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
     else:  # grayscale: the ImageNet statistics averaged over the three channels
         mean, std = (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
     return DataBundle(
-        train=ImageFolderDataset([samples[i] for i in train_idx], input_size, mean, std, train=True),
-        val=ImageFolderDataset([samples[i] for i in val_idx], input_size, mean, std, train=False),
+        train=ImageFolderDataset(train_samples, input_size, mean, std, train=True, augment=augment),
+        val=ImageFolderDataset(val_samples, input_size, mean, std, train=False),
         classes=classes, mean=mean, std=std, input_size=input_size, name=spec, skipped=skipped,
         crop_pct=CROP_PCT)
 
 
+def skipped_line(skipped: Sequence[str], shown: int = 3) -> str:
+    """One line for the unreadable files of :func:`scan_folder`: every one when few, else the
+    count and the first ``shown``."""
+    if len(skipped) == 1:
+        return f"skipped 1 unreadable image: {skipped[0]}"
+    if len(skipped) <= shown:
+        return f"skipped {len(skipped)} unreadable images: {'; '.join(skipped)}"
+    return f"skipped {len(skipped)} unreadable images; the first {shown}: {'; '.join(skipped[:shown])}"
+
+
+def class_counts(bundle: DataBundle) -> tuple[list[int], list[int]]:
+    """Images per class in the train and the val split."""
+    def count(ds: Dataset) -> list[int]:
+        return np.bincount(np.asarray(ds.targets, dtype=np.int64), minlength=bundle.num_classes).tolist()
+    return count(bundle.train), count(bundle.val)
+
+
+def class_count_lines(bundle: DataBundle, shown: int = 20) -> list[str]:
+    """Lines saying the images per class (train/val), and any class without a val image."""
+    train, val = class_counts(bundle)
+    pairs = [f"{name} {t}/{v}" for name, t, v in zip(bundle.classes, train, val)]
+    if len(pairs) <= shown:
+        lines = ["images per class (train/val): " + ", ".join(pairs)]
+    else:
+        lines = [f"images per class (train/val), {len(pairs)} classes: train {min(train)}-{max(train)}, "
+                 f"val {min(val)}-{max(val)}; first {shown}: " + ", ".join(pairs[:shown])]
+    missing = [name for name, v in zip(bundle.classes, val) if v == 0]
+    if missing:
+        lines.append(f"warning: {len(missing)} class(es) with no val image (their accuracy is not measured): "
+                     + ", ".join(missing[:shown]) + (" ..." if len(missing) > shown else ""))
+    return lines
+
+
 @dataclass(frozen=True)
 class DataSource:
-    """What a ``--data`` name builds. ``build(input_size, seed, val_fraction)`` makes the
+    """What a ``--data`` name builds. ``build(input_size, seed, val_fraction, augment)`` makes the
     :class:`DataBundle`; a source that takes an argument (``folder:PATH``) is called as
-    ``build(spec, argument, input_size, seed, val_fraction)``."""
+    ``build(spec, argument, input_size, seed, val_fraction, augment)``."""
 
     build: Callable[..., DataBundle]
     arg: str | None = None  # the argument's name in ``NAME:ARG``; None: the source takes none
@@ -455,7 +492,7 @@ DATA_SPECS = tuple(name if s.arg is None else f"{name}:{s.arg}" for name, s in D
 
 
 def build_datasets(spec: str, input_size: Sequence[int], seed: int = 0,
-                   val_fraction: float = 0.2) -> DataBundle:
+                   val_fraction: float = 0.2, augment: Augment | None = None) -> DataBundle:
     """Train and val datasets for ``spec``: ``digits``, ``synthetic`` or ``folder:PATH``.
 
     Args:
@@ -463,6 +500,8 @@ def build_datasets(spec: str, input_size: Sequence[int], seed: int = 0,
         input_size: the model's ``(C, H, W)``; C is 1 or 3.
         seed: fixes the split (and the synthetic images).
         val_fraction: share of each class held out for validation, in (0, 1).
+        augment: the train split's augmentation (:func:`zoo.augment.resolve_augment`); None:
+            the data's default.
 
     Raises:
         DataError: a one-line message for an unknown spec, a missing or empty folder, fewer
@@ -479,8 +518,10 @@ def build_datasets(spec: str, input_size: Sequence[int], seed: int = 0,
     source = DATA_SOURCES.get(name)
     if source is None or bool(colon) != (source.arg is not None):
         raise DataError(f"Unknown data {spec!r}; choose one of: {', '.join(DATA_SPECS)}")
+    if augment is None:
+        augment = resolve_augment(data=spec)
     if source.arg is None:
-        return source.build(size, seed, val_fraction)
+        return source.build(size, seed, val_fraction, augment)
     if not arg:
         raise DataError(f"{name}: needs a {source.arg.lower()}, e.g. {source.example}")
-    return source.build(spec, arg, size, seed, val_fraction)
+    return source.build(spec, arg, size, seed, val_fraction, augment)

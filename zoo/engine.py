@@ -98,6 +98,9 @@ def train_one_epoch(
     progress: bool = False,
     desc: str = "",
     world_size: int = 1,
+    mixup: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+    ema: Any = None,
+    teacher: nn.Module | None = None,
 ) -> EpochStats:
     """Train ``model`` for one pass over ``loader``, stepping ``scheduler`` after every update.
 
@@ -114,6 +117,12 @@ def train_one_epoch(
         progress: show a progress bar on stderr, with the loss, images/s and lr.
         desc: the bar's label.
         world_size: processes training together, for the bar's images/s.
+        mixup: ``mixup(images, targets) -> (images, soft targets)`` on each batch (a
+            :class:`zoo.augment.Mixup`), before the forward; ``loss_fn`` then gets the soft targets.
+        ema: a :class:`zoo.ema.ModelEma` updated from the model after every optimizer step.
+        teacher: a model to distil from: it sees the same (augmented, mixed) batch, in eval mode
+            without gradients, and ``loss_fn(logits, target, teacher_logits)`` is called (a
+            :class:`zoo.losses.DistillationLoss`).
 
     Returns:
         :class:`EpochStats`. A loss that is not finite stops the epoch at once (before its
@@ -127,11 +136,20 @@ def train_one_epoch(
     for step, (x, y) in enumerate(bar):
         t0 = time.perf_counter()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if mixup is not None:
+            x, y = mixup(x, y)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
-            loss = loss_fn(logits.float(), y)
+            if teacher is None:
+                loss = loss_fn(logits.float(), y)
+            else:
+                # Set on every step: a caller's model.train() on a wrapper would reach it otherwise.
+                teacher.eval()
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+                loss = loss_fn(logits.float(), y, teacher_logits.float())
         if not torch.isfinite(loss):
             stats.nonfinite = (step + 1, loss.item())
             break
@@ -144,14 +162,16 @@ def train_one_epoch(
             scaler.step(optimizer)
             scaler.update()
         t2 = time.perf_counter()
+        if ema is not None:
+            ema.update(model)
         if scheduler is not None:
             scheduler.step()
         value = loss.item()
         stats.losses.append(value)
         stats.step_s.append(t2 - t0)
         stats.update_s.append(t2 - t1)
-        loss_sum += value * y.numel()
-        stats.images += y.numel()
+        loss_sum += value * x.shape[0]
+        stats.images += x.shape[0]
         if progress:
             rate = stats.images * world_size / (time.perf_counter() - t_start)
             bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.0f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")

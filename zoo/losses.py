@@ -125,3 +125,31 @@ def create_loss(
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
         raise ValueError(f"Invalid num_classes: {num_classes!r}")
     return _LOSS_MAP[name](label_smoothing=label_smoothing, gamma=gamma, alpha=alpha, num_classes=num_classes)
+
+
+class DistillationLoss(nn.Module):
+    """Knowledge distillation (Hinton et al. 2015, https://arxiv.org/abs/1503.02531):
+    ``alpha * T**2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * base(s, target)``.
+
+    The KL term is averaged over the batch (``batchmean``, the mathematical KL per sample); the
+    ``T**2`` keeps its gradients on the scale of the hard-label term's as ``T`` grows. ``base`` is
+    the run's own loss (label smoothing, or mixup's soft targets, stay on the hard-label part).
+    Called as ``loss(student_logits, target, teacher_logits)``.
+    """
+
+    def __init__(self, base: nn.Module, temperature: float = 4.0, alpha: float = 0.9) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"Invalid distillation temperature: {temperature} (must be > 0)")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"Invalid distillation alpha: {alpha} (must be in [0, 1])")
+        self.base, self.temperature, self.alpha = base, float(temperature), float(alpha)
+
+    def forward(self, logits: Tensor, target: Tensor, teacher_logits: Tensor) -> Tensor:
+        t = self.temperature
+        soft = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits.detach() / t, dim=1),
+                        reduction="batchmean", log_target=True)
+        return self.alpha * t * t * soft + (1.0 - self.alpha) * self.base(logits, target)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, alpha={self.alpha}"

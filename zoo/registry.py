@@ -14,6 +14,8 @@ from torch import nn
 
 from zoo.models.densenet import DenseNet
 from zoo.models.resnext import ResNet
+from zoo.nn.act import ActLayer, get_act_layer
+from zoo.nn.attention import AttnLayer, get_attn_layer
 from zoo.nn.norm import NormLayer, get_norm_layer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -30,14 +32,16 @@ class ModelSpec:
     std: tuple[float, ...] = IMAGENET_STD
     dense_twin: str | None = None  # for a depthwise variant: the model it is measured against
     description: str = ""
+    attn: str | None = None  # the attention the variant fixes (timm's SE-ResNeXts: "se")
 
     @property
     def builder(self) -> Callable[..., nn.Module]:
         return FAMILIES[self.family]
 
 
-# Family name -> model class: each takes its variant's model_args plus num_classes, in_chans and
-# norm_layer, and has the head API (forward_features, forward_head, get_classifier, reset_classifier).
+# Family name -> model class: each takes its variant's model_args plus num_classes, in_chans,
+# norm_layer, act_layer and attn_layer, and has the head API (forward_features, forward_head,
+# get_classifier, reset_classifier).
 FAMILIES: dict[str, Callable[..., nn.Module]] = {"resnext": ResNet, "densenet": DenseNet}
 _REGISTRY: dict[str, ModelSpec] = {}
 ALIASES = {"resnext50": "resnext50_32x4d", "resnext101": "resnext101_32x8d"}
@@ -71,6 +75,14 @@ for spec in [
     ModelSpec("resnext_mini", "resnext", dict(_RMINI), input_size=_MINI_IN, description="small ResNeXt for 32x32"),
     ModelSpec("resnext_mini_dw", "resnext", dict(_RMINI, depthwise=True), input_size=_MINI_IN,
               dense_twin="resnext_mini", description="resnext_mini with depthwise 3x3 convs"),
+    # timm's SE-ResNeXts: torchvision's ResNeXt with timm's SEModule in every bottleneck (same
+    # state_dict keys, shapes and outputs as timm.create_model of the same name).
+    ModelSpec("seresnext50_32x4d", "resnext", dict(_R50, groups=32, width_per_group=4), attn="se",
+              description="SE-ResNeXt-50 32x4d (timm's)"),
+    ModelSpec("seresnext101_32x8d", "resnext", dict(_R101, groups=32, width_per_group=8), attn="se",
+              description="SE-ResNeXt-101 32x8d (timm's)"),
+    ModelSpec("seresnext_mini", "resnext", dict(_RMINI), input_size=_MINI_IN, attn="se",
+              description="resnext_mini with SE blocks"),
     ModelSpec("densenet121", "densenet", dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64),
               description="DenseNet-121"),
     ModelSpec("densenet161", "densenet", dict(growth_rate=48, block_config=(6, 12, 36, 24), num_init_features=96),
@@ -112,7 +124,7 @@ def get_model_spec(name: str) -> ModelSpec:
 
 
 # Arguments create_model sets from its own parameters; a caller may not pass them again.
-_RESERVED = {"num_classes", "in_chans", "norm_layer"}
+_RESERVED = {"num_classes", "in_chans", "norm_layer", "act_layer", "attn_layer"}
 
 
 def create_model(
@@ -121,6 +133,9 @@ def create_model(
     norm: str | NormLayer = "bn",
     gn_groups: int = 32,
     in_chans: int = 3,
+    act: str | ActLayer = "relu",
+    attn: str | AttnLayer | None = None,
+    attn_reduction: int = 16,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model.
@@ -132,6 +147,12 @@ def create_model(
             ``norm_layer(num_channels)`` callable of your own.
         gn_groups: groups for ``gn`` (largest divisor of the channel count <= this).
         in_chans: input channels (3 for RGB, 1 for grayscale).
+        act: an activation of :data:`zoo.nn.act.ACTS` (``relu``, the default, is torchvision's),
+            or an ``act_layer()`` callable of your own; the conv weights are initialised for it.
+        attn: ``se``, ``eca``, ``cbam`` (see :mod:`zoo.nn.attention`), ``none``, an
+            ``attn_layer(channels)`` callable, or None: the variant's own (``se`` for the
+            ``seresnext*`` models, which fix it; none for the others).
+        attn_reduction: the channel reduction of ``se`` and ``cbam`` (16 in both papers).
         **kwargs: overrides of the variant's model arguments, e.g. ``memory_efficient=True``
             for DenseNet or ``zero_init_residual=True`` for ResNeXt. Overriding an argument the
             variant fixes (``groups``, ``depthwise``, ...) to a different value is an error.
@@ -142,15 +163,20 @@ def create_model(
     if not isinstance(in_chans, int) or in_chans < 1:
         raise ValueError(f"Invalid in_chans: {in_chans!r}")
     norm_layer = get_norm_layer(norm, gn_groups)
+    act_layer = get_act_layer(act)
+    if spec.attn is not None and attn is not None and attn != spec.attn:
+        raise ValueError(f"{spec.name} fixes attn={spec.attn!r}; got attn={attn!r}")
+    attn_layer = get_attn_layer(spec.attn if attn is None else attn, attn_reduction)
     bad = _RESERVED & kwargs.keys()
     if bad:
         raise ValueError(f"{', '.join(sorted(bad))} is set by create_model itself: use its num_classes, "
-                         "in_chans and norm arguments")
+                         "in_chans, norm, act and attn arguments")
     for key, value in kwargs.items():
         if key in spec.model_args and spec.model_args[key] != value:
             raise ValueError(f"{spec.name} fixes {key}={spec.model_args[key]!r}; got {key}={value!r}")
     args = dict(spec.model_args, **kwargs)
-    return spec.builder(num_classes=num_classes, in_chans=in_chans, norm_layer=norm_layer, **args)
+    return spec.builder(num_classes=num_classes, in_chans=in_chans, norm_layer=norm_layer, act_layer=act_layer,
+                        attn_layer=attn_layer, **args)
 
 
 def count_params(model: nn.Module) -> int:

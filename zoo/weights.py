@@ -1,4 +1,5 @@
-"""Loading weights safely: our training checkpoints or torchvision state_dict files."""
+"""Loading weights safely: our training checkpoints, torchvision state_dict files, or ``.safetensors``
+files (timm publishes its weights so)."""
 from __future__ import annotations
 
 import hashlib
@@ -22,6 +23,29 @@ class WeightsError(ValueError):
 
 
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def is_safetensors(path: str) -> bool:
+    """Whether ``path`` is a safetensors file, by its content, not its name: 8 bytes of header
+    length (little-endian), then the JSON header, which opens with ``{``."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file, on the CPU, read by the ``safetensors`` package: the
+    format holds tensors only, so it cannot run code."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, ValueError, OSError) as e:
+        reason = str(e).splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{path}: not a readable safetensors file ({reason})") from None
 
 
 def torch_load(path: str) -> Any:
@@ -67,7 +91,8 @@ def state_checksum(state: Mapping[str, torch.Tensor]) -> str:
 
 def read_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     """The model state_dict inside ``path``: a zoo checkpoint (its ``model`` entry), a
-    ``{"state_dict": ...}`` file, or a bare state_dict such as torchvision's ``.pth`` files.
+    ``{"state_dict": ...}`` file, a bare state_dict such as torchvision's ``.pth`` files, or a
+    ``.safetensors`` file such as timm's (recognised by its content).
 
     Loads with ``weights_only=True``: the file cannot run code. DistributedDataParallel's
     ``module.`` prefix and torchvision's legacy DenseNet names (``norm.1``) are translated.
@@ -81,11 +106,17 @@ def read_weights(path: str | os.PathLike) -> tuple[Mapping[str, torch.Tensor], d
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: no such file")
-    try:
-        obj: Any = torch_load(path)
-    except Exception as e:  # corrupt, truncated, or not a torch file at all
-        raise WeightsError(f"{path}: not a readable weights file ({load_failure(e)})") from None
-    about = {k: obj[k] for k in ("model_name", "model_args") if k in obj} if isinstance(obj, Mapping) else {}
+    obj: Any
+    if is_safetensors(path):
+        obj = read_safetensors(path)
+    else:
+        try:
+            obj = torch_load(path)
+        except Exception as e:  # corrupt, truncated, or not a torch file at all
+            raise WeightsError(f"{path}: not a readable weights file ({load_failure(e)})") from None
+    # Only a zoo checkpoint (a torch file) describes its model; a safetensors file holds tensors alone.
+    about = ({k: obj[k] for k in ("model_name", "model_args", "pruned") if k in obj}
+             if isinstance(obj, Mapping) and not isinstance(obj.get("model_name"), torch.Tensor) else {})
     if isinstance(obj, Mapping) and "checksum" in obj and isinstance(obj.get("model"), Mapping):
         if state_checksum(obj["model"]) != obj["checksum"]:
             raise WeightsError(f"{path}: checksum mismatch, the weights are corrupt")
@@ -132,8 +163,17 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, head: bool = True
 
     ``head=False`` loads everything but the classifier head, which keeps its fresh initialisation:
     fine-tuning ImageNet weights (1000 classes) into a model with ``num_classes`` of your own.
+    A pruned checkpoint's layer sizes (``zoo.pruned``) are applied to ``model`` first.
     """
-    return load_state(model, read_state_dict(path), head=head, source=os.fspath(path))
+    state, about = read_weights(path)
+    if about.get("pruned"):
+        from zoo.pruned import apply
+
+        try:
+            apply(model, about["pruned"])
+        except ValueError as e:
+            raise WeightsError(f"{os.fspath(path)}: {e}") from None
+    return load_state(model, state, head=head, source=os.fspath(path))
 
 
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, head: bool = True,

@@ -13,7 +13,10 @@ import time
 import numpy as np
 import pytest
 
-import bench.serve as bs
+from bench.serve import main
+from bench.serve.clients import choose_inputs, softmax
+from bench.serve.config import MAX_BATCH, PROG, RAW_MIN_CALLS, ROW_KEYS, TARGET_CONCURRENCY, Config, row
+from bench.serve.report import COLUMNS, evaluate_scaling, evaluate_targets
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICK_TIMEOUT_S = 240  # the run itself takes ~20 s (export included) on the idle 2-core machine
@@ -77,7 +80,7 @@ def test_quick_run_stops_everything_it_started(quick):
 def test_quick_table_has_every_column_and_setting(quick):
     lines = quick["stdout"].splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("batching "))
-    for name, _ in bs.COLUMNS:
+    for name, _ in COLUMNS:
         assert name in lines[header], name
     table = lines[header + 2:header + 6]
     assert sorted((line.split()[0], int(line.split()[2])) for line in table) == [
@@ -92,14 +95,14 @@ def test_quick_table_has_every_column_and_setting(quick):
 def test_quick_json_rows_every_answer_matched(quick):
     rows = quick["rows"]
     assert rows is not None
-    assert all(list(r) == list(bs.ROW_KEYS) for r in rows)
+    assert all(list(r) == list(ROW_KEYS) for r in rows)
     served = [r for r in rows if r["kind"] == "served"]
     assert sorted((r["batching"], r["concurrency"]) for r in served) == [("off", 1), ("off", 4), ("on", 1), ("on", 4)]
     for r in served:
         assert r["model"] == "resnext_mini"
         assert r["errors"] == 0 and r["mismatches"] == 0 and r["errors_by_code"] == {}, r
         assert r["requests"] > 0 and r["checked"] >= r["requests"]
-        assert r["max_batch"] == bs.MAX_BATCH[r["batching"]]
+        assert r["max_batch"] == MAX_BATCH[r["batching"]]
         for key in ("qps", "p50_ms", "p95_ms", "p99_ms", "mean_batch", "raw_p50_ms", "server_total_p50_ms",
                     "server_queue_p50_ms", "server_inference_p50_ms", "transport_p50_ms", "serving_cost_p50_ms",
                     "inference_busy",
@@ -110,7 +113,7 @@ def test_quick_json_rows_every_answer_matched(quick):
         assert (r["overhead"] is not None) == (r["concurrency"] == 1)
     assert all(r["mean_batch"] == 1 for r in served if r["batching"] == "off")  # --max-batch 1 really is off
     raw = [r for r in rows if r["kind"] == "raw"]
-    assert len(raw) == 1 and raw[0]["p50_ms"] > 0 and raw[0]["requests"] >= bs.RAW_MIN_CALLS
+    assert len(raw) == 1 and raw[0]["p50_ms"] > 0 and raw[0]["requests"] >= RAW_MIN_CALLS
     targets = [r for r in rows if r["kind"] == "target"]
     assert sorted(r["batching"] for r in targets) == ["off", "on"]  # the overheads; no 16-client setting here
     assert all(isinstance(r["met"], bool) and r["note"] for r in targets)
@@ -136,7 +139,7 @@ def test_quick_json_rows_every_answer_matched(quick):
 ])
 def test_bad_options_are_one_line_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
-        bs.main(argv)
+        main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -161,9 +164,9 @@ def test_workers_run_counts_the_cpu_of_every_worker(quick, tmp_path):
 
 def test_unservable_model_dir_is_one_line_exit_1(tmp_path, capsys):
     (tmp_path / "resnext_mini").mkdir()  # a model directory without versions
-    assert bs.main(["--model-dir", str(tmp_path), "--quick"]) == 1
+    assert main(["--model-dir", str(tmp_path), "--quick"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"{bs.PROG}: error: ")
+    assert len(err) == 1 and err[0].startswith(f"{PROG}: error: ")
 
 
 # --------------------------------------------------------------------------- inputs and targets
@@ -175,41 +178,41 @@ def test_choose_inputs_are_distinct_clear_and_spread_over_classes():
     def run(x):  # a linear "model" on the per-channel means: flat colours decide the class
         return x.mean(axis=(2, 3)) @ w
 
-    inputs, expected = bs.choose_inputs(run, (3, 4, 4), np.random.default_rng(0), 6)
+    inputs, expected = choose_inputs(run, (3, 4, 4), np.random.default_rng(0), 6)
     assert len(inputs) == len(expected) == 6
     assert len({x.tobytes() for x in inputs}) == 6
     assert all(x.dtype == np.float32 and x.shape == (3, 4, 4) for x in inputs)
     assert len({c for c, _ in expected}) >= 3
     for x, (cls, p) in zip(inputs, expected):
-        probs = bs._softmax(run(x[None]))[0]
+        probs = softmax(run(x[None]))[0]
         assert cls == probs.argmax() and p == pytest.approx(probs.max())
 
 
 def test_targets_report_value_and_bound():
     def served(batching, c, qps, p50, p99, batch, workers=1):
-        return bs.row(kind="served", batching=batching, workers=workers, concurrency=c, qps=qps, p50_ms=p50, p99_ms=p99,
-                      mean_batch=batch, max_batch=bs.MAX_BATCH[batching], raw_p50_ms=1.0,
-                      overhead=p50 / 1.0 if c == 1 else None, server_inference_p50_ms=1.0 * batch ** 0.5,
-                      server_queue_p50_ms=0.5, server_other_p50_ms=0.3, transport_p50_ms=0.8,
-                      serving_cost_p50_ms=1.5,
-                      inference_busy=0.5, server_cpu=1.0, client_cpu=0.5)
+        return row(kind="served", batching=batching, workers=workers, concurrency=c, qps=qps, p50_ms=p50, p99_ms=p99,
+                   mean_batch=batch, max_batch=MAX_BATCH[batching], raw_p50_ms=1.0,
+                   overhead=p50 / 1.0 if c == 1 else None, server_inference_p50_ms=1.0 * batch ** 0.5,
+                   server_queue_p50_ms=0.5, server_other_p50_ms=0.3, transport_p50_ms=0.8,
+                   serving_cost_p50_ms=1.5,
+                   inference_busy=0.5, server_cpu=1.0, client_cpu=0.5)
 
     rows = [served("on", 1, 300, 3.0, 4.0, 1), served("on", 16, 1500, 10, 20, 8),
             served("off", 1, 350, 2.5, 3.5, 1), served("off", 16, 1000, 16, 30, 1),
             served("off", 1, 300, 3.5, 5.0, 1, workers=2), served("off", 16, 1600, 10, 18, 1, workers=2)]
-    cfg = bs.Config(model="m", model_dir=None, cache="c", server=None, threads=2, concurrency=[1, 16], duration_s=1,
-                    batching=["on", "off"], workers=[1, 2], client_processes=2, rounds=1, max_requests=10, seed=0,
-                    json_path=None)
-    targets = {t["target"]: t for t in bs.evaluate_targets(rows, cfg)}
-    gain = targets[f"batching QPS gain at {bs.TARGET_CONCURRENCY} clients"]
+    cfg = Config(model="m", model_dir=None, cache="c", server=None, threads=2, concurrency=[1, 16], duration_s=1,
+                 batching=["on", "off"], workers=[1, 2], client_processes=2, rounds=1, max_requests=10, seed=0,
+                 json_path=None)
+    targets = {t["target"]: t for t in evaluate_targets(rows, cfg)}
+    gain = targets[f"batching QPS gain at {TARGET_CONCURRENCY} clients"]
     assert gain["value"] == pytest.approx(1.5) and gain["met"] is True
-    p99 = targets[f"p99 with batching at {bs.TARGET_CONCURRENCY} clients / lone p50"]
+    p99 = targets[f"p99 with batching at {TARGET_CONCURRENCY} clients / lone p50"]
     assert p99["value"] == pytest.approx(20 / 3.0) and p99["met"] is False and "Little's law" in p99["note"]
     over = targets["served p50 / raw session.run p50 (batching off)"]
     assert over["value"] == pytest.approx(2.5) and over["met"] is False and "gRPC" in over["note"]
     assert "(raw + that) / raw = 2.50x" in over["note"]  # raw 1.0 ms + serving cost 1.5 ms
     # the 2-worker server's single-client row is no overhead target: its workers have half the threads
     assert sorted(t["workers"] for t in targets.values() if t["target"].startswith("served p50")) == [1, 1]
-    scaling = bs.evaluate_scaling(rows, cfg)  # batching off has both worker counts at 16 clients; on does not
+    scaling = evaluate_scaling(rows, cfg)  # batching off has both worker counts at 16 clients; on does not
     assert [(t["batching"], t["workers"], t["concurrency"]) for t in scaling] == [("off", 2, 16)]
     assert scaling[0]["value"] == pytest.approx(1.6) and "QPS 1600 with 2 workers vs 1000 with 1" in scaling[0]["note"]

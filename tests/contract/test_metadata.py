@@ -69,3 +69,26 @@ def test_read_metadata_from_an_onnx_file(tmp_path):
     meta = read_metadata(path)
     assert meta["labels"] == ["cat", "dog"] and meta["precision"] == "int8"
     assert json.loads(encode_metadata(**meta)["zoo.input_size"]) == [3, 32, 32]
+
+
+def test_optional_flops_and_dense_twin_round_trip():
+    props = encode_metadata(**GOOD, flops=12_345_678, dense_twin="resnext_mini")
+    assert props["zoo.flops"] == "12345678" and props["zoo.dense_twin"] == "resnext_mini"
+    meta = decode_metadata(props)
+    assert meta["flops"] == 12_345_678 and type(meta["flops"]) is int and meta["dense_twin"] == "resnext_mini"
+    older = decode_metadata(encode_metadata(**GOOD))  # an export made before these keys existed
+    assert "flops" not in older and "dense_twin" not in older
+
+
+@pytest.mark.parametrize("key,text,match", [
+    ("flops", "1.5e9", "bad metadata zoo.flops"),
+    ("flops", "0", "zoo.flops: must be positive, got 0"),
+    ("flops", "-3", "zoo.flops: must be positive"),
+    ("dense_twin", "", "zoo.dense_twin: not a model name: ''"),
+    ("dense_twin", "../resnext_mini", "zoo.dense_twin: not a model name"),
+])
+def test_bad_optional_values_are_refused(key, text, match):
+    props = encode_metadata(**GOOD)
+    props[PREFIX + key] = text
+    with pytest.raises(MetadataError, match=match):
+        decode_metadata(props)

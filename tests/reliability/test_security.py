@@ -51,12 +51,12 @@ def test_default_bind_is_loopback(exported):
         assert server.host == "127.0.0.1", server.line
         listening = _listening_addresses(server.pid)
         assert server.terminate() == 0
-    assert len(listening) >= 2, listening  # gRPC and metrics
+    assert len(listening) >= 3, listening  # gRPC, HTTP and metrics
     # 127.0.0.1, ::ffff:127.0.0.1 (IPv4-mapped) and ::1, in /proc's byte order
     loopback = ("0100007F:", "0000000000000000FFFF00000100007F:", "00000000000000000000000001000000:")
     assert all(a.startswith(loopback) for a in listening), listening
     report(f"security: default `python -m serve` listens only on loopback ({len(listening)} sockets: "
-           f"gRPC + metrics)")
+           f"gRPC + HTTP + metrics)")
 
 
 def _reflection_list(channel, metadata=()):

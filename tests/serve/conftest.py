@@ -66,6 +66,14 @@ def exported(tmp_path_factory) -> Exported:
     return Exported(root=str(root), checkpoints=checkpoints)
 
 
+@pytest.fixture
+def copy_repo(exported, tmp_path):
+    """A copy of the exported repository that a test may change."""
+    root = tmp_path / "models"
+    shutil.copytree(exported.root, root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def repo(exported) -> Repository:
     return load_repository(exported.root, providers="cpu", threads=1)

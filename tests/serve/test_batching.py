@@ -1,6 +1,8 @@
 """The dynamic batcher on its own: gathering, routing, timeouts, deadlines, bounds, shutdown."""
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
 
@@ -8,7 +10,8 @@ import numpy as np
 import pytest
 
 from serve import batching
-from serve.batching import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
+from serve.batching import BatchFailed, Batcher, DeadlineExceeded, QueueFull, ShuttingDown
+from serve.errors import status_of
 
 # How long a test waits for an answer that should come at once: a bound only a hang reaches.
 HANG_S = 60
@@ -169,10 +172,12 @@ def test_queue_is_bounded(make):
     gate.set()
 
 
-def test_model_failure_reaches_every_caller_of_the_batch(make):
+def test_model_failure_reaches_every_caller_of_the_batch_and_the_log_once(make, caplog):
     """Three requests queued behind a busy model run as one batch; when it raises, each caller
-    hears the model's error at once. A caller left out would only hear of it at its deadline, an
-    hour away, so the waits below would end in DeadlineExceeded instead."""
+    hears of it at once, under a request id of its own. A caller left out would only hear of it at
+    its deadline, an hour away, so the waits below would end in DeadlineExceeded instead. The
+    server log gets one record for the failure, with the traceback and the three ids, however many
+    callers there are and after each was answered (:func:`serve.errors.status_of`)."""
     busy, release = threading.Event(), threading.Event()
     boom = RuntimeError("onnxruntime exploded")
     sizes: list[int] = []
@@ -189,12 +194,25 @@ def test_model_failure_reaches_every_caller_of_the_batch(make):
     b.submit(np.ones(1))
     assert busy.wait(HANG_S)
     queued = [b.submit(np.ones(1), deadline=time.monotonic() + 3600) for _ in range(3)]
-    release.set()
-    for item in queued:
-        with pytest.raises(RuntimeError) as info:
-            item.wait(HANG_S)
-        assert info.value is boom
+    with caplog.at_level(logging.DEBUG):
+        release.set()
+        failures = []
+        for item in queued:
+            with pytest.raises(BatchFailed) as info:
+                item.wait(HANG_S)
+            assert info.value.__cause__ is boom
+            failures.append(info.value)
+        answers = [status_of(f, "Classify", "client-7") for f in failures]
     assert sizes == [1, 3]
+    ids = [f.request_id for f in failures]
+    assert len(set(ids)) == 3
+    for request_id, answer in zip(ids, answers):
+        assert answer.code.name == "INTERNAL"
+        assert answer.message == f"internal error (request id {request_id}; the server log has the details)"
+    (record,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert record.exc_info[1] is boom
+    match = re.fullmatch(r"model: batch of 3 failed \(request ids (\w+), (\w+), (\w+)\)", record.getMessage())
+    assert match and match.groups() == tuple(ids)
     assert b.submit(np.full(1, 5.0)).wait(HANG_S).logits[0] == 5.0  # and the worker lives on
 
 
@@ -214,3 +232,87 @@ def test_close_runs_queued_then_refuses(make):
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         Batcher(Recorder(), **kw)
+
+
+# ------------------------------------------------------------------ inline: an idle model runs on the caller's thread
+
+
+class ThreadRecorder(Recorder):
+    """A Recorder that also notes which thread ran each call."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        super().__init__(gate)
+        self.threads: list[threading.Thread] = []
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.threads.append(threading.current_thread())
+        return super().__call__(x)
+
+
+def test_inline_request_on_an_idle_model_runs_on_the_callers_thread(make):
+    rec = ThreadRecorder()
+    b = make(rec, max_batch=8, timeout_s=3600.0, inline=True)
+    for i in range(3):  # sequential: the model is idle each time
+        result = b.submit(np.full(2, float(i))).wait(HANG_S)
+        assert result.logits[0] == 2.0 * i and result.batch_size == 1
+    assert rec.threads == [threading.current_thread()] * 3
+    assert rec.sizes == [1, 1, 1]
+
+
+def test_inline_requests_batch_on_the_worker_under_contention(make):
+    gate = threading.Event()
+    rec = ThreadRecorder(gate)
+    b = make(rec, max_batch=4, timeout_s=0.0, inline=True)
+    first = b.submit(np.full(2, 100.0))  # claims the idle model; runs when its caller waits
+    runner = threading.Thread(target=first.wait, args=(HANG_S,))
+    runner.start()
+    assert rec.started.wait(HANG_S)
+    items = [b.submit(np.full(2, float(i))) for i in range(6)]  # the model is busy: these queue
+    assert b._queue.qsize() == 6
+    gate.set()
+    runner.join(HANG_S)
+    for i, item in enumerate(items):
+        result = item.wait(HANG_S)
+        assert result.logits[0] == 2.0 * i
+        assert result.batch_size == (4 if i < 4 else 2)
+    assert rec.sizes == [1, 4, 2]
+    assert rec.threads[0] is runner and all(t is b._thread for t in rec.threads[1:])
+    assert b.submit(np.ones(2)).wait(HANG_S).batch_size == 1  # idle again: inline again
+    assert rec.threads[-1] is threading.current_thread()
+
+
+def test_inline_failure_is_reported_like_a_batch_failure(make, caplog):
+    boom = RuntimeError("onnxruntime exploded")
+    calls: list[int] = []
+
+    def model(x):
+        calls.append(len(x))
+        if len(calls) == 1:
+            raise boom
+        return np.stack([[float(v.sum()), 0.0] for v in x])
+    b = make(model, max_batch=8, timeout_s=0.0, inline=True)
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(BatchFailed) as info:
+            b.submit(np.ones(1)).wait(HANG_S)
+        answer = status_of(info.value, "Classify", "client-7")
+    assert info.value.__cause__ is boom
+    request_id = info.value.request_id
+    assert answer.code.name == "INTERNAL"
+    assert answer.message == f"internal error (request id {request_id}; the server log has the details)"
+    (record,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert record.exc_info[1] is boom
+    assert record.getMessage() == f"model: batch of 1 failed (request id {request_id})"
+    assert b.submit(np.full(1, 5.0)).wait(HANG_S).logits[0] == 5.0  # the model was given back
+
+
+def test_inline_request_abandoned_or_expired_gives_the_model_back(make):
+    rec = ThreadRecorder()
+    b = make(rec, max_batch=8, timeout_s=0.0, inline=True)
+    b.submit(np.ones(1)).abandoned = True  # claimed the model, never waited for
+    late = b.submit(np.ones(1), deadline=time.monotonic() - 1)
+    with pytest.raises(DeadlineExceeded):
+        late.wait(HANG_S)
+    assert rec.sizes == []  # neither ran
+    # Both gave the model back: this one runs inline instead of queueing behind a claim that never ends.
+    assert b.submit(np.full(1, 3.0)).wait(HANG_S).logits[0] == 3.0
+    assert rec.threads == [threading.current_thread()]

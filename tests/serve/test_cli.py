@@ -135,14 +135,12 @@ def test_a_second_signal_stops_at_once(exported):
             proc.wait()
 
 
-def test_corrupt_model_file_stops_start_with_exit_1(exported, tmp_path):
-    root = tmp_path / "models"
-    shutil.copytree(exported.root, root)
-    path = root / "resnext_mini" / "1" / "model.onnx"
+def test_corrupt_model_file_stops_start_with_exit_1(copy_repo):
+    path = copy_repo / "resnext_mini" / "1" / "model.onnx"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # truncated
-    result = subprocess.run([sys.executable, "-m", "serve", "--model-dir", str(root), "--port", "0"], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "serve", "--model-dir", str(copy_repo), "--port", "0"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0] and "corrupt or truncated" in lines[0], result.stderr
@@ -150,13 +148,6 @@ def test_corrupt_model_file_stops_start_with_exit_1(exported, tmp_path):
 
 
 # --------------------------------------------------------------------------- start-up failures in-process
-
-
-@pytest.fixture
-def copy_repo(exported, tmp_path):
-    root = tmp_path / "models"
-    shutil.copytree(exported.root, root)
-    return root
 
 
 def test_garbage_and_missing_model_files(capsys, copy_repo):
@@ -291,7 +282,8 @@ def test_client_cli(capsys, server, images):
 @pytest.mark.parametrize("make_argv,code,message", [
     (lambda p, t: [p, "--server", "127.0.0.1:1", "--timeout", "5"], 1, "server 127.0.0.1:1: UNAVAILABLE"),
     (lambda p, t: ["/nonexistent.jpg", "--server", t], 2, "cannot read /nonexistent.jpg"),
-    (lambda p, t: [p, "--server", t, "--model", "nope"], 1, "NOT_FOUND: unknown model 'nope'"),
+    (lambda p, t: [p, "--server", t, "--model", "nope"], 1,
+     "NOT_FOUND: Request for unknown model: 'nope' is not found"),
 ])
 def test_client_cli_errors(capsys, server, images, make_argv, code, message):
     got = client.main(make_argv(images[0][0], f"127.0.0.1:{server[1]}"))

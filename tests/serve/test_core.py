@@ -78,7 +78,8 @@ def test_name_colon_version_resolves_in_every_protocol(server):
         # Not a version: the whole text is a name, and no served one.
         for name in ("resnext_mini:0", "resnext_mini:01", "resnext_mini:", ":1", "resnext_mini:x"):
             e = _error(lambda: s.Classify(tensor_request(X, model=name), timeout=30))
-            assert e.code() == CODE.NOT_FOUND and f"unknown model {name!r}" in e.details(), name
+            assert e.code() == CODE.NOT_FOUND, name
+            assert f"Request for unknown model: {name!r} is not found" in e.details(), name
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +100,9 @@ def test_a_version_not_loaded_says_what_is_served_and_how_to_serve_it(versions_r
         for e in (_error(lambda: s.Classify(tensor_request(X, model="resnext_mini", version=1), timeout=30)),
                   _error(lambda: k.ModelInfer(_infer("resnext_mini:1"), timeout=30))):
             assert e.code() == CODE.NOT_FOUND
-            assert e.details() == ("model 'resnext_mini' has no version 1 loaded (loaded: 2); serving resnext_mini:2 "
-                                   "fp32; version 1 is in the repository: start the server with --model resnext_mini:1")
+            assert e.details() == ("Request for unknown model: 'resnext_mini' version 1 is not found (loaded: 2); "
+                                   "serving resnext_mini:2 fp32; version 1 is in the repository: start the server with "
+                                   "--model resnext_mini:1")
         e = _error(lambda: s.Classify(tensor_request(X, model="resnext_mini:7"), timeout=30))
         assert e.details().endswith("the server serves other versions when started with --model resnext_mini:VERSION "
                                     "(repeatable)")
@@ -115,7 +117,8 @@ def test_an_abbreviated_name_is_refused_with_the_canonical_one(versions_repo):
     repo = load_repository(str(versions_repo), providers="cpu", threads=1, models=["resnext_mini_32x4d"])
     with running(repo) as (_, port), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         s, k = pb_grpc.ClassifierStub(channel), kpb_grpc.GRPCInferenceServiceStub(channel)
-        want = "unknown model 'resnext': models are named exactly; 'resnext_mini_32x4d' is served under that name"
+        want = ("Request for unknown model: 'resnext' is not found; models are named exactly: 'resnext_mini_32x4d' "
+                "is served under that name")
         for e in (_error(lambda: s.Classify(tensor_request(X, model="resnext"), timeout=30)),
                   _error(lambda: k.ModelInfer(_infer("resnext"), timeout=30))):
             assert (e.code(), e.details()) == (CODE.NOT_FOUND, want)
@@ -123,7 +126,8 @@ def test_an_abbreviated_name_is_refused_with_the_canonical_one(versions_repo):
         e = _error(lambda: s.Classify(tensor_request(X, model="resnext_mini"), timeout=30))
         assert "'resnext_mini_32x4d' is served under that name" in e.details()
         e = _error(lambda: s.Classify(tensor_request(X, model="resnext_min"), timeout=30))
-        assert e.details() == "unknown model 'resnext_min'; this server serves: resnext_mini_32x4d"
+        assert e.details() == "Request for unknown model: 'resnext_min' is not found; this server serves: " \
+                              "resnext_mini_32x4d"
 
 
 # --------------------------------------------------------------------------- the server's own failures
@@ -145,9 +149,10 @@ INTERNAL_RE = re.compile(r"internal error \(request id ([0-9a-f]{16}); the serve
 
 def test_an_internal_error_shows_the_client_a_request_id_and_the_log_the_traceback(exported, caplog):
     repo = load_repository(exported.root, providers="cpu", threads=1, models=["resnext_mini"])
-    repo.models["resnext_mini"][1].session = _failing_session()
     with caplog.at_level(logging.ERROR), running(repo) as (_, port), \
             grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        # Broken once serving: a model that fails its warmup is not served at all.
+        repo.models["resnext_mini"][1].session = _failing_session()
         s, k = pb_grpc.ClassifierStub(channel), kpb_grpc.GRPCInferenceServiceStub(channel)
         messages = [_error(lambda: s.Classify(tensor_request(X), timeout=30)),
                     _error(lambda: k.ModelInfer(_infer("resnext_mini"), timeout=30))]

@@ -124,8 +124,9 @@ def test_model_metadata(kserve, name):
 
 
 @pytest.mark.parametrize("request_, code, message", [
-    (kpb.ModelMetadataRequest(name="no-such-model"), CODE.NOT_FOUND, "unknown model 'no-such-model'"),
-    (kpb.ModelMetadataRequest(name=MODEL, version="7"), CODE.NOT_FOUND, "has no version 7 loaded"),
+    (kpb.ModelMetadataRequest(name="no-such-model"), CODE.NOT_FOUND,
+     "Request for unknown model: 'no-such-model' is not found"),
+    (kpb.ModelMetadataRequest(name=MODEL, version="7"), CODE.NOT_FOUND, "version 7 is not found"),
     (kpb.ModelMetadataRequest(name=MODEL, version="-1"), CODE.INVALID_ARGUMENT, "positive integer"),
     (kpb.ModelMetadataRequest(), CODE.INVALID_ARGUMENT, "names no model"),  # two models served: name one
 ])
@@ -226,8 +227,9 @@ BAD_REQUESTS = {
     "typed FP16": (infer_request(X1.astype(np.float16), datatype="FP16", raw=False), CODE.INVALID_ARGUMENT,
                    "FP16 input 'input' must travel in raw_input_contents"),
     "unknown model": (infer_request(X1, model="no-such-model"), CODE.NOT_FOUND,
-                      "unknown model 'no-such-model'; this server serves: densenet_mini, resnext_mini"),
-    "unknown version": (infer_request(X1, model_version="3"), CODE.NOT_FOUND, "has no version 3 loaded"),
+                      "Request for unknown model: 'no-such-model' is not found; this server serves: densenet_mini, "
+                      "resnext_mini"),
+    "unknown version": (infer_request(X1, model_version="3"), CODE.NOT_FOUND, "version 3 is not found"),
     "input name": (_with(infer_request(X1), lambda r: setattr(r.inputs[0], "name", "image")),
                    CODE.INVALID_ARGUMENT, "takes one input named 'input'; the request has 'image'"),
     "no input": (kpb.ModelInferRequest(model_name=MODEL), CODE.INVALID_ARGUMENT, "the request has none"),

@@ -3,7 +3,6 @@ the server's preprocessing, and the model files a server refuses at start (a bad
 file that is not a zoo export). contract.metadata's own checks are tested in tests/contract."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
@@ -107,13 +106,6 @@ def _rewrite_metadata(path, edit) -> None:
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, props)
     onnx.save(model, str(path))
-
-
-@pytest.fixture
-def copy_repo(exported, tmp_path):
-    root = tmp_path / "models"
-    shutil.copytree(exported.root, root)
-    return root
 
 
 def test_a_bad_metadata_value_stops_loading_naming_file_and_key(copy_repo):

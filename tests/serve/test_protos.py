@@ -100,7 +100,9 @@ def test_descriptor_in_step_with_proto(proto, tmp_path):
     from grpc_tools import protoc
 
     out = tmp_path / f"{proto.stem}.pb"
-    code = protoc.main(["protoc", f"-I{proto.root}=" + os.path.join(REPO_ROOT, "protos"),
+    protos = os.path.join(REPO_ROOT, "protos")
+    # The contract mapping second: the service protos import the one ModelConfig from there.
+    code = protoc.main(["protoc", f"-I{proto.root}={protos}", f"-Icontract/_proto={protos}",
                         f"--descriptor_set_out={out}", os.path.join(REPO_ROOT, proto.path)])
     assert code == 0
     fresh = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
@@ -161,8 +163,16 @@ def test_open_inference_protocol_wire_contract():
     service = pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     assert service.full_name == "inference.GRPCInferenceService"
     assert [m.name for m in service.methods] == ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata",
-                                                 "ModelMetadata", "ModelInfer"]
-    assert all(not m.client_streaming and not m.server_streaming for m in service.methods)
+                                                 "ModelMetadata", "ModelInfer", "ModelStreamInfer", "ModelConfig",
+                                                 "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad",
+                                                 "RepositoryModelUnload", "SystemSharedMemoryStatus",
+                                                 "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
+                                                 "CudaSharedMemoryStatus", "CudaSharedMemoryRegister",
+                                                 "CudaSharedMemoryUnregister", "TraceSetting", "LogSettings"]
+    streaming = [m.name for m in service.methods if m.client_streaming or m.server_streaming]
+    assert streaming == ["ModelStreamInfer"]
+    stream = service.methods_by_name["ModelStreamInfer"]
+    assert stream.client_streaming and stream.server_streaming
     for path, fields in KSERVE_FIELDS.items():
         message = pb2.DESCRIPTOR.message_types_by_name[path.split(".")[0]]
         for nested in path.split(".")[1:]:

@@ -138,6 +138,7 @@ def test_latency_report(stub):
     assert sorted(m.model for m in every.models) == sorted(SERVE_MODELS)
     err = call_error(stub.GetLatencyReport, pb.LatencyReportRequest(model="nope"))
     assert err.code() == CODE.NOT_FOUND and "densenet_mini, resnext_mini" in err.details()
+    assert err.details().startswith("Request for unknown model: 'nope' is not found"), err.details()
 
 
 # --------------------------------------------------------------------------- preprocessing parity with training
@@ -193,11 +194,12 @@ def test_bad_tensor(stub, tensor, message):
     (pb.ClassifyRequest(model="resnext_mini", image=b"x", version=-2), CODE.INVALID_ARGUMENT, "invalid version -2"),
     (pb.ClassifyRequest(image=b"x"), CODE.INVALID_ARGUMENT, "request names no model"),
     (pb.ClassifyRequest(model="resnet9000", image=b"x"), CODE.NOT_FOUND,
-     "unknown model 'resnet9000'; this server serves: densenet_mini, resnext_mini"),
+     "Request for unknown model: 'resnet9000' is not found; this server serves: densenet_mini, resnext_mini"),
     (pb.ClassifyRequest(model="resnext_mini", version=7, image=b"x"), CODE.NOT_FOUND,
-     "has no version 7 loaded (loaded: 1)"),
+     "version 7 is not found (loaded: 1)"),
     # Names are looked up in the in-memory table only: no path reaches the disk.
-    (pb.ClassifyRequest(model="../resnext_mini", image=b"x"), CODE.NOT_FOUND, "unknown model '../resnext_mini'"),
+    (pb.ClassifyRequest(model="../resnext_mini", image=b"x"), CODE.NOT_FOUND,
+     "Request for unknown model: '../resnext_mini' is not found"),
     (pb.ClassifyRequest(model="/etc/passwd", image=b"x"), CODE.NOT_FOUND, "unknown model"),
     (pb.ClassifyRequest(model="resnext_mini/1/model.onnx", image=b"x"), CODE.NOT_FOUND, "unknown model"),
 ])

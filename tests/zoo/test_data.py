@@ -1,5 +1,6 @@
 import os
 import pickle
+import re
 import warnings
 
 import numpy as np
@@ -11,7 +12,7 @@ import zoo.data as data
 from contract import preprocess
 from contract.preprocess import PreprocessConfig
 from zoo.data import (DataError, build_datasets, load_image, random_resized_crop_box, scan_folder,
-                      stratified_split, train_transform, val_transform)
+                      skipped_line, stratified_split, train_transform, val_transform)
 from zoo.registry import IMAGENET_MEAN, IMAGENET_STD
 
 MINI = (3, 32, 32)
@@ -250,9 +251,12 @@ def test_load_image_error(tmp_path):
 def test_unreadable_image_is_skipped_and_reported(folder):
     (folder / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (folder / "cat" / "empty.jpg").write_bytes(b"")
-    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\): .*empty.jpg.*broken.png"):
+    with warnings.catch_warnings():  # reported by the caller in one line, not as a Python warning
+        warnings.simplefilter("error")
         bundle = build_datasets(f"folder:{folder}", MINI, val_fraction=0.25)
     assert len(bundle.skipped) == 2 and "broken.png" in bundle.skipped[1]
+    assert re.fullmatch(r"skipped 2 unreadable images: \S*empty.jpg \(.*\); \S*broken.png \(.*\)",
+                        skipped_line(bundle.skipped))
     assert len(bundle.train) + len(bundle.val) == 11
 
 

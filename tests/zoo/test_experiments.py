@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zoo.experiments import (EXPERIMENTS, SURFACES, differs, escape_step, main, norm_batch_verdict,
+from zoo.experiments import (EXPERIMENTS, SURFACES, differs, escape_step, main, norm_batch_verdict, pareto_front,
                              trajectory)
 from zoo.nn.norm import NORMS
 from zoo.optim import OPTIMIZERS
@@ -156,3 +156,130 @@ def test_quick_runs_are_kept_apart_and_say_they_are_smoke_runs(quick_out):
         title, blank, note = (quick_out / "quick" / name / "report.md").read_text().splitlines()[:3]
         assert title == f"# Experiment: {name}" and blank == ""
         assert note.startswith("**Smoke run (`--quick`)**") and "mean nothing" in note
+
+
+# --- activations and attention -------------------------------------------------------------------
+def test_activations_verdict_follows_the_numbers():
+    from zoo.experiments.activations import activations_verdict
+
+    def ratios(plain_sigmoid, bn_sigmoid):
+        r = {}
+        for variant in ("plain", "bn", "residual"):
+            for act in ("sigmoid", "tanh", "relu"):
+                r[(variant, act)] = 1.0
+        r[("plain", "sigmoid")], r[("plain", "tanh")], r[("bn", "sigmoid")] = plain_sigmoid, 0.01, bn_sigmoid
+        r[("bn", "tanh")] = 0.01
+        return r
+
+    text = activations_verdict(ratios(1e-9, 0.5), {"sigmoid": 0.5, "tanh": 0.4, "relu": 0.05}, n_val=400)
+    assert "sigmoid, tanh vanished. This bears out" in text
+    assert ("With BatchNorm: sigmoid 0.5, tanh 0.01, relu 1. It fixes the vanishing gradient of sigmoid but not "
+            "of tanh.") in text
+    assert "ahead of sigmoid, tanh beyond twice" in text and "This bears out the textbook's claim that the ReLU" in text
+    text = activations_verdict(ratios(0.5, 0.5), {"sigmoid": 0.05, "tanh": 0.05, "relu": 0.05}, n_val=400)
+    assert "tanh vanished. This only partly bears out" in text
+    assert "ahead of neither saturating one" in text and "This does not bear out the textbook's claim that the ReLU" \
+        in text
+    text = activations_verdict(ratios(1e-9, 0.5), {"sigmoid": 0.05, "tanh": 0.05, "relu": 0.05}, n_val=400,
+                               race_loss={"sigmoid": 0.3, "tanh": 0.01, "relu": 0.05})
+    assert "sigmoid 0.3000, tanh 0.0100, relu 0.0500; sigmoid trained slower than relu." in text
+
+
+def test_attention_verdict_compares_time_with_flops():
+    from zoo.experiments.attention import attention_verdict
+
+    def row(flops, ms1, ms8, attn_ms=0.0):
+        return dict(flops=flops, ms_b1=ms1, ms_b8=ms8, profile=dict(total_ms=10.0, attn_ms=attn_ms))
+
+    rows = dict(none=row(100, 1.0, 8.0), se=row(101, 1.2, 9.6, 1.0), eca=row(100, 1.1, 8.8), cbam=row(110, 1.1, 8.8))
+    text = attention_verdict(rows)
+    assert "**se**: +1.00% FLOPs; time +20.0% at batch 1, +20.0% at batch 8; 10.0% of the profiled" in text
+    assert "**cbam**: +10.00% FLOPs" in text and text.count("costs time out of proportion") == 2
+    assert "This only partly bears out the claim" in text
+
+
+def test_quick_activations_writes_report_and_png(quick_out):
+    d = quick_out / "quick" / "activations"
+    _check_png(d / "activations.png")
+    assert (d / "results.json").is_file()
+    md = (d / "report.md").read_text()
+    assert "python -m zoo.experiments activations --quick" in md
+    for act in ("sigmoid", "tanh", "relu", "gelu", "silu"):
+        grad, race = _rows(md, act)  # one row in the gradient table, one in the race
+        assert len(grad) == 8 and all(re.fullmatch(NUMBER, c) for c in grad[2:]), grad
+        assert all(re.fullmatch(NUMBER, c) for c in race[1:]), race
+    assert re.search(r"vanished\. This (bears out|only partly bears out|does not bear out)", md)
+    assert re.search(r"on the same budget.*", md)
+
+
+def test_quick_attention_writes_report_and_png(quick_out):
+    d = quick_out / "quick" / "attention"
+    _check_png(d / "attention.png")
+    md = (d / "report.md").read_text()
+    assert "python -m zoo.experiments attention --quick" in md
+    for attn in ("none", "se", "eca", "cbam"):
+        cost, profile, whole = _rows(md, attn)
+        assert re.fullmatch(r"[\d,]+", cost[1]) and all(re.fullmatch(NUMBER + "x?", c) for c in cost[2:]), cost
+        assert all(re.fullmatch(NUMBER + "%?", c) for c in profile[1:] + whole[1:]), (profile, whole)
+    none_profile = _rows(md, "none")[1]
+    assert none_profile[2] == "0.000"  # no attention nodes in the model without attention
+    for attn in ("se", "eca", "cbam"):
+        assert float(_rows(md, attn)[1][2]) > 0, attn  # its nodes found in the profile
+    assert re.search(r"This (bears out|only partly bears out|does not bear out) the claim", md)
+
+
+# --- compression ---------------------------------------------------------------------------------
+COMPRESSION_ROWS = ("fp32", "int8", "pruned 30%", "pruned 50%", "pruned 50% + int8", "pruned 70%", "student alone",
+                    "student distilled")
+
+
+def test_pareto_front_hand_example():
+    points = {"slow_best": (3.0, 0.9), "mid": (2.0, 0.8), "dominated": (2.5, 0.7), "tie_slower": (2.0001, 0.8),
+              "fast_worst": (1.0, 0.5), "failed": (0.5, float("nan")), "same_as_mid": (2.0, 0.8)}
+    # Equal points do not dominate each other; a strictly slower twin of "mid" is dominated.
+    assert pareto_front(points) == ["slow_best", "mid", "fast_worst", "same_as_mid"]
+    assert pareto_front({"only": (1.0, 0.1)}) == ["only"]
+
+
+def test_quick_compression_writes_report_and_png(quick_out):
+    import json
+
+    d = quick_out / "quick" / "compression"
+    _check_png(d / "compression.png")
+    md = (d / "report.md").read_text()
+    assert "python -m zoo.experiments compression --quick" in md
+    table = {}
+    for name in COMPRESSION_ROWS:
+        (cells,) = _rows(md, name)
+        assert re.fullmatch(r"[\d,]+", cells[1]) and len(cells) == 14, cells
+        assert all(re.fullmatch(NUMBER + "x?", c) for c in cells[2:12]), cells
+        table[name] = cells
+    assert table["fp32"][7:12] == ["1.000x"] * 5  # the ratios are against fp32
+    assert table["int8"][1] == table["fp32"][1] and float(table["int8"][3]) < float(table["fp32"][3])
+    for ratio, smaller in (("30%", "fp32"), ("50%", "pruned 30%"), ("70%", "pruned 50%")):
+        assert int(table[f"pruned {ratio}"][1].replace(",", "")) < int(table[smaller][1].replace(",", ""))
+    # The Pareto columns follow the measured accuracy and latency (the unrounded ones in results.json).
+    saved = json.loads((d / "results.json").read_text())
+    assert list(saved["rows"]) == list(COMPRESSION_ROWS)
+    for col, batch in ((12, 1), (13, 8)):
+        front = pareto_front({k: (r[f"ms_b{batch}"], r["onnx_acc"]) for k, r in saved["rows"].items()})
+        assert front and saved["pareto"][str(batch)] == front
+        assert [k for k, c in table.items() if c[col] == "yes"] == front
+        line = next(x for x in md.splitlines() if x.startswith(f"- batch {batch}: "))
+        assert sorted(re.findall(r"\*\*(.+?)\*\*", line)) == sorted(front)
+
+
+def test_compression_verdict_separates_noise_from_a_clear_loss():
+    from zoo.experiments.compression import compression_verdict
+
+    def row(acc, ms):
+        return dict(onnx_acc=acc, ms_b1=ms, ms_b8=8 * ms)
+
+    rows = {"fp32": row(0.97, 1.0), "student alone": row(0.96, 2.0), "student distilled": row(0.50, 0.5),
+            "pruned 50%": row(0.60, 3.0)}
+    fronts = {1: ["fp32", "student distilled"], 8: ["fp32", "student distilled"]}
+    text = compression_verdict(rows, fronts, n_val=400)
+    assert "- batch 1: **student distilled** (50.00%, 0.50x fp32's time), **fp32** (97.00%, 1.00x" in text
+    # One point behind a faster row on 400 images is noise; 37 points behind is not.
+    assert "at some batch size (noise, not a verdict): student alone." in text
+    assert "from 96.00% to 50.00% (-46.00 points)" in text

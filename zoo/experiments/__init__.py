@@ -2,6 +2,9 @@
 
     python -m zoo.experiments optimizers     # the seven rules on one CNN + 2-D trajectories
     python -m zoo.experiments norm-batch     # BN / GN / LN / IN at batch 32, 16, 8, 4, 2
+    python -m zoo.experiments activations    # vanishing gradients per activation, with BN and residuals
+    python -m zoo.experiments attention      # SE / ECA / CBAM: FLOPs against measured time
+    python -m zoo.experiments compression    # int8, pruning, distillation on one Pareto chart
     python -m zoo.experiments norm-batch --quick --out /tmp/exp    # seconds, synthetic data
 
 Each writes ``OUT/NAME/report.md`` (command, settings, tables and a verdict computed from the
@@ -18,6 +21,7 @@ verdicts come from a few dozen synthetic images and say nothing about the claims
   momentum SGD with the learning rate scaled linearly with the batch (as in the GN paper). The
   budget is a fixed number of training images: every cell sees the same images in the same
   order, only grouped into batches differently, so a batch of 2 takes 16x the steps of 32.
+- ``activations``, ``attention``, ``compression``: see their modules.
 
 The full budgets fit in under 10 minutes each on a 2-core CPU: the digits are trained at their
 native 8 x 8 (resnext_mini's CIFAR stem keeps the resolution, so its stages run at 8, 4 and 2
@@ -41,6 +45,9 @@ import torch
 from zoo.config import DEFAULTS as TRAIN_DEFAULTS
 from zoo.config import TRAIN_LR
 from zoo.data import DataError
+from zoo.experiments.activations import activations_verdict, run_activations
+from zoo.experiments.attention import attention_verdict, run_attention
+from zoo.experiments.compression import pareto_front, run_compression
 from zoo.experiments.norm_batch import norm_batch_verdict, run_norm_batch
 from zoo.experiments.optimizers import run_optimizers
 from zoo.experiments.report import differs
@@ -49,8 +56,8 @@ from zoo.fileio import atomic_write
 from zoo.nn.norm import NORMS
 from zoo.registry import get_model_spec
 
-__all__ = ["EXPERIMENTS", "SURFACES", "Experiment", "Surface", "differs", "escape_step", "get_experiment", "main",
-           "norm_batch_verdict", "trajectory"]
+__all__ = ["EXPERIMENTS", "SURFACES", "Experiment", "Surface", "activations_verdict", "attention_verdict", "differs",
+           "escape_step", "get_experiment", "main", "norm_batch_verdict", "pareto_front", "trajectory"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,30 @@ _EXPERIMENT_MAP: dict[str, Experiment] = {
                       base_lr=TRAIN_LR["momentum"], base_batch=32, schedule="cosine",
                       weight_decay=TRAIN_DEFAULTS["weight_decay"], gn_groups=32, seed=0, train_images=None),
         quick=dict(data="synthetic", input_size=8, epochs=1, train_images=32)),
+    "activations": Experiment(
+        run_activations,
+        settings=dict(depth=20, width=16, grad_side=8, grad_batch=32, grad_seeds=3,
+                      grad_acts=("sigmoid", "tanh", "relu", "gelu", "silu"),
+                      model="resnext_mini", data="digits", input_size=8, epochs=6, batch_size=32,
+                      race_acts=("sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "silu", "mish", "hardswish"),
+                      optimizer="adam", schedule="cosine", weight_decay=TRAIN_DEFAULTS["weight_decay"], norm="bn",
+                      seed=0, train_images=None),
+        quick=dict(width=8, grad_batch=8, grad_seeds=1, data="synthetic", epochs=1, train_images=64,
+                   race_acts=("sigmoid", "tanh", "relu", "gelu", "silu"))),
+    "attention": Experiment(
+        run_attention,
+        settings=dict(model="resnext_mini", data="digits", input_size=8, epochs=6, batch_size=32, optimizer="adam",
+                      schedule="cosine", weight_decay=TRAIN_DEFAULTS["weight_decay"], seed=0, train_images=None,
+                      ort_threads=1, rounds=200, profile_runs=50),
+        quick=dict(data="synthetic", epochs=1, train_images=64, rounds=5, profile_runs=3)),
+    "compression": Experiment(
+        run_compression,
+        settings=dict(model="resnext_mini", data="digits", input_size=8, epochs=12, batch_size=32, optimizer="adam",
+                      lr=TRAIN_LR["adam"], schedule="cosine", weight_decay=TRAIN_DEFAULTS["weight_decay"], seed=0,
+                      train_images=None, prune_ratios=(0.3, 0.5, 0.7), criterion="l1", finetune_epochs=6,
+                      finetune_lr=1e-3, student_prune=0.7, student_epochs=12, kd_temperature=4.0, kd_alpha=0.9,
+                      ort_threads=1, rounds=300),
+        quick=dict(data="synthetic", epochs=1, train_images=64, finetune_epochs=1, student_epochs=1, rounds=3)),
 }
 EXPERIMENTS = tuple(_EXPERIMENT_MAP)
 

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from contract.cli import md_table  # noqa: F401 (the experiments' tables, re-exported)
 from zoo.fileio import atomic_write
 
 
@@ -17,12 +18,6 @@ def binomial_se(p: float, n: int) -> float:
 def differs(a: float, b: float, n: int) -> bool:
     """Whether error rates a and b on n images differ by more than twice their standard error."""
     return abs(a - b) > 2 * math.sqrt(binomial_se(a, n) ** 2 + binomial_se(b, n) ** 2)
-
-
-def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def fmt(value: float, spec: str) -> str:

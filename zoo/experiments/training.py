@@ -20,7 +20,7 @@ from zoo.registry import create_model, get_model_spec
 
 def train_cell(data: DataBundle, *, model: str, norm: str, optimizer: str, lr: float, batch_size: int,
                epochs: int, images_per_epoch: int, seed: int, weight_decay: float, schedule: str,
-               gn_groups: int = 32) -> dict[str, Any]:
+               gn_groups: int = 32, act: str = "relu", attn: str | None = None) -> dict[str, Any]:
     """Train one configuration from the initial weights fixed by ``seed``; return its numbers.
 
     The result holds ``train_loss`` (mean over the last epoch), ``val_acc``, ``val_loss``,
@@ -31,7 +31,8 @@ def train_cell(data: DataBundle, *, model: str, norm: str, optimizer: str, lr: f
     """
     seed_everything(seed)
     in_chans = data.input_size[0]
-    net = create_model(model, num_classes=data.num_classes, norm=norm, gn_groups=gn_groups, in_chans=in_chans)
+    net = create_model(model, num_classes=data.num_classes, norm=norm, gn_groups=gn_groups, in_chans=in_chans,
+                       act=act, attn=attn)
     opt = create_optimizer(optimizer, net.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = images_per_epoch // batch_size
     sched = create_scheduler(schedule, opt, epochs=epochs, steps_per_epoch=steps_per_epoch)

@@ -4,16 +4,27 @@ A ResNeXt block is the ResNet bottleneck whose 3x3 conv is grouped: cardinality 
 width d each (``groups=C, width_per_group=d``); the textbook shows that C summed branches,
 C concatenated branches + one 1x1 conv and one grouped conv are the same function.
 ``depthwise=True`` makes the 3x3 conv depthwise (groups = its channels).
+
+``act_layer`` builds each activation (ReLU by default, torchvision's); ``attn_layer`` adds a
+channel/spatial attention block on the bottleneck's output, after ``bn3`` and before the
+residual add, where SENet (Hu et al.) and timm put it, as the module ``se`` (timm's name, so
+timm's SE-ResNeXt checkpoints load). The activations are ``act1``..``act3``, one module per
+place, as in timm: a PReLU's slope is a parameter of its place.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from zoo.models.head import ClassifierHead
+from zoo.nn.act import ActLayer, init_conv_weight, init_scheme
+from zoo.nn.attention import AttnLayer
 from zoo.nn.norm import NormLayer
+
+_RELU: ActLayer = partial(nn.ReLU, inplace=True)
 
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -39,24 +50,29 @@ class Bottleneck(nn.Module):
         width_per_group: int = 64,
         depthwise: bool = False,
         norm_layer: NormLayer = nn.BatchNorm2d,
+        act_layer: ActLayer = _RELU,
+        attn_layer: AttnLayer | None = None,
     ) -> None:
         super().__init__()
         width = int(planes * (width_per_group / 64.0)) * groups
         self.conv1 = conv1x1(inplanes, width)
         self.bn1 = norm_layer(width)
+        self.act1 = act_layer()
         self.conv2 = conv3x3(width, width, stride, groups=width if depthwise else groups)
         self.bn2 = norm_layer(width)
+        self.act2 = act_layer()
         self.conv3 = conv1x1(width, planes * self.expansion)
         self.bn3 = norm_layer(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
+        self.se = attn_layer(planes * self.expansion) if attn_layer is not None else nn.Identity()
+        self.act3 = act_layer()
         self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.act2(self.bn2(self.conv2(out)))
+        out = self.se(self.bn3(self.conv3(out)))
+        return self.act3(out + identity)
 
 
 class ResNet(ClassifierHead, nn.Module):
@@ -71,6 +87,10 @@ class ResNet(ClassifierHead, nn.Module):
         stem: ``"imagenet"`` (7x7/2 conv + 3x3/2 max pool) or ``"cifar"`` (3x3/1 conv, no pool)
             for 32x32 inputs.
         stem_width: output channels of the stem conv.
+        act_layer: ``act_layer()`` builds each activation (see :mod:`zoo.nn.act`); the conv
+            weights are initialised for it.
+        attn_layer: ``attn_layer(channels)`` builds each block's attention (see
+            :mod:`zoo.nn.attention`); None: none.
     """
 
     head_attr = "fc"  # torchvision's name: checkpoints depend on it
@@ -87,13 +107,15 @@ class ResNet(ClassifierHead, nn.Module):
         num_classes: int = 1000,
         in_chans: int = 3,
         norm_layer: NormLayer = nn.BatchNorm2d,
+        act_layer: ActLayer = _RELU,
+        attn_layer: AttnLayer | None = None,
         zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         if len(layers) != len(planes):
             raise ValueError(f"layers {tuple(layers)} and planes {tuple(planes)} differ in length")
         self.groups, self.width_per_group, self.depthwise = groups, width_per_group, depthwise
-        self._norm_layer = norm_layer
+        self._norm_layer, self._act_layer, self._attn_layer = norm_layer, act_layer, attn_layer
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
             self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
@@ -103,7 +125,7 @@ class ResNet(ClassifierHead, nn.Module):
         else:
             raise ValueError(f"Unknown stem {stem!r}; choose 'imagenet' or 'cifar'")
         self.bn1 = norm_layer(stem_width)
-        self.relu = nn.ReLU(inplace=True)
+        self.act1 = act_layer()
         self.inplanes = stem_width
         # Stages are named layer1..layerN (torchvision's names are a checkpoint contract).
         for i, (n, p) in enumerate(zip(layers, planes)):
@@ -114,9 +136,12 @@ class ResNet(ClassifierHead, nn.Module):
         self.num_classes = num_classes
         self.fc = self._head(num_classes)
 
+        scheme = init_scheme(act_layer)
+        # Attention blocks have ReLU inside whatever the model's act, so their convs get He's.
+        in_attn = {id(p) for b in self.modules() if isinstance(b, Bottleneck) for p in b.se.parameters()}
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                init_conv_weight(m.weight, ("he", 0.0) if id(m.weight) in in_attn else scheme, mode="fan_out")
             elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -135,7 +160,8 @@ class ResNet(ClassifierHead, nn.Module):
             # Projection shortcut when the shape changes (1x1 conv with the block's stride).
             downsample = nn.Sequential(conv1x1(self.inplanes, out_ch, stride), norm_layer(out_ch))
         kw = dict(groups=self.groups, width_per_group=self.width_per_group,
-                  depthwise=self.depthwise, norm_layer=norm_layer)
+                  depthwise=self.depthwise, norm_layer=norm_layer, act_layer=self._act_layer,
+                  attn_layer=self._attn_layer)
         blocks_ = [Bottleneck(self.inplanes, planes, stride, downsample, **kw)]
         self.inplanes = out_ch
         blocks_ += [Bottleneck(self.inplanes, planes, **kw) for _ in range(1, blocks)]
@@ -146,7 +172,7 @@ class ResNet(ClassifierHead, nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The feature map before pooling, ``(N, num_features, H', W')``."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
         return x

@@ -157,7 +157,7 @@ class Percentiles(_message.Message):
     def __init__(self, p50_us: _Optional[float] = ..., p90_us: _Optional[float] = ..., p99_us: _Optional[float] = ...) -> None: ...
 
 class ModelLatency(_message.Message):
-    __slots__ = ("model", "count", "window", "total", "queue", "inference", "mean_batch_size", "total_requests")
+    __slots__ = ("model", "count", "window", "total", "queue", "inference", "mean_batch_size", "total_requests", "flops", "dense_twin", "twin_model", "flops_ratio", "latency_ratio", "gap")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +166,12 @@ class ModelLatency(_message.Message):
     INFERENCE_FIELD_NUMBER: _ClassVar[int]
     MEAN_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FLOPS_FIELD_NUMBER: _ClassVar[int]
+    DENSE_TWIN_FIELD_NUMBER: _ClassVar[int]
+    TWIN_MODEL_FIELD_NUMBER: _ClassVar[int]
+    FLOPS_RATIO_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_RATIO_FIELD_NUMBER: _ClassVar[int]
+    GAP_FIELD_NUMBER: _ClassVar[int]
     model: str
     count: int
     window: int
@@ -174,7 +180,13 @@ class ModelLatency(_message.Message):
     inference: Percentiles
     mean_batch_size: float
     total_requests: int
-    def __init__(self, model: _Optional[str] = ..., count: _Optional[int] = ..., window: _Optional[int] = ..., total: _Optional[_Union[Percentiles, _Mapping]] = ..., queue: _Optional[_Union[Percentiles, _Mapping]] = ..., inference: _Optional[_Union[Percentiles, _Mapping]] = ..., mean_batch_size: _Optional[float] = ..., total_requests: _Optional[int] = ...) -> None: ...
+    flops: int
+    dense_twin: str
+    twin_model: str
+    flops_ratio: float
+    latency_ratio: float
+    gap: float
+    def __init__(self, model: _Optional[str] = ..., count: _Optional[int] = ..., window: _Optional[int] = ..., total: _Optional[_Union[Percentiles, _Mapping]] = ..., queue: _Optional[_Union[Percentiles, _Mapping]] = ..., inference: _Optional[_Union[Percentiles, _Mapping]] = ..., mean_batch_size: _Optional[float] = ..., total_requests: _Optional[int] = ..., flops: _Optional[int] = ..., dense_twin: _Optional[str] = ..., twin_model: _Optional[str] = ..., flops_ratio: _Optional[float] = ..., latency_ratio: _Optional[float] = ..., gap: _Optional[float] = ...) -> None: ...
 
 class LatencyReportResponse(_message.Message):
     __slots__ = ("models",)

@@ -1,0 +1,49 @@
+"""Load test of ``python -m serve``: throughput, tail latency, dynamic batching and serving overhead.
+
+    python -m bench.serve [--model NAME] [--model-dir DIR] [--server HOST:PORT] [--concurrency 1,4,16,64]
+                          [--duration S] [--batching on,off] [--workers 1,2] [--json PATH] [--quick]
+
+Unless ``--server`` names one, starts its own servers on 127.0.0.1 (``python -m serve --port 0``
+with ``--max-batch 16`` for batching on and ``--max-batch 1`` for off, each with every
+``--workers`` count; all at once, idle while another is measured) and stops them when done, on
+Ctrl-C, SIGTERM or an error (SIGTERM, wait, kill). A server of W workers gets ``--threads``/W
+onnxruntime threads per worker (at least 1), so with ``--threads`` a multiple of W every server
+has the same threads in all; with a W > 1 in
+the run every client opens a connection of its own (the kernel spreads connections, not calls,
+over the workers), in every setting of the run alike.
+
+The load comes from closed-loop clients: each is a thread with its own
+:class:`serve.client.Classifier` that sends its next request when the last one is answered; the
+clients of a setting are spread over several processes (multiprocessing, so no client process's
+GIL is the bottleneck), and every call has a deadline, every setting a time and a request bound.
+
+Every answer must match its own input: each client sends its own distinct tensors and checks the
+top class of every answer, and its score, against what onnxruntime computed for that input in
+the client process before any timing; a wrong answer counts as a ``MISMATCH`` error.
+
+Per setting (batching x concurrency): QPS, client-observed p50/p95/p99, errors by status code
+(warm-up requests included: every answer is checked), mean batch size (from the responses), the
+server's own split of a request's time (batch queue, inference, the rest) and what is left for
+gRPC and the client, how busy the model was, and the CPU used by the server and by the clients.
+Raw onnxruntime ``session.run`` at batch 1 on the same inputs, in this process with the server's
+thread count, is measured in the same run: served p50 at one client over raw p50 is the cost of
+serving. Raw and every setting are interleaved in rounds (order rotating), because this
+machine's timings drift by up to 1.7x within minutes (docs/benchmarking.md). Nothing is asserted: the
+targets are reported, each with what bounds it.
+
+Exit status: 0 when every request was answered correctly, 1 when any failed or mismatched (the
+table is printed either way) or the benchmark could not run (one line), 2 for bad options.
+Models are exported once with random weights (``python -m export.onnx`` in a subprocess: torch
+is never loaded here) into ``--cache``, or read from ``--model-dir``.
+
+The modules: :mod:`~bench.serve.config` (every default, :class:`Config`, the JSON row),
+:mod:`~bench.serve.clients` (the client processes and their inputs), :mod:`~bench.serve.servers`
+(the model, the servers started and stopped, a ``--server``'s check), :mod:`~bench.serve.measure`
+(raw ``session.run`` and the settings in rounds), :mod:`~bench.serve.report` (targets, table, JSON)
+and :mod:`~bench.serve.cli` (the options and one run, called by ``__main__``).
+"""
+from __future__ import annotations
+
+from bench.serve.cli import main
+
+__all__ = ["main"]

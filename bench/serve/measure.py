@@ -1,0 +1,197 @@
+"""The measuring: raw ``session.run`` and every setting, interleaved in rounds, and a setting's row."""
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from bench import _common as common
+from bench.serve.clients import SERIES, ClientPool
+from bench.serve.config import (
+    HOST,
+    MAX_BATCH,
+    MISMATCH,
+    PROG,
+    RAW_MIN_CALLS,
+    RAW_SHARE,
+    SERVER_START_TIMEOUT_S,
+    WARMUP_S,
+    Config,
+    row,
+)
+from bench.serve.servers import ServerProcess, check_external, server_command, server_label
+
+
+class _Shield:
+    """Ignores SIGINT and SIGTERM while what was started is being stopped (each stop is bounded)."""
+
+    def __init__(self) -> None:
+        self.saved: dict[int, Any] = {}
+
+    def ignore(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self) -> None:
+        for s, handler in self.saved.items():
+            signal.signal(s, handler)
+        self.saved = {}
+
+
+@dataclass
+class Setting:
+    batching: str  # on, off, external
+    concurrency: int
+    max_batch: int | None
+    target: str
+    server: ServerProcess | None
+    workers: int = 1
+    windows_s: float = 0.0
+    server_cpu_s: float | None = 0.0
+    client_cpu_s: float | None = 0.0
+    inference_share_s: float = 0.0
+    checked: int = 0
+    capped: bool = False
+    errors: collections.Counter = field(default_factory=collections.Counter)
+    data: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
+
+    @property
+    def label(self) -> str:
+        return (f"{server_label(self.batching, self.workers)}, "
+                f"{self.concurrency} client{'s' if self.concurrency > 1 else ''}")
+
+
+def _add(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a + b
+
+
+def measure_setting(s: Setting, pool: ClientPool, seconds: float, max_requests: int) -> None:
+    """One window of ``seconds`` after ``WARMUP_S`` of untimed load; adds to ``s``."""
+    start_at = time.time() + WARMUP_S
+    end_at = start_at + seconds
+    used = pool.start_run(s.target, s.concurrency, start_at, end_at, max_requests)
+    cpu0 = cpu1 = None
+    if s.server is not None:
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu0 = s.server.cpu_seconds()
+        time.sleep(max(0.0, end_at - time.time()))
+        cpu1 = s.server.cpu_seconds()
+    results = pool.collect(used, end_at)
+    capped = any(r["capped"] for r in results)
+    window = (min(end_at, max(r["last_done"] for r in results)) if capped else end_at) - start_at
+    s.windows_s += max(window, 0.0)
+    s.capped |= capped
+    s.server_cpu_s = _add(s.server_cpu_s, None if cpu0 is None or cpu1 is None else cpu1 - cpu0)
+    s.client_cpu_s = _add(s.client_cpu_s, sum(r["cpu_s"] for r in results) if all(r["cpu_s"] is not None
+                                                                                   for r in results) else None)
+    for r in results:
+        s.errors.update(r["errors"])
+        s.checked += r["checked"]
+        s.inference_share_s += r["inference_share_s"]
+        for k in SERIES:
+            s.data[k] += r[k]
+
+
+def measure_raw(run: Callable[[np.ndarray], np.ndarray], inputs: list[np.ndarray], seconds: float,
+                samples: common.Samples) -> None:
+    """session.run at batch 1 on ``inputs`` in turn for ``seconds`` (at least RAW_MIN_CALLS calls)."""
+    stop = time.perf_counter() + seconds
+    n = 0
+    while n < RAW_MIN_CALLS or time.perf_counter() < stop:
+        x = inputs[n % len(inputs)][None]
+        common.time_call(lambda: run(x), samples)
+        n += 1
+
+
+def pct(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def setting_row(s: Setting, cfg: Config, raw_p50: float | None, processes: int) -> dict[str, Any]:
+    d = s.data
+    lat = d["latency_ms"]
+    p50 = pct(lat, 50)
+    errors = sum(s.errors.values())
+    return row(kind="served", model=cfg.model, batching=s.batching, max_batch=s.max_batch, workers=s.workers,
+               concurrency=s.concurrency,
+               client_processes=min(processes, s.concurrency), threads=cfg.threads if s.server else None,
+               rounds=cfg.rounds, window_s=s.windows_s, requests=len(lat), checked=s.checked,
+               qps=len(lat) / s.windows_s if s.windows_s else None, p50_ms=p50, p95_ms=pct(lat, 95),
+               p99_ms=pct(lat, 99), mean_ms=float(np.mean(lat)) if lat else None, errors=errors,
+               errors_by_code=dict(sorted(s.errors.items())), mismatches=s.errors.get(MISMATCH, 0),
+               mean_batch=float(np.mean(d["batch"])) if d["batch"] else None, raw_p50_ms=raw_p50,
+               overhead=ratio(p50, raw_p50) if s.concurrency == 1 else None,
+               server_total_p50_ms=pct(d["server_total_ms"], 50), server_queue_p50_ms=pct(d["server_queue_ms"], 50),
+               server_inference_p50_ms=pct(d["server_inference_ms"], 50),
+               server_other_p50_ms=pct(d["server_other_ms"], 50), transport_p50_ms=pct(d["transport_ms"], 50),
+               serving_cost_p50_ms=pct(d["serving_cost_ms"], 50),
+               # Answers that end in the window may have started their batch before it: capped at 1.
+               inference_busy=min(1.0, s.inference_share_s / s.windows_s) if s.windows_s else None,
+               server_cpu=s.server_cpu_s / s.windows_s if s.server_cpu_s is not None and s.windows_s else None,
+               client_cpu=s.client_cpu_s / s.windows_s if s.client_cpu_s is not None and s.windows_s else None,
+               note="request bound reached: window shortened" if s.capped else None)
+
+
+def _log(text: str) -> None:
+    print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+
+
+def measure(cfg: Config, root: str, model: Any) -> tuple[list[Setting], common.Samples, int]:
+    """Start the servers and clients, measure raw and every setting in rounds, stop everything."""
+    max_c = max(cfg.concurrency)
+    processes = min(cfg.client_processes, max_c)
+    round_s = cfg.duration_s / cfg.rounds
+    with contextlib.ExitStack() as stack:
+        shield = _Shield()
+        stack.callback(shield.restore)  # last out
+        servers: dict[tuple[str, int], ServerProcess] = {}
+        if cfg.server is None:
+            for b in cfg.batching:  # all started at once: their model loads overlap
+                for w in cfg.workers:
+                    servers[b, w] = ServerProcess(server_label(b, w), server_command(cfg, root, MAX_BATCH[b], w), w)
+                    stack.callback(servers[b, w].stop)
+        pool = ClientPool(processes, math.ceil(max_c / processes), root, cfg.model, cfg.seed,
+                          own_connection=max(cfg.workers) > 1)
+        stack.callback(pool.close)
+        stack.callback(shield.ignore)  # first out: Ctrl-C cannot cut the stops short
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        targets = {key: f"{HOST}:{s.wait_ready(deadline)}" for key, s in servers.items()}
+        summaries = pool.wait_ready()
+        first_inputs = summaries[0]["first_inputs"]
+        max_batches: dict[str, int | None] = {b: MAX_BATCH.get(b) for b in cfg.batching}
+        if cfg.server is not None:
+            max_batches["external"] = check_external(cfg, model, first_inputs[0])
+            targets["external", 1] = cfg.server
+        settings = [Setting(b, c, max_batches[b], targets[b, w], servers.get((b, w)), workers=w)
+                    for b in cfg.batching for w in cfg.workers for c in cfg.concurrency]
+        _log(f"{cfg.model} {'x'.join(map(str, model.input_size))} from {model.path}; "
+             + ", ".join(f"{server_label(b, w)} at {t}" for (b, w), t in targets.items())
+             + f"; {processes} client processes with {', '.join(str(s['inputs']) for s in summaries)} inputs in "
+             f"{', '.join(str(s['classes']) for s in summaries)} classes; {cfg.rounds} rounds of {round_s:g} s")
+        raw = common.Samples()
+        for _ in range(2):  # untimed: onnxruntime's first calls on this shape
+            model.run(first_inputs[0][None])
+        for r in range(cfg.rounds):
+            measure_raw(model.run, first_inputs, round_s * RAW_SHARE, raw)
+            k = r % len(settings)
+            order = settings[k:] + settings[:k]
+            if r % 2:
+                order.reverse()
+            for s in order:
+                before = len(s.data["latency_ms"])
+                measure_setting(s, pool, round_s, math.ceil(cfg.max_requests / cfg.rounds))
+                _log(f"round {r + 1}/{cfg.rounds}: {s.label}: {len(s.data['latency_ms']) - before} answers, "
+                     f"{sum(s.errors.values())} errors so far")
+    return settings, raw, processes

@@ -1,0 +1,221 @@
+"""The report of a run: the targets (measured, never asserted), the terminal table and the JSON rows."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Callable
+
+from bench.serve.config import (
+    BATCHING_GAIN_TARGET,
+    OVERHEAD_TARGET,
+    P99_OVER_LONE_TARGET,
+    QUICK_CONCURRENCY,
+    TARGET_CONCURRENCY,
+    Config,
+    row,
+)
+from bench.serve.measure import ratio
+from bench.serve.servers import server_label
+from contract.cli import text_table
+from zoo.fileio import atomic_write
+
+
+def _find(rows: list[dict[str, Any]], batching: str, concurrency: int, workers: int = 1) -> dict[str, Any] | None:
+    return next((r for r in rows if r["batching"] == batching and r["concurrency"] == concurrency
+                 and r["workers"] == workers), None)
+
+
+def _cpu_text(r: dict[str, Any], cores: int) -> str:
+    if r["server_cpu"] is None or r["client_cpu"] is None:
+        return ""
+    return (f"; CPU {r['server_cpu'] + r['client_cpu']:.1f} of {cores} cores busy (server {r['server_cpu']:.2f}, "
+            f"clients {r['client_cpu']:.2f})")
+
+
+def evaluate_targets(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
+    """One row per target that this run measured: value, threshold, met, and what bounds it."""
+    cores = os.cpu_count() or 1
+    out = []
+    on, off = _find(rows, "on", TARGET_CONCURRENCY), _find(rows, "off", TARGET_CONCURRENCY)
+    if on and off and on["qps"] and off["qps"]:
+        gain = on["qps"] / off["qps"]
+        busy = off["inference_busy"] or 0.0
+        # Batching shrinks only the inference part of the work (Amdahl): with batch-1 inference
+        # busy a fraction f of the time, and a batch costing r times its requests run alone, the
+        # gain is about 1 / (1 - f (1 - r)).
+        cost = ratio(ratio(on["server_inference_p50_ms"], on["mean_batch"]), off["server_inference_p50_ms"])
+        amdahl = 1 / (1 - busy * (1 - cost)) if cost is not None and busy * (1 - cost) < 1 else None
+        note = (f"QPS {on['qps']:.0f} on vs {off['qps']:.0f} off; mean batch {on['mean_batch']:.1f} of "
+                f"{on['max_batch']}; batch-1 inference busy {busy:.0%} of the time with batching off"
+                + (f", and a batch costs {cost:.2f}x its requests run alone (Amdahl: batching gains ~{amdahl:.2f}x)"
+                   if amdahl else "") + _cpu_text(on, cores))
+        out.append(row(kind="target", model=cfg.model, target=f"batching QPS gain at {TARGET_CONCURRENCY} clients",
+                       concurrency=TARGET_CONCURRENCY, value=gain, threshold=BATCHING_GAIN_TARGET,
+                       met=gain >= BATCHING_GAIN_TARGET, note=note))
+    lone = _find(rows, "on", 1)
+    if on and lone and on["p99_ms"] and lone["p50_ms"] and on["qps"]:
+        value = on["p99_ms"] / lone["p50_ms"]
+        c = on["concurrency"]
+        need = c / (P99_OVER_LONE_TARGET * lone["p50_ms"] / 1e3)
+        per_item = ratio(on["server_inference_p50_ms"], on["mean_batch"])
+        capacity = (f"; inference alone ({per_item:.2f} ms a request) serves at most {1e3 / per_item:.0f} QPS"
+                    if per_item else "")
+        note = (f"p99 {on['p99_ms']:.2f} ms vs lone p50 {lone['p50_ms']:.2f} ms; Little's law: {c} closed-loop clients "
+                f"at {on['qps']:.0f} QPS wait {c / on['qps'] * 1e3:.2f} ms on average, so p99 <= "
+                f"{P99_OVER_LONE_TARGET:g}x lone needs over {need:.0f} QPS ({need / lone['qps']:.1f}x one client's "
+                f"{lone['qps']:.0f}); server queue p50 {on['server_queue_p50_ms']:.2f} ms, inference p50 "
+                f"{on['server_inference_p50_ms']:.2f} ms at mean batch {on['mean_batch']:.1f}" + capacity
+                + _cpu_text(on, cores))
+        out.append(row(kind="target", model=cfg.model, target=f"p99 with batching at {c} clients / lone p50",
+                       concurrency=c, batching="on", value=value, threshold=P99_OVER_LONE_TARGET,
+                       met=value <= P99_OVER_LONE_TARGET, note=note))
+    for r in rows:
+        # Raw session.run has all --threads; a worker of several has a share, so only one-worker servers.
+        if r["concurrency"] != 1 or r["overhead"] is None or r["workers"] != 1:
+            continue
+        # Served and raw inference are timed apart, so on a noisy machine their ratio carries the
+        # noise of both; latency minus the request's own inference (serving cost) does not.
+        cost, raw = r["serving_cost_p50_ms"], r["raw_p50_ms"]
+        parts = (f"served p50 {r['p50_ms']:.2f} ms vs raw {raw:.2f} ms; p50 of its parts: server inference "
+                 f"{r['server_inference_p50_ms']:.2f}, batch queue {r['server_queue_p50_ms']:.2f}, server decode and "
+                 f"reply {r['server_other_p50_ms']:.2f}, gRPC transport and client {r['transport_p50_ms']:.2f} ms; "
+                 f"serving adds {cost:.2f} ms (p50 of latency minus its own inference), (raw + that) / raw = "
+                 f"{(raw + cost) / raw:.2f}x")
+        name = f"served p50 / raw session.run p50 ({server_label(r['batching'], r['workers'])})"
+        out.append(row(kind="target", model=cfg.model, target=name, concurrency=1, batching=r["batching"],
+                       workers=r["workers"],
+                       value=r["overhead"], threshold=OVERHEAD_TARGET, met=r["overhead"] <= OVERHEAD_TARGET,
+                       note=parts))
+    return out
+
+
+def unmeasured_targets(cfg: Config) -> list[str]:
+    """The targets this run's settings cannot measure, each with what it needs (a --quick run
+    has no 16-client setting: without this line two of the three targets would just be absent)."""
+    if cfg.server:
+        return []
+    have = set(cfg.concurrency)
+    missing = []
+    if TARGET_CONCURRENCY not in have or not {"on", "off"} <= set(cfg.batching):
+        missing.append(f"batching QPS gain at {TARGET_CONCURRENCY} clients: needs --concurrency with "
+                       f"{TARGET_CONCURRENCY} and --batching on,off")
+    if not {1, TARGET_CONCURRENCY} <= have or "on" not in cfg.batching:
+        missing.append(f"p99 with batching at {TARGET_CONCURRENCY} clients / lone p50: needs --concurrency with 1 and "
+                       f"{TARGET_CONCURRENCY}, and --batching on")
+    if 1 not in have or 1 not in cfg.workers:
+        missing.append("served p50 / raw session.run p50: needs --concurrency with 1 and --workers with 1")
+    return missing
+
+
+def evaluate_scaling(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
+    """QPS of each W-worker server over the one-worker server, batching alike, at the most clients measured."""
+    cores = os.cpu_count() or 1
+    c = max(cfg.concurrency)
+    out = []
+    for b in cfg.batching:
+        one = _find(rows, b, c, 1)
+        for w in cfg.workers:
+            many = _find(rows, b, c, w)
+            if w == 1 or not one or not many or not one["qps"] or not many["qps"]:
+                continue
+            note = (f"QPS {many['qps']:.0f} with {w} workers vs {one['qps']:.0f} with 1; p99 {many['p99_ms']:.2f} vs "
+                    f"{one['p99_ms']:.2f} ms; mean batch {many['mean_batch']:.1f} vs {one['mean_batch']:.1f}"
+                    + _cpu_text(many, cores))
+            out.append(row(kind="scaling", model=cfg.model, batching=b, workers=w, concurrency=c,
+                           target=f"QPS {w} workers / 1 worker (batching {b}, {c} clients)",
+                           value=many["qps"] / one["qps"], note=note))
+    return out
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _errors_text(by_code: dict[str, int]) -> str:
+    return " ".join(f"{k}:{v}" for k, v in by_code.items()) if by_code else "0"
+
+
+COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
+    ("batching", lambda r: r["batching"]),
+    ("max batch", lambda r: "-" if r["max_batch"] is None else str(r["max_batch"])),
+    ("clients", lambda r: str(r["concurrency"])),
+    ("workers", lambda r: str(r["workers"])),
+    ("QPS", lambda r: "-" if r["qps"] is None else f"{r['qps']:.1f}"),
+    ("p50 ms", lambda r: _ms(r["p50_ms"])),
+    ("p95 ms", lambda r: _ms(r["p95_ms"])),
+    ("p99 ms", lambda r: _ms(r["p99_ms"])),
+    ("errors", lambda r: _errors_text(r["errors_by_code"])),
+    ("mean batch", lambda r: "-" if r["mean_batch"] is None else f"{r['mean_batch']:.2f}"),
+    ("p50/raw", lambda r: "-" if r["overhead"] is None else f"{r['overhead']:.2f}x"),
+    ("srv queue", lambda r: _ms(r["server_queue_p50_ms"])),
+    ("srv infer", lambda r: _ms(r["server_inference_p50_ms"])),
+    ("srv other", lambda r: _ms(r["server_other_p50_ms"])),
+    ("net+client", lambda r: _ms(r["transport_p50_ms"])),
+    ("serve cost", lambda r: _ms(r["serving_cost_p50_ms"])),
+    ("infer busy", lambda r: "-" if r["inference_busy"] is None else f"{r['inference_busy']:.0%}"),
+    ("cpu srv", lambda r: "-" if r["server_cpu"] is None else f"{r['server_cpu']:.2f}"),
+    ("cpu cli", lambda r: "-" if r["client_cpu"] is None else f"{r['client_cpu']:.2f}"),
+)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    return text_table([name for name, _ in COLUMNS], [[fmt(r) for _, fmt in COLUMNS] for r in rows])
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    return v
+
+
+def write_json(path: str, rows: list[dict[str, Any]]) -> None:
+    """Every row as a JSON list, written atomically (:func:`zoo.fileio.atomic_write`)."""
+    atomic_write(path, json.dumps([{k: _json_safe(v) for k, v in r.items()} for r in rows], indent=1))
+
+
+def report(cfg: Config, model: Any, rows: list[dict[str, Any]], processes: int, info: dict[str, str]) -> str:
+    """The terminal report: context, raw session.run, the table, its legend and the targets."""
+    served = [r for r in rows if r["kind"] == "served"]
+    raw = next(r for r in rows if r["kind"] == "raw")
+    targets = [r for r in rows if r["kind"] == "target"]
+    scaling = [r for r in rows if r["kind"] == "scaling"]
+    end_load = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    lines = [
+        f"{cfg.model} ({'x'.join(map(str, model.input_size))}), server onnxruntime threads {cfg.threads}"
+        + (" (split over a server's workers)" if max(cfg.workers) > 1 else "") + f", {processes} client processes"
+        + (", a connection per client" if max(cfg.workers) > 1 else "")
+        + f", {cfg.rounds} rounds, {cfg.duration_s:g} s measured per setting; "
+        f"{info['cpu']}, {info['cores']} cores, loadavg {info.get('loadavg', '?')} at start, {end_load} at end",
+        f"raw session.run at batch 1 ({cfg.threads} threads, this process, same inputs): p50 {raw['p50_ms']:.2f} ms, "
+        f"p95 {raw['p95_ms']:.2f} ms over {raw['requests']} calls",
+        format_table(served),
+        "ms, client-observed; the parts are p50s of their own (they need not add up): srv queue = arrival to its "
+        "batch's start (batching on: up to the batch timeout), srv infer = its batch's session.run, srv other = "
+        "decode and reply, net+client = client latency - server total, serve cost = client latency - its own "
+        "inference (what serving adds, robust to inference noise); infer busy = share of the window the "
+        "model ran; cpu = cores used by the server and by all clients",
+    ]
+    if targets:
+        lines.append("targets (measured, not asserted):")
+        for t in targets:
+            sign = ">=" if t["target"].startswith("batching") else "<="
+            lines.append(f"  {t['target']}: {t['value']:.2f}x (target {sign} {t['threshold']:g}x): "
+                         f"{'met' if t['met'] else 'MISSED'}")
+            lines.append(f"    {'detail' if t['met'] else 'bound'}: {t['note']}")
+    missing = unmeasured_targets(cfg)
+    if missing:
+        lines.append(f"targets not measured by this run's settings (the defaults measure all; --quick measures "
+                     f"{','.join(map(str, QUICK_CONCURRENCY))} clients only):")
+        lines += [f"  {m}" for m in missing]
+    if scaling:
+        lines.append("scale-out on this machine (measured):")
+        for t in scaling:
+            lines.append(f"  {t['target']}: {t['value']:.2f}x")
+            lines.append(f"    detail: {t['note']}")
+    failed = sum(r["errors"] for r in served)
+    if failed:
+        lines.append(f"{failed} requests failed or did not match their input (errors column)")
+    return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""What is served: the model exported into the cache, the servers this run starts and stops
+(``python -m serve``, ready once it prints its ready line) and the check of a ``--server`` given."""
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from bench.serve.clients import softmax
+from bench.serve.config import (
+    CALL_TIMEOUT_S,
+    EXPORT_TIMEOUT_S,
+    HOST,
+    KILL_AFTER_S,
+    PROG,
+    REPO_ROOT,
+    SCORE_RTOL,
+    SERVER_GRACE_S,
+    SERVER_START_TIMEOUT_S,
+    TOP_K,
+    BenchError,
+    Config,
+)
+from serve.ready import parse_ready_line
+
+
+def ensure_model(cfg: Config) -> str:
+    """The repository root holding ``cfg.model``: ``--model-dir``, or ``--cache`` after exporting it there."""
+    if cfg.model_dir is not None:
+        return os.path.abspath(cfg.model_dir)
+    root = os.path.abspath(cfg.cache)
+    target = os.path.join(root, cfg.model)
+    if os.path.isfile(os.path.join(target, "1", "model.onnx")):
+        return root
+    os.makedirs(root, exist_ok=True)
+    # Export next to the cache, then move into place: a concurrent run (or bench.latency, which
+    # shares the cache) never reads a half-written model.
+    tmp = tempfile.mkdtemp(prefix=f".export-{cfg.model}-", dir=root)
+    try:
+        print(f"{PROG}: exporting {cfg.model} (random weights) into {root}", file=sys.stderr, flush=True)
+        command = [sys.executable, "-m", "export.onnx", cfg.model, "--out", tmp, "--name", cfg.model, "--version", "1",
+                   "--latency-runs", "0", "--no-progress", "--threads", str(cfg.threads)]
+        try:
+            done = subprocess.run(command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=EXPORT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"export of {cfg.model} took over {EXPORT_TIMEOUT_S:g} s") from None
+        if done.returncode != 0:
+            lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
+            raise BenchError(f"export of {cfg.model} failed (exit {done.returncode}): "
+                             f"{lines[-1] if lines else 'no message'}")
+        os.makedirs(target, exist_ok=True)
+        for entry in os.listdir(os.path.join(tmp, cfg.model)):
+            with contextlib.suppress(OSError):  # already there: another run exported it meanwhile
+                if not os.path.exists(os.path.join(target, entry)):
+                    os.rename(os.path.join(tmp, cfg.model, entry), os.path.join(target, entry))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+class ServerProcess:
+    """``python -m serve ...`` in a subprocess: its ready line, CPU time and a bounded stop."""
+
+    def __init__(self, label: str, command: list[str], workers: int = 1) -> None:
+        from serve.__main__ import PARENT_ENV
+
+        self.label, self.workers = label, workers
+        # With PARENT_ENV the server stops by itself if this process dies without stopping it.
+        env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
+        self.proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.lines: collections.deque[str] = collections.deque(maxlen=40)
+        self.port: int | None = None
+        self._ready = threading.Event()
+        self._readers = [threading.Thread(target=self._read, args=(s,), daemon=True, name=f"server-{label}-output")
+                         for s in (self.proc.stdout, self.proc.stderr)]
+        for t in self._readers:
+            t.start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:  # drained to the end, so the server never blocks on a full pipe
+            self.lines.append(line.rstrip("\n"))
+            ready = parse_ready_line(line)
+            if ready is not None and not self._ready.is_set():
+                self.port = ready.port
+                self._ready.set()
+
+    def wait_ready(self, deadline: float) -> int:
+        while not self._ready.wait(0.1):
+            if self.proc.poll() is not None:
+                for t in self._readers:
+                    t.join(2.0)
+                last = next((ln for ln in reversed(self.lines) if ln.strip()), "no message")
+                raise BenchError(f"server ({self.label}) exited with status {self.proc.returncode} "
+                                 f"before it was ready: {last}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"server ({self.label}) not ready after {SERVER_START_TIMEOUT_S:g} s")
+        assert self.port is not None
+        return self.port
+
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU seconds so far of the server process and its children (the
+        ``--workers`` processes), from Linux /proc; None where that cannot be read."""
+        try:
+            pids = [self.proc.pid] + (_children(self.proc.pid) if self.workers > 1 else [])
+            total = 0
+            for pid in pids:
+                with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                    fields = f.read().rpartition(")")[2].split()
+                total += int(fields[11]) + int(fields[12])
+            return total / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def stop(self) -> None:
+        """SIGTERM, wait for its graceful stop, SIGKILL after ``KILL_AFTER_S`` more."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(SERVER_GRACE_S + KILL_AFTER_S)
+            except subprocess.TimeoutExpired:
+                print(f"{PROG}: server ({self.label}, pid {self.proc.pid}) did not stop: killed",
+                      file=sys.stderr, flush=True)
+                self.proc.kill()
+                self.proc.wait()
+        for t in self._readers:
+            t.join(2.0)
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux /proc; a thread that ends while it is read is skipped)."""
+    out: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
+                out += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def server_command(cfg: Config, root: str, max_batch: int, workers: int = 1) -> list[str]:
+    from serve.server import DEFAULT_MAX_CONCURRENCY
+
+    # --drain-delay 0: the load has stopped before a server is stopped; nothing is left to drain.
+    return [sys.executable, "-m", "serve", "--model-dir", root, "--model", cfg.model, "--host", HOST, "--port", "0",
+            "--providers", "cpu", "--threads", str(max(1, cfg.threads // workers)), "--max-batch", str(max_batch),
+            "--max-concurrency", str(max(DEFAULT_MAX_CONCURRENCY, max(cfg.concurrency))),
+            "--grace", str(SERVER_GRACE_S), "--drain-delay", "0", "--workers", str(workers)]
+
+
+def server_label(batching: str, workers: int) -> str:
+    return f"batching {batching}" + (f", {workers} workers" if workers > 1 else "")
+
+
+def check_external(cfg: Config, model: Any, x: np.ndarray) -> int | None:
+    """The ``--server``'s max batch for the model, after one answer matched the local copy's.
+
+    Raises BenchError when the server is unreachable, does not serve the model, or serves a
+    different one (every answer of the run would be a mismatch).
+    """
+    from serve.client import Classifier, ClientError
+
+    want = softmax(model.run(x[None]))[0]
+    try:
+        with Classifier(cfg.server, timeout=CALL_TIMEOUT_S) as c:
+            listed = c.list_models()
+            info = next((m for m in listed.models if m.name == cfg.model), None)
+            if info is None:
+                raise BenchError(f"server {cfg.server} does not serve {cfg.model!r} "
+                                 f"(it serves: {', '.join(m.name for m in listed.models) or 'nothing'})")
+            got = c.classify(x, model=cfg.model, top_k=TOP_K).classes[0]
+    except ClientError as e:
+        raise BenchError(f"server {cfg.server}: {e.code.name}: {e.message}") from None
+    if got.index != int(want.argmax()) or abs(got.score - want.max()) > SCORE_RTOL * want.max():
+        raise BenchError(f"server {cfg.server} answers differently from the local {model.path} "
+                         f"(class {got.index} vs {int(want.argmax())}): pass --model-dir of the repository it serves")
+    return info.max_batch or None
