@@ -33,6 +33,7 @@ VARIANTS = {
     "densenet": ("densenet_mini", dict(norm="bn")),
     "resnext_dw": ("resnext_mini_dw", dict(norm="bn")),
     "resnext_gn": ("resnext_mini", dict(norm="gn", gn_groups=4)),
+    "seresnext": ("seresnext_mini", dict(norm="bn")),  # SE's 1x1 convs follow the bottleneck's output
 }
 
 

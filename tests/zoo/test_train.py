@@ -239,14 +239,29 @@ def test_torchrun_two_processes_gloo(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "zoo.train", *FAST, "--epochs", "2", "--out", str(out)],
+         "-m", "zoo.train", *FAST, "--epochs", "2", "--out", str(out), "--model-ema", "--mixup", "0.2"],
         capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("epoch 2/2  train_loss") == 1  # only rank 0 reports
     assert "2 process(es)" in proc.stdout
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["epoch"] == 2
+    # EMA of the unwrapped model (keys without DDP's "module."), updated on every step of rank 0
+    assert ckpt["model_ema"].keys() == ckpt["model"].keys() and ckpt["ema_updates"] > 0
     assert sorted(os.listdir(out)) == ["best.pt", "curves.png", "last.pt", "metrics.jsonl"]
+
+
+def test_ema_cutmix_and_a_teacher_train_with_amp_and_channels_last(tmp_path):
+    teacher = tmp_path / "teacher"
+    assert main(FAST + ["--epochs", "1", "--out", str(teacher)]) == 0
+    out = tmp_path / "student"
+    assert main(FAST + ["--epochs", "1", "--out", str(out), "--model-ema", "--cutmix", "0.5", "--amp",
+                        "--channels-last", "--teacher", str(teacher / "best.pt")]) == 0
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["config"]["teacher_sha256"] and ckpt["ema_updates"] > 0
+    assert ckpt["config"]["amp"] and ckpt["config"]["channels_last"]
+    for key in ("model", "model_ema"):
+        assert all(torch.isfinite(v).all() for v in ckpt[key].values() if v.is_floating_point()), key
 
 
 def test_init_weights_fine_tunes_a_1000_class_file_into_the_data_classes(tmp_path, capsys):
