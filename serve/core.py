@@ -391,7 +391,7 @@ class ServingCore:
         batcher = Batcher(
             self.statistics.timed(model.name, model.version, model.run), max_batch=self.max_batch,
             timeout_s=self.batch_timeout_s, max_queue=self.max_concurrency * self.stream_window,
-            name=f"{model.name}:{model.version}",
+            name=f"{model.name}:{model.version}", inline=True,
             on_batch=lambda n, name=model.name: self.metrics.observe_batch(name, n))
         if "flops" in model.meta:
             self.metrics.set_flops(model.name, model.version, model.meta["flops"])
