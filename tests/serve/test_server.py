@@ -308,48 +308,6 @@ def test_expired_deadline_dropped_from_queue(exported):
         assert scrape("zoo_serve_requests_total", {"model": "resnext_mini", "code": "DEADLINE_EXCEEDED"}) == 1.0
 
 
-def test_lone_request_runs_on_its_handler_thread_and_concurrent_ones_batch(exported):
-    # An idle model runs a request on the RPC's own thread (no hand-over to the batcher's worker and
-    # back); batching still happens whenever requests contend for the model.
-    repo = load_repository(exported.root, providers="cpu", threads=1, models=["resnext_mini"])
-    model = repo.get("resnext_mini")
-    gate = Gate(model.run)
-    calls: list[tuple[str, int]] = []  # (thread, batch size) of each model call
-    model.run = lambda x: (calls.append((threading.current_thread().name, len(x))), gate(x))[1]
-    with running(repo, max_batch=8, batch_timeout_ms=0) as (server, port), \
-            grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        s = pb_grpc.ClassifierStub(channel)
-        x = np.zeros(INPUT_SIZE, np.float32)
-        batcher = server.core.batchers[("resnext_mini", 1)]
-        worker = batcher._thread.name
-        calls.clear()  # the warm-up's
-        for _ in range(3):  # one after another: each finds the model idle
-            assert s.Classify(tensor_request(x), timeout=30).batch_size == 1
-        assert [size for _, size in calls] == [1, 1, 1]
-        assert not any(thread == worker for thread, _ in calls), calls
-        calls.clear()
-        gate.open.clear()
-        gate.entered.clear()  # the lone requests set it
-        blocker = s.Classify.future(tensor_request(x), timeout=30)  # holds the model on its own thread
-        assert gate.entered.wait(10)
-        contending = [s.Classify.future(tensor_request(x), timeout=30) for _ in range(6)]
-        # Until most of them wait in the queue (the worker holds one more; a bound only a hang reaches).
-        end = time.monotonic() + 60
-        while batcher._queue.qsize() < 4:
-            assert time.monotonic() < end, f"only {batcher._queue.qsize()} requests queued"
-            time.sleep(0.01)
-        gate.open.set()
-        assert blocker.result(30).batch_size == 1
-        sizes = [f.result(30).batch_size for f in contending]
-        assert sum(sizes) / len(sizes) > 1, sizes
-        assert calls[0][0] != worker and calls[0][1] == 1, calls
-        assert calls[1:] and all(thread == worker for thread, _ in calls[1:]), calls
-        assert sum(size for _, size in calls[1:]) == 6 and len(calls) - 1 < 6, calls
-        calls.clear()
-        assert s.Classify(tensor_request(x), timeout=30).batch_size == 1  # idle again: on its own thread again
-        assert len(calls) == 1 and calls[0][0] != worker, calls
-
-
 def test_over_max_concurrency_is_resource_exhausted(repo):
     with running(repo, max_concurrency=1) as (_, port), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         s = pb_grpc.ClassifierStub(channel)
