@@ -4,9 +4,6 @@ every failure leaves through :func:`serve.errors.status_of`. Imports neither tor
 """
 from __future__ import annotations
 
-import logging
-import queue
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -21,8 +18,8 @@ from serve.batching import Pending
 from serve.core import ServingCore, deadline_of, split_model, unknown_model
 from serve.errors import RequestError, status_of
 from serve.runtime import Model
+from serve.streams import pipelined
 
-log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 DEFAULT_TOP_K = 5
@@ -127,53 +124,17 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     def _stream(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
         deadline = deadline_of(context)
-        jobs: queue.Queue = queue.Queue(maxsize=self.core.stream_window)
-        end = object()
 
-        def put(entry: Any) -> bool:
-            while context.is_active():
-                try:
-                    jobs.put(entry, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+        def prepare(request: Any) -> _Job:
+            return self._prepare(request, deadline, context.is_active, time.perf_counter())
 
-        def read() -> None:
-            # Decode, preprocess and queue each request as it arrives, while the loop below
-            # answers earlier ones: the client's pipelining reaches the batcher.
-            try:
-                for index, request in enumerate(request_iterator):
-                    t0 = time.perf_counter()
-                    try:
-                        entry = (index, request, self._prepare(request, deadline, context.is_active, t0))
-                    except Exception as e:
-                        entry = (index, request, status_of(e, "ClassifyStream item", request.request_id))
-                    if not put(entry):
-                        return
-            except Exception:  # the client went away mid-stream: nothing left to answer
-                log.debug("ClassifyStream request stream ended", exc_info=True)
-            finally:
-                put(end)
+        def fail(e: Exception, request: Any) -> RequestError:
+            return status_of(e, "ClassifyStream item", request.request_id)
 
-        threading.Thread(target=read, name="classify-stream-reader", daemon=True).start()
-        while True:
-            try:
-                entry = jobs.get(timeout=0.5)
-            except queue.Empty:
-                if not context.is_active():
-                    return
-                continue
-            if entry is end:
-                return
-            index, request, job = entry
-            if isinstance(job, _Job):
-                try:
-                    answer = self._complete(job, deadline)
-                except Exception as e:
-                    answer = status_of(e, "ClassifyStream item", request.request_id)
-            else:
-                answer = job
+        # An abandoned job needs nothing: its queued row checks context.is_active itself.
+        for index, request, answer in pipelined(request_iterator, context, self.core.stream_window, "classify-stream",
+                                                prepare, lambda job: self._complete(job, deadline), fail,
+                                                abandon=lambda job: None):
             if isinstance(answer, RequestError):
                 self.core.metrics.count(self.core.label(request.model), answer.code.name)
                 yield pb.ClassifyStreamResponse(index=index, request_id=request.request_id,

@@ -29,12 +29,9 @@ parameters are refused (INVALID_ARGUMENT). Imports neither torch nor zoo.
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 import math
 import os
-import queue
 import struct
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -49,8 +46,8 @@ from serve._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from serve.core import ServingCore, Submitted, deadline_of, shown
 from serve.errors import RequestError, status_of
 from serve.runtime import Model
+from serve.streams import pipelined
 
-log = logging.getLogger("serve")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "zoo-serve"
@@ -284,55 +281,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _stream(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
         deadline = deadline_of(context)
-        jobs: queue.Queue = queue.Queue(maxsize=self.core.stream_window)
-        end = object()
 
-        def put(entry: Any) -> bool:
-            while context.is_active():
-                try:
-                    jobs.put(entry, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+        def prepare(request: Any) -> _Job:
+            return self._prepare(request, deadline, context.is_active, time.perf_counter())
 
-        def read() -> None:
-            # Each request is parsed and its rows queued as it arrives, while the loop below
-            # answers earlier ones: the client's pipelining reaches the batcher.
-            try:
-                for request in request_iterator:
-                    t0 = time.perf_counter()
-                    try:
-                        entry = (request, self._prepare(request, deadline, context.is_active, t0))
-                    except Exception as e:
-                        entry = (request, status_of(e, "ModelStreamInfer item", request.id))
-                    if not put(entry):
-                        if isinstance(entry[1], _Job):
-                            self.core.abandon(entry[1].submitted)
-                        return
-            except Exception:  # the client went away mid-stream: nothing left to answer
-                log.debug("ModelStreamInfer request stream ended", exc_info=True)
-            finally:
-                put(end)
+        def fail(e: Exception, request: Any) -> RequestError:
+            return status_of(e, "ModelStreamInfer item", request.id)
 
-        threading.Thread(target=read, name="model-stream-reader", daemon=True).start()
-        while True:
-            try:
-                entry = jobs.get(timeout=0.5)
-            except queue.Empty:
-                if not context.is_active():
-                    return
-                continue
-            if entry is end:
-                return
-            request, job = entry
-            if isinstance(job, _Job):
-                try:
-                    answer = self._complete(job, deadline)
-                except Exception as e:
-                    answer = status_of(e, "ModelStreamInfer item", request.id)
-            else:
-                answer = job
+        for _, request, answer in pipelined(request_iterator, context, self.core.stream_window, "model-stream",
+                                            prepare, lambda job: self._complete(job, deadline), fail,
+                                            abandon=lambda job: self.core.abandon(job.submitted)):
             if isinstance(answer, RequestError):
                 self.core.metrics.count(self.core.label(request.model_name), answer.code.name)
                 yield pb.ModelStreamInferResponse(
