@@ -33,7 +33,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serve import classifier, kserve, preprocess
-from serve.core import MODEL_CONTROL_MODES, ServingCore, Statistics
+from serve.core import MODEL_CONTROL_MODES, ServingCore
+from serve.statistics import Statistics
 from serve.http import HttpServer
 from serve.metrics import Metrics
 from serve.runtime import Repository, RepositoryError
