@@ -6,7 +6,6 @@ Every problem found here is a :class:`~export.config.UserError` and nothing is w
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import warnings
@@ -18,7 +17,7 @@ import numpy as np
 
 from contract import repository as layout
 from export.config import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportConfig, UserError
-from zoo.fileio import TMP_PREFIX
+from zoo.fileio import TMP_PREFIX, file_sha256
 
 
 @dataclass
@@ -40,14 +39,6 @@ class Plan:
     data_seed: int = 0
     val_fraction: float = 0.2
     extra_meta: dict[str, str] = field(default_factory=dict)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _head_shape(state: dict) -> tuple[int | None, int | None]:
@@ -125,7 +116,7 @@ def resolve_plan(config: ExportConfig) -> Plan:
             data_seed = trained_with["seed"]
         if isinstance(trained_with.get("val_fraction"), float) and 0 < trained_with["val_fraction"] < 1:
             val_fraction = trained_with["val_fraction"]
-        source = f"checkpoint:{os.path.abspath(config.checkpoint)} sha256:{_sha256(config.checkpoint)}"
+        source = f"checkpoint:{os.path.abspath(config.checkpoint)} sha256:{file_sha256(config.checkpoint)}"
         if data_spec:
             extra["data"] = str(data_spec)
         n_out = getattr(_classifier(model), "out_features", len(labels))
@@ -167,7 +158,7 @@ def resolve_plan(config: ExportConfig) -> Plan:
                 raise UserError(f"{config.torchvision_weights} does not fit {name}: {problem}")
             model.load_state_dict(state, strict=True)
             path = config.torchvision_weights
-            source = f"torchvision:{os.path.abspath(path)} sha256:{_sha256(path)}"
+            source = f"torchvision:{os.path.abspath(path)} sha256:{file_sha256(path)}"
         else:
             source = "random-init"
         input_size = (in_chans,) + tuple(spec.input_size[1:])

@@ -1,10 +1,11 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+"""Atomic file writes (a reader sees the old file or the new one, never half of one) and file digests.
 
 A leaf module: it imports nothing from zoo and not torch, so the torch-free tools (``bench.serve``)
 use it too.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 
@@ -50,3 +51,12 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (checkpoints and teachers are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -18,9 +18,6 @@ run through :mod:`zoo.engine`, as the experiments' do.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
-import json
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -39,7 +36,8 @@ from zoo.config import augmentation, step_every, validated
 from zoo.data import DATA_SPECS, DataError, build_datasets, class_count_lines, skipped_line
 from zoo.ema import ModelEma
 from zoo.engine import epoch_order, evaluate, rng_state, seed_everything, set_rng_state, train_one_epoch
-from zoo.fileio import atomic_write
+from zoo.fileio import file_sha256
+from zoo.history import plot_curves, read_history, write_history
 from zoo.losses import LOSSES, DistillationLoss, create_loss
 from zoo.nn.act import ACTS
 from zoo.nn.attention import ATTNS
@@ -261,14 +259,6 @@ def narrow_like(model: nn.Module, arch: dict[str, Any], head_prefix: str) -> Non
         model.reset_classifier(model.num_classes)
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_teacher(config: TrainConfig, classes: list[str], input_size: tuple[int, ...],
                  device: torch.device) -> nn.Module:
     """--teacher: the checkpoint's model (the weights that scored its val accuracy), frozen in eval
@@ -305,45 +295,6 @@ def check_same_model(path: str, about: dict[str, Any], model: str, norm: str, gn
         def show(t: tuple) -> str:
             return f"{t[0]} (norm={t[1]}" + (f", gn_groups={t[2]})" if t[2] else ")")
         raise TrainError(f"--init-weights {path} holds {show(theirs)}; this run trains {show(ours)}")
-
-
-# ------------------------------------------------------------------------------------ outputs
-
-
-def plot_curves(history: list[dict[str, Any]], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_loss.legend()
-    ax_acc.plot(epochs, [100 * h["val_acc"] for h in history], "o-", color="tab:green")
-    ax_acc.set(xlabel="epoch", ylabel="val top-1 (%)", title="val accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-
-
-def read_history(path: str, up_to_epoch: int) -> list[dict[str, Any]]:
-    """metrics.jsonl rows of epochs <= up_to_epoch (a resumed run rewrites the rest)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if r["epoch"] <= up_to_epoch]
-
-
-def write_history(path: str, history: list[dict[str, Any]]) -> None:
-    atomic_write(path, "".join(json.dumps(row) + "\n" for row in history))
 
 
 def train(config: TrainConfig) -> dict[str, Any]:

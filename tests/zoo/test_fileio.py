@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import os
 import stat
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from zoo.fileio import TMP_PREFIX, atomic_write
+from zoo.fileio import TMP_PREFIX, atomic_write, file_sha256
 
 ZOO = Path(__file__).resolve().parents[2] / "zoo"
 
@@ -74,6 +75,16 @@ def test_concurrent_writers_of_one_path_each_write_whole_files(tmp_path):
     assert not errors, errors[0]
     assert path.read_bytes() in payloads
     assert not _leftovers(tmp_path)
+
+
+def test_file_sha256_covers_every_block_of_a_file_larger_than_one_read(tmp_path):
+    # 2.5 reads' worth, so a digest of the first block only (or of the last) differs.
+    data = os.urandom((1 << 20) * 2 + 12345)
+    path = tmp_path / "teacher.pt"
+    path.write_bytes(data)
+    assert file_sha256(path) == hashlib.sha256(data).hexdigest()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert file_sha256(path) != hashlib.sha256(data).hexdigest()
 
 
 def test_fileio_imports_without_torch_so_torch_free_tools_can_use_it():
