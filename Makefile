@@ -33,6 +33,27 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
+# KServe's Python model server and SDK clients, in an environment of their own: kserve pins
+# protobuf < 7, which the stubs of .venv refuse. The peer benchmark (bench/serve/peer.py) and the
+# tests that run KServe's clients against `serve` use it; without it they skip. onnxruntime is
+# pinned to .venv's build and version, so both servers run the same kernels. Rebuilt only when
+# that pin or KSERVE_SPEC changes (the stamp holds the requirement line).
+KSERVE_VENV := .venv-kserve
+KSERVE_SPEC ?= kserve==0.21.0
+.PHONY: kserve-env
+kserve-env: $(STAMP)
+	@ort=$$($(PY) -c "import importlib.metadata as m, sys; \
+	names = [n for n in ('onnxruntime', 'onnxruntime-gpu') if any(d.metadata['Name'] == n for d in m.distributions())]; \
+	print(f'{names[0]}=={m.version(names[0])}') if names else sys.exit('no onnxruntime in $(VENV)')") || exit 1; \
+	want="$(KSERVE_SPEC) $$ort"; \
+	if [ "$$(cat $(KSERVE_VENV)/.installed 2>/dev/null)" != "$$want" ]; then \
+		echo "building $(KSERVE_VENV): $$want"; \
+		rm -rf $(KSERVE_VENV) && $(PYTHON) -m venv $(KSERVE_VENV) \
+		&& $(KSERVE_VENV)/bin/python -m pip install --quiet --upgrade pip \
+		&& $(KSERVE_VENV)/bin/python -m pip install --quiet $$want \
+		&& echo "$$want" > $(KSERVE_VENV)/.installed; \
+	fi
+
 # The full reliability suite (make test runs its quick subset).
 reliability: $(STAMP)
 	ZOO_RELIABILITY=full $(PY) -m pytest -q tests/reliability
@@ -58,4 +79,4 @@ protos:
 		$(CONTRACT_PROTOS)
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(KSERVE_VENV) runs build *.egg-info

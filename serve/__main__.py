@@ -77,12 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--repository-poll-secs", type=float, default=DEFAULT_POLL_SECS, metavar="SECONDS",
                    help="with --model-control-mode poll: seconds between two looks at the repository")
     m.add_argument("--load-model", action="append", default=[], metavar="NAME",
-                   help="with --model-control-mode explicit: load this model at start (repeatable; none: start empty)")
+                   help="with --model-control-mode explicit: load this model at start (repeatable; '*': every model "
+                        "in the repository, as Triton's --load-model=*; none: start empty)")
     m.add_argument("--default-model", default=None, metavar="NAME",
                    help="model for requests that name none (default: the only model, when there is one)")
     m.add_argument("--providers", choices=PROVIDER_CHOICES, default="auto",
                    help="onnxruntime execution provider: auto takes CUDA when onnxruntime-gpu sees a GPU")
     m.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads per model (0: one per core)")
+    m.add_argument("--no-warmup", action="store_true",
+                   help="mark models ready without running them first (by default each load runs batch 1 and "
+                        "--max-batch, or config.pbtxt's model_warmup, so the first requests are not the slow ones)")
     n = p.add_argument_group("network")
     n.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (0.0.0.0: every interface)")
     n.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (0: pick a free one and print it)")
@@ -161,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--http-port {http_port} is the gRPC --port too: give each its own")
     if args.load_model and args.model_control_mode != "explicit":
         parser.error("--load-model needs --model-control-mode explicit")
+    load_all = "*" in args.load_model
+    if load_all and (args.model or len(args.load_model) > 1):
+        parser.error("--load-model '*' loads every model: it goes without other --load-model or --model")
     if args.model and args.model_control_mode == "poll":
         parser.error("--model does not go with --model-control-mode poll: the repository (and each config.pbtxt's "
                      "version_policy) decides what serves")
@@ -186,7 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         repo = load_repository(args.model_dir, providers=args.providers, threads=args.threads,
-                               models=args.model + args.load_model, empty_ok=args.model_control_mode == "explicit")
+                               models=[] if load_all else args.model + args.load_model,
+                               empty_ok=args.model_control_mode == "explicit" and not load_all,
+                               warmup=not args.no_warmup)
     except RepositoryError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
@@ -224,6 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     security = ("TLS" if tls else "plaintext") + (", bearer token" if token else "")
     ready = ready_line(args.host, port, f"({security}); models {models}; provider {providers}; "
                                         f"max batch {args.max_batch}, timeout {args.batch_timeout_ms:g} ms")
+    if server.core.warmed:
+        ready += f"; warmed up in {server.core.warmup_s:.2f} s"
+    elif not repo.warmup:
+        ready += "; no warmup"
     if args.model_control_mode != "none":
         ready += f"; model control {args.model_control_mode}" + (
             f" every {args.repository_poll_secs:g} s" if args.model_control_mode == "poll" else "")

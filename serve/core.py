@@ -133,6 +133,7 @@ class ServingCore:
         self.repo, self.batchers, self.metrics = repository, batchers, metrics
         self.statistics = statistics if statistics is not None else Statistics()
         self.batch_timeout_s, self.model_control = batch_timeout_s, model_control
+        self.warmed, self.warmup_s = 0, 0.0  # models warmed up so far, and the seconds it took
         # Called with (name, serving) when a model is loaded or unloaded: health per model.
         self.on_change: Callable[[str, bool], None] = lambda name, serving: None
         self._load_lock = threading.Lock()  # one load or unload at a time
@@ -296,10 +297,15 @@ class ServingCore:
 
     def start_model(self, model: Model) -> Batcher:
         """Warm ``model`` up (:func:`serve.runtime.warm_up`: batch 1 and its batch limit, or
-        config.pbtxt's model_warmup) and give it its batcher (returned); it serves once it is in
-        the table. A request keeps the Model it looked up, so it queues on that object's batcher
-        even when a reload swapped another file in under the same version number meanwhile."""
-        runtime.warm_up(model, (1, self.batch_limit(model)), os.path.join(self.repo.root, model.name))
+        config.pbtxt's model_warmup; not when the repository's ``warmup`` is off, and then its
+        first requests at each batch size pay onnxruntime's first-run setup) and give it its
+        batcher (returned); it serves once it is in the table. A request keeps the Model it looked
+        up, so it queues on that object's batcher even when a reload swapped another file in under
+        the same version number meanwhile."""
+        if self.repo.warmup:
+            began = time.perf_counter()
+            runtime.warm_up(model, (1, self.batch_limit(model)), os.path.join(self.repo.root, model.name))
+            self.warmed, self.warmup_s = self.warmed + 1, self.warmup_s + time.perf_counter() - began
         # Batcher(inline=True) (an idle model runs on the request's own thread) is not used: measured
         # with bench.serve against the batcher thread, one client lost 7-30% QPS, the model call itself
         # being slower on the rotating gRPC handler threads than on the batcher's one thread.
@@ -462,6 +468,9 @@ class ServingCore:
 
         def close() -> None:
             batcher.close(timeout=30.0)
+            if self.repo.get(model.name, model.version) is None:  # not reloaded under the same version
+                self.statistics.drop(model.name, model.version)
+                self.metrics.drop_version(model.name, model.version)
             with self._own_lock:
                 self._own.pop(id(model), None)  # the session is freed with the last reference
 

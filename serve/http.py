@@ -95,7 +95,9 @@ class _Call:
 
 
 def error_response(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+    # Exactly "application/json", without aiohttp's "; charset=utf-8": KServe's REST client reads
+    # the error message only under that content type (JSON is UTF-8 by definition).
+    return web.Response(body=json.dumps({"error": message}).encode(), status=status, content_type="application/json")
 
 
 def plain(message: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ always describe the same requests. Each server owns its own registry (tests run 
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,11 @@ class Metrics:
 
     def set_flops(self, model: str, version: int, flops: int) -> None:
         self.flops.labels(model, str(version)).set(flops)
+
+    def drop_version(self, model: str, version: int) -> None:
+        """Remove an unloaded version's series (a scrape lists what is loaded)."""
+        with contextlib.suppress(KeyError):
+            self.flops.remove(model, str(version))
 
     def observe_batch(self, model: str, size: int) -> None:
         self.batch_size.labels(model).observe(size)

@@ -102,6 +102,9 @@ class Repository:
     providers: list[str] = field(default_factory=lambda: [CPU])
     threads: int = 0
     require: str | None = None
+    # Run each model before it serves: once at batch 1 when its file is loaded, then the warmup
+    # (:func:`warm_up`) before it is marked ready. False (``--no-warmup``): neither.
+    warmup: bool = True
 
     def names(self) -> list[str]:
         return sorted(self.models)
@@ -203,8 +206,10 @@ def read_triton_config(model_dir: str) -> Any:
 
 
 def load_model(path: str, name: str, version: int, providers: Sequence[str], threads: int,
-               require: str | None = None) -> Model:
-    """Read ``path`` into memory and build its session; RepositoryError names the file."""
+               require: str | None = None, run: bool = True) -> Model:
+    """Read ``path`` into memory and build its session; RepositoryError names the file. With
+    ``run`` off the session is not run once (a model that loads but cannot run then fails its
+    requests instead of its load, and a symbolic class dimension goes unchecked)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -228,6 +233,8 @@ def load_model(path: str, name: str, version: int, providers: Sequence[str], thr
                               "(no usable GPU or CUDA libraries)")
     model = Model(name=name, version=version, path=path, session=session, meta=meta, provider=provider,
                   signature=file_signature(path))
+    if not run:
+        return model
     # One run now: the first request does not pay onnxruntime's first-run setup, and a model
     # that loads but cannot run stops the start instead of failing every request.
     try:
@@ -325,7 +332,7 @@ def load_versions(repo: Repository, name: str) -> tuple[dict[int, Model], list[i
                 and old.max_batch_size == max_batch_size):
             out[version] = old
             continue
-        model = load_model(path, name, version, repo.providers, repo.threads, repo.require)
+        model = load_model(path, name, version, repo.providers, repo.threads, repo.require, repo.warmup)
         model.max_batch_size, model.config = max_batch_size, config
         out[version] = model
     return out, available
@@ -348,7 +355,7 @@ def _check_graph(session: Any, meta: dict[str, Any], path: str) -> None:
 
 
 def load_repository(root: str, providers: str = "auto", threads: int = 0,
-                    models: Sequence[str] = (), empty_ok: bool = False) -> Repository:
+                    models: Sequence[str] = (), empty_ok: bool = False, warmup: bool = True) -> Repository:
     """Load the newest version of every model under ``root`` (or the ``models`` specs).
 
     Args:
@@ -358,6 +365,8 @@ def load_repository(root: str, providers: str = "auto", threads: int = 0,
         models: ``NAME`` or ``NAME:VERSION`` specs; empty loads everything (the versions each
             config.pbtxt's version_policy selects, by default the newest).
         empty_ok: with no ``models``, load none (``--model-control-mode explicit``).
+        warmup: run each model before it serves, at this load and every later one
+            (:attr:`Repository.warmup`); False (``--no-warmup``) marks models ready unrun.
 
     Raises:
         RepositoryError: one line naming the directory, file or option at fault.
@@ -376,7 +385,7 @@ def load_repository(root: str, providers: str = "auto", threads: int = 0,
         names = [] if empty_ok else layout.model_names(root)
     if not names and not empty_ok:
         raise RepositoryError(f"--model-dir {root}: no models (expected {root}/NAME/VERSION/{MODEL_FILE})")
-    repo = Repository(root=root, providers=list(provider_list), threads=threads, require=require)
+    repo = Repository(root=root, providers=list(provider_list), threads=threads, require=require, warmup=warmup)
     for name in names:
         model_dir = os.path.join(root, name)
         available = layout.versions(model_dir)
@@ -393,7 +402,7 @@ def load_repository(root: str, providers: str = "auto", threads: int = 0,
             path = layout.model_file(model_dir, version)
             if not os.path.isfile(path):
                 raise RepositoryError(f"missing model file {path}")
-            model = load_model(path, name, version, provider_list, threads, require)
+            model = load_model(path, name, version, provider_list, threads, require, warmup)
             model.max_batch_size, model.config = max_batch_size, config
             repo.models.setdefault(name, {})[version] = model
     return repo

@@ -89,6 +89,16 @@ class Statistics:
         with self._lock:
             self._of(name, version).fail.add(total_s)
 
+    def drop(self, name: str, version: int) -> None:
+        """Forget an unloaded version (Triton reports loaded models only; a reload starts at zero)."""
+        with self._lock:
+            self._models.pop((name, version), None)
+
+    def held(self) -> list[tuple[str, int]]:
+        """The (name, version) pairs with figures kept."""
+        with self._lock:
+            return sorted(self._models)
+
     def get(self, name: str, version: int) -> ModelStatistics:
         """A copy of ``(name, version)``'s figures (zeros before its first request)."""
         with self._lock:

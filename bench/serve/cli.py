@@ -18,11 +18,16 @@ from bench.serve.config import (
     DEFAULT_CONCURRENCY,
     DEFAULT_DURATION_S,
     DEFAULT_MODEL,
+    DEFAULT_PROTOCOLS,
     DEFAULT_WORKERS,
+    HTTP_PROTOCOLS,
     MAX_BATCH,
     MAX_REQUESTS,
     MAX_ROUNDS,
+    PEER_PROTOCOLS,
+    PEERS,
     PROG,
+    PROTOCOL_NAMES,
     QUICK_CONCURRENCY,
     QUICK_DURATION_S,
     ROUND_MIN_S,
@@ -31,8 +36,10 @@ from bench.serve.config import (
     Config,
     row,
 )
-from bench.serve.measure import measure, pct, setting_row
-from bench.serve.report import evaluate_scaling, evaluate_targets, report, write_json
+from bench.serve import first_request
+from bench.serve.measure import add_echo_gaps, measure, pct, setting_row
+from bench.serve.protocols import PROTOCOLS
+from bench.serve.report import evaluate_peer, evaluate_protocols, evaluate_scaling, evaluate_targets, report, write_json
 from bench.serve.servers import ensure_model
 from contract.cli import HelpFormatter
 
@@ -56,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--server", metavar="HOST:PORT", default=None,
                    help="load this running server instead of starting two; it must serve the model that "
                         "--model-dir (or --cache) holds, or every answer mismatches")
+    w.add_argument("--http-server", metavar="HOST:PORT", default=None,
+                   help="the HTTP address of --server, for --protocol http or http-json")
+    w.add_argument("--peer", choices=PEERS, default=None,
+                   help="also measure this server on the same model file, in the same rounds, with the same "
+                        "Open Inference Protocol clients (--protocol grpc-infer, http, http-json); paired "
+                        "per-round ratios of QPS, p50 and p99 (see bench.serve.peer)")
+    w.add_argument("--peer-python", metavar="PATH", default=None,
+                   help="the Python that has the peer's package (default: $ZOO_KSERVE_PYTHON, else "
+                        ".venv-kserve/bin/python)")
     w.add_argument("--threads", type=int, default=cores,
                    help="onnxruntime intra-op threads of the servers started and of the raw session.run")
     m = p.add_argument_group("load")
@@ -69,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--workers", type=common.csv_list(int), default=None,
                    help="python -m serve --workers of the servers started, comma-separated (default 1); "
                         "not with --server")
+    m.add_argument("--protocol", type=common.csv_list(str), default=None,
+                   help=f"what the clients send, comma-separated (default {','.join(DEFAULT_PROTOCOLS)}): "
+                        + "; ".join(f"{k}: {v}" for k, v in PROTOCOLS.items()))
     m.add_argument("--client-processes", type=int, default=cores,
                    help="processes the clients are spread over (at most one per client)")
     m.add_argument("--rounds", type=int, default=None,
@@ -79,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{DEFAULT_MODEL}, concurrency {','.join(map(str, QUICK_CONCURRENCY))}, "
                         f"{QUICK_DURATION_S:g} s each (a smoke run: the targets at {TARGET_CONCURRENCY} clients are "
                         "not measured); explicit options still win")
+    f = p.add_argument_group("first request")
+    f.add_argument("--first-request", type=int, default=None, metavar="N",
+                   help="instead of the load: N fresh servers with warmup at load and N with --no-warmup, in turn; "
+                        "one client's first request and the few after it, timed")
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", help="every row (settings, raw, targets) as a JSON list")
     return p
@@ -115,6 +138,25 @@ def resolve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         bad = [b for b in batching if b not in MAX_BATCH]
         if bad:
             parser.error(f"--batching: unknown {', '.join(bad)}; choose from {', '.join(MAX_BATCH)}")
+    protocols = list(dict.fromkeys(p.lower() for p in (args.protocol or DEFAULT_PROTOCOLS)))
+    bad = [p for p in protocols if p not in PROTOCOL_NAMES]
+    if bad:
+        parser.error(f"--protocol: unknown {', '.join(bad)}; choose from {', '.join(PROTOCOL_NAMES)}")
+    http = [p for p in protocols if p in HTTP_PROTOCOLS]
+    if args.http_server is not None:
+        host, sep, port = args.http_server.rpartition(":")
+        if args.server is None:
+            parser.error("--http-server: applies with --server; the servers this tool starts have their own")
+        if not sep or not host or not port.isdigit():
+            parser.error(f"--http-server {args.http_server!r}: expected HOST:PORT")
+    elif args.server is not None and http:
+        parser.error(f"--protocol {','.join(http)} with --server: pass --http-server HOST:PORT, the HTTP address "
+                     "of that server")
+    if args.peer_python is not None and args.peer is None:
+        parser.error("--peer-python: applies with --peer")
+    if args.peer is not None and not set(protocols) & set(PEER_PROTOCOLS):
+        parser.error(f"--peer {args.peer}: it serves the Open Inference Protocol only; add one of "
+                     f"{', '.join(PEER_PROTOCOLS)} to --protocol")
     workers = list(dict.fromkeys(args.workers or DEFAULT_WORKERS))
     if any(w < 1 for w in workers):
         parser.error(f"--workers: at least 1, got {','.join(map(str, workers))}")
@@ -134,18 +176,21 @@ def resolve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return Config(model=model, model_dir=args.model_dir, cache=args.cache, server=args.server, threads=args.threads,
                   concurrency=concurrency, duration_s=duration, batching=batching, workers=workers,
                   client_processes=args.client_processes, rounds=rounds, max_requests=args.max_requests,
-                  seed=args.seed, json_path=args.json)
+                  seed=args.seed, json_path=args.json, protocols=protocols, http_server=args.http_server,
+                  peer=args.peer, peer_python=args.peer_python)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = resolve_config(parser, args)
+    if args.first_request is not None:
+        first_request.check_options(parser, args, cfg)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return run(cfg)
+        return run(cfg) if args.first_request is None else first_request.run(cfg, args.first_request)
     except BenchError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
@@ -177,13 +222,15 @@ def run(cfg: Config) -> int:
     info = common.machine_info()
     settings, raw, processes = measure(cfg, root, model)
     rows = [setting_row(s, cfg, raw.median_ms, processes) for s in settings]
+    add_echo_gaps(rows)
     rows.append(row(kind="raw", model=cfg.model, threads=cfg.threads, batching="raw session.run", max_batch=1,
                     concurrency=1, rounds=cfg.rounds, requests=len(raw.times_ms), p50_ms=raw.median_ms,
                     p95_ms=pct(raw.times_ms, 95), p99_ms=pct(raw.times_ms, 99),
                     mean_ms=float(np.mean(raw.times_ms)), raw_p50_ms=raw.median_ms))
     served = [r for r in rows if r["kind"] == "served"]
-    rows += evaluate_targets(served, cfg) + evaluate_scaling(served, cfg)
+    rows += evaluate_targets(served, cfg) + evaluate_scaling(served, cfg) + evaluate_protocols(served, cfg)
+    rows += evaluate_peer(settings, cfg)
     print(report(cfg, model, rows, processes, info))
     if cfg.json_path:
         write_json(cfg.json_path, rows)
-    return 1 if any(r["errors"] for r in rows if r["kind"] == "served") else 0
+    return 1 if any(r["errors"] for r in rows if r["kind"] in ("served", "echo")) else 0

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from bench.serve.config import (
+    ECHO,
     CALL_TIMEOUT_S,
     CANDIDATES_PER_INPUT,
     CLIENT_START_TIMEOUT_S,
@@ -24,7 +25,6 @@ from bench.serve.config import (
     MISMATCH,
     NOISE_SCALE,
     SCORE_RTOL,
-    TOP_K,
     BenchError,
 )
 
@@ -134,24 +134,26 @@ class _LoadClient:
             for c in clients:
                 c.close()
 
-    def _classifiers(self, target: str, n: int) -> list[Any]:
-        """``n`` clients of ``target``, kept for the next run. The channels of one process share one
-        HTTP/2 connection (gRPC's global subchannel pool), as clients in one process would, unless
-        ``own_connection``."""
-        from serve.client import Classifier
+    def _classifiers(self, protocol: str, target: str, n: int) -> list[Any]:
+        """``n`` clients of ``protocol`` to ``target``, kept for the next run. The gRPC channels of one
+        process share one HTTP/2 connection (gRPC's global subchannel pool), as clients in one
+        process would, unless ``own_connection``; an HTTP client has a keep-alive connection of its own."""
+        from bench.serve.protocols import make_client
 
-        clients = self.clients.setdefault(target, [])
+        clients = self.clients.setdefault(f"{protocol} {target}", [])
         while len(clients) < n:
-            clients.append(Classifier(target, timeout=CALL_TIMEOUT_S, own_connection=self.spec.own_connection))
+            clients.append(make_client(protocol, target, CALL_TIMEOUT_S, self.spec.own_connection))
         return clients[:n]
 
-    def run(self, target: str, clients: int, start_at: float, end_at: float, max_requests: int) -> dict[str, Any]:
+    def run(self, target: str, clients: int, start_at: float, end_at: float, max_requests: int,
+            protocol: str = "grpc") -> dict[str, Any]:
         """``clients`` closed-loop threads until ``end_at``; what they saw between ``start_at`` and ``end_at``."""
-        classifiers = self._classifiers(target, clients)
+        classifiers = self._classifiers(protocol, target, clients)
         records = [_Records() for _ in range(clients)]
         cpu: list[float] = []
         threads = [threading.Thread(target=self._drive, args=(classifiers[t], t, start_at, end_at, max_requests,
-                                                              records[t]), name=f"client-{t}", daemon=True)
+                                                              records[t], protocol == ECHO),
+                                    name=f"client-{t}", daemon=True)
                    for t in range(clients)]
         threads.append(threading.Thread(target=_meter_cpu, args=(start_at, end_at, cpu), daemon=True))
         for t in threads:
@@ -173,7 +175,8 @@ class _LoadClient:
         return merged
 
     def _drive(self, client: Any, slot: int, start_at: float, end_at: float, max_requests: int,
-               rec: _Records) -> None:
+               rec: _Records, echo: bool = False) -> None:
+        from bench.serve.protocols import ProtocolError
         from serve.client import ClientError
 
         k = INPUTS_PER_CLIENT
@@ -187,18 +190,21 @@ class _LoadClient:
             i += 1
             t0 = time.perf_counter()
             try:
-                r = client.classify(x, model=self.model, top_k=TOP_K, timeout=CALL_TIMEOUT_S)
+                r = client.call(x, self.model)
             except ClientError as e:
                 r, code = None, e.code.name
+            except ProtocolError as e:
+                r, code = None, e.code
             except Exception as e:  # not a status: still one failed request, and the loop goes on
                 r, code = None, type(e).__name__
             latency = time.perf_counter() - t0
             done = time.time()
             rec.checked += 1
             if r is not None:
-                top = r.classes[0] if r.classes else None
-                ok = (top is not None and top.index == want_class
-                      and abs(top.score - want_score) <= SCORE_RTOL * want_score)
+                if echo:
+                    ok = r.top_class == -1  # the echo's reply, byte for byte
+                else:
+                    ok = r.top_class == want_class and abs(r.score - want_score) <= SCORE_RTOL * want_score
                 code = None if ok else MISMATCH
             if code is not None:
                 rec.errors[code] += 1
@@ -208,6 +214,8 @@ class _LoadClient:
             rec.last_done = done
             t = r.timing  # microseconds, measured by the server
             rec.latency_ms.append(latency * 1e3)
+            if t is None:  # the protocol carries no server timing (only Classify's answer does)
+                continue
             rec.batch.append(r.batch_size)
             rec.server_total_ms.append(t["total"] / 1e3)
             rec.server_queue_ms.append(t["queue"] / 1e3)
@@ -290,7 +298,8 @@ class ClientPool:
         deadline = time.monotonic() + CLIENT_START_TIMEOUT_S
         return [self._recv(i, deadline) for i in range(len(self.procs))]
 
-    def start_run(self, target: str, concurrency: int, start_at: float, end_at: float, max_requests: int) -> list[int]:
+    def start_run(self, target: str, concurrency: int, start_at: float, end_at: float, max_requests: int,
+                  protocol: str = "grpc") -> list[int]:
         """Spread ``concurrency`` clients over the processes; returns the processes used."""
         n = min(len(self.procs), concurrency)
         used = []
@@ -298,7 +307,7 @@ class ClientPool:
             clients = concurrency // n + (i < concurrency % n)
             cap = max(1, math.ceil(max_requests / concurrency))
             self.conns[i].send(("run", dict(target=target, clients=clients, start_at=start_at, end_at=end_at,
-                                            max_requests=cap)))
+                                            max_requests=cap, protocol=protocol)))
             used.append(i)
         return used
 

@@ -3,7 +3,7 @@ the row every result is written as."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 PROG = "python -m bench.serve"
@@ -15,6 +15,13 @@ DEFAULT_CONCURRENCY = (1, 4, 16, 64)
 DEFAULT_DURATION_S = 10.0  # measured seconds per setting, over all rounds
 DEFAULT_BATCHING = ("on", "off")
 DEFAULT_WORKERS = (1,)
+DEFAULT_PROTOCOLS = ("grpc",)
+# --protocol names (bench.serve.protocols has their clients); http ones need the server's HTTP port.
+PROTOCOL_NAMES = ("grpc", "grpc-infer", "http", "http-json")
+HTTP_PROTOCOLS = ("http", "http-json")
+ECHO = "echo"  # the bare gRPC round trip (bench.serve.echo): a row of its own in every run
+PEERS = ("kserve",)  # --peer: another server on the same model (bench.serve.peer), in the same rounds
+PEER_PROTOCOLS = ("grpc-infer", "http", "http-json")  # a peer serves the Open Inference Protocol only
 QUICK_CONCURRENCY, QUICK_DURATION_S = (1, 4), 2.0
 DEFAULT_CACHE = os.path.join("runs", "bench", "models")  # bench.latency's cache: same layout, shared
 MAX_BATCH = {"on": 16, "off": 1}  # python -m serve --max-batch
@@ -51,6 +58,8 @@ TARGET_CONCURRENCY = 16
 BATCHING_GAIN_TARGET = 1.3  # QPS batching on / off at TARGET_CONCURRENCY clients
 P99_OVER_LONE_TARGET = 2.0  # p99 with batching at TARGET_CONCURRENCY / p50 of one client
 OVERHEAD_TARGET = 1.10  # served p50 at one client / raw session.run p50
+HTTP_OVER_GRPC_TARGET = 1.3  # HTTP binary p50 / gRPC p50 (the same operation: ModelInfer when measured), one client
+ECHO_GAP_TARGET_MS = 0.3  # served p50 at one client - (bare gRPC echo p50 + raw session.run p50)
 MISMATCH = "MISMATCH"  # the error code of a wrong answer
 
 # Every JSON row has every key (None where it does not apply), so the rows load as one table.
@@ -60,6 +69,7 @@ ROW_KEYS = (
     "errors_by_code", "mismatches", "mean_batch", "raw_p50_ms", "overhead", "server_total_p50_ms",
     "server_queue_p50_ms", "server_inference_p50_ms", "server_other_p50_ms", "transport_p50_ms",
     "serving_cost_p50_ms", "inference_busy", "server_cpu", "client_cpu", "target", "value", "threshold", "met", "note",
+    "protocol", "tail_ratio", "echo_p50_ms", "echo_gap_ms", "unit", "qps_ratio", "p50_ratio", "p99_ratio",
 )
 
 
@@ -89,3 +99,7 @@ class Config:
     max_requests: int
     seed: int
     json_path: str | None
+    protocols: list[str] = field(default_factory=lambda: list(DEFAULT_PROTOCOLS))
+    http_server: str | None = None  # HOST:PORT of --server's HTTP side (--http-server)
+    peer: str | None = None  # --peer: measured beside the servers, every PEER_PROTOCOLS protocol of the run
+    peer_python: str | None = None  # --peer-python; None: bench.serve.peer.default_python()

@@ -16,7 +16,10 @@ import numpy as np
 from bench import _common as common
 from bench.serve.clients import SERIES, ClientPool
 from bench.serve.config import (
+    ECHO,
     HOST,
+    HTTP_PROTOCOLS,
+    PEER_PROTOCOLS,
     MAX_BATCH,
     MISMATCH,
     PROG,
@@ -24,10 +27,19 @@ from bench.serve.config import (
     RAW_SHARE,
     SERVER_START_TIMEOUT_S,
     WARMUP_S,
+    BenchError,
     Config,
     row,
 )
-from bench.serve.servers import ServerProcess, check_external, server_command, server_label
+from bench.serve.echo import parse_ready as parse_echo_ready
+from bench.serve.servers import (
+    ServerProcess,
+    check_external,
+    check_external_http,
+    echo_command,
+    server_command,
+    server_label,
+)
 
 
 class _Shield:
@@ -54,6 +66,7 @@ class Setting:
     target: str
     server: ServerProcess | None
     workers: int = 1
+    protocol: str = "grpc"  # a --protocol, or ECHO for the bare gRPC round trip
     windows_s: float = 0.0
     server_cpu_s: float | None = 0.0
     client_cpu_s: float | None = 0.0
@@ -62,10 +75,13 @@ class Setting:
     capped: bool = False
     errors: collections.Counter = field(default_factory=collections.Counter)
     data: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
+    per_round: list[dict[str, float | None]] = field(default_factory=list)  # qps, p50_ms, p99_ms of each window
 
     @property
     def label(self) -> str:
-        return (f"{server_label(self.batching, self.workers)}, "
+        if self.protocol == ECHO:
+            return "bare gRPC echo, 1 client"
+        return (f"{server_label(self.batching, self.workers)}, {self.protocol}, "
                 f"{self.concurrency} client{'s' if self.concurrency > 1 else ''}")
 
 
@@ -77,7 +93,7 @@ def measure_setting(s: Setting, pool: ClientPool, seconds: float, max_requests: 
     """One window of ``seconds`` after ``WARMUP_S`` of untimed load; adds to ``s``."""
     start_at = time.time() + WARMUP_S
     end_at = start_at + seconds
-    used = pool.start_run(s.target, s.concurrency, start_at, end_at, max_requests)
+    used = pool.start_run(s.target, s.concurrency, start_at, end_at, max_requests, s.protocol)
     cpu0 = cpu1 = None
     if s.server is not None:
         time.sleep(max(0.0, start_at - time.time()))
@@ -92,6 +108,9 @@ def measure_setting(s: Setting, pool: ClientPool, seconds: float, max_requests: 
     s.server_cpu_s = _add(s.server_cpu_s, None if cpu0 is None or cpu1 is None else cpu1 - cpu0)
     s.client_cpu_s = _add(s.client_cpu_s, sum(r["cpu_s"] for r in results) if all(r["cpu_s"] is not None
                                                                                    for r in results) else None)
+    latency = [v for r in results for v in r["latency_ms"]]
+    s.per_round.append(dict(qps=len(latency) / window if window > 0 else None, p50_ms=pct(latency, 50),
+                            p99_ms=pct(latency, 99)))
     for r in results:
         s.errors.update(r["errors"])
         s.checked += r["checked"]
@@ -124,21 +143,23 @@ def setting_row(s: Setting, cfg: Config, raw_p50: float | None, processes: int) 
     lat = d["latency_ms"]
     p50 = pct(lat, 50)
     errors = sum(s.errors.values())
-    return row(kind="served", model=cfg.model, batching=s.batching, max_batch=s.max_batch, workers=s.workers,
-               concurrency=s.concurrency,
+    echo = s.protocol == ECHO
+    return row(kind="echo" if echo else "served", model=cfg.model, batching=None if echo else s.batching,
+               max_batch=None if echo else s.max_batch, workers=s.workers, protocol=s.protocol,
+               concurrency=s.concurrency, tail_ratio=ratio(pct(lat, 99), p50),
                client_processes=min(processes, s.concurrency), threads=cfg.threads if s.server else None,
                rounds=cfg.rounds, window_s=s.windows_s, requests=len(lat), checked=s.checked,
                qps=len(lat) / s.windows_s if s.windows_s else None, p50_ms=p50, p95_ms=pct(lat, 95),
                p99_ms=pct(lat, 99), mean_ms=float(np.mean(lat)) if lat else None, errors=errors,
                errors_by_code=dict(sorted(s.errors.items())), mismatches=s.errors.get(MISMATCH, 0),
                mean_batch=float(np.mean(d["batch"])) if d["batch"] else None, raw_p50_ms=raw_p50,
-               overhead=ratio(p50, raw_p50) if s.concurrency == 1 else None,
+               overhead=ratio(p50, raw_p50) if s.concurrency == 1 and not echo else None,
                server_total_p50_ms=pct(d["server_total_ms"], 50), server_queue_p50_ms=pct(d["server_queue_ms"], 50),
                server_inference_p50_ms=pct(d["server_inference_ms"], 50),
                server_other_p50_ms=pct(d["server_other_ms"], 50), transport_p50_ms=pct(d["transport_ms"], 50),
                serving_cost_p50_ms=pct(d["serving_cost_ms"], 50),
                # Answers that end in the window may have started their batch before it: capped at 1.
-               inference_busy=min(1.0, s.inference_share_s / s.windows_s) if s.windows_s else None,
+               inference_busy=min(1.0, s.inference_share_s / s.windows_s) if s.windows_s and d["batch"] else None,
                server_cpu=s.server_cpu_s / s.windows_s if s.server_cpu_s is not None and s.windows_s else None,
                client_cpu=s.client_cpu_s / s.windows_s if s.client_cpu_s is not None and s.windows_s else None,
                note="request bound reached: window shortened" if s.capped else None)
@@ -157,27 +178,51 @@ def measure(cfg: Config, root: str, model: Any) -> tuple[list[Setting], common.S
         shield = _Shield()
         stack.callback(shield.restore)  # last out
         servers: dict[tuple[str, int], ServerProcess] = {}
+        echo_server = ServerProcess("bare gRPC echo", echo_command(), parse=parse_echo_ready)
+        stack.callback(echo_server.stop)
         if cfg.server is None:
             for b in cfg.batching:  # all started at once: their model loads overlap
                 for w in cfg.workers:
                     servers[b, w] = ServerProcess(server_label(b, w), server_command(cfg, root, MAX_BATCH[b], w), w)
                     stack.callback(servers[b, w].stop)
+        peer = None
+        if cfg.peer is not None:  # started with the servers: the model loads overlap
+            from bench.serve.peer import default_python, start_kserve
+
+            peer = start_kserve(cfg.peer_python or default_python(), model.path, cfg.model, cfg.threads,
+                                label=f"{cfg.peer} peer")
+            stack.callback(peer.stop)
         pool = ClientPool(processes, math.ceil(max_c / processes), root, cfg.model, cfg.seed,
                           own_connection=max(cfg.workers) > 1)
         stack.callback(pool.close)
         stack.callback(shield.ignore)  # first out: Ctrl-C cannot cut the stops short
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         targets = {key: f"{HOST}:{s.wait_ready(deadline)}" for key, s in servers.items()}
+        http_targets = {key: f"{HOST}:{s.http_port}" for key, s in servers.items() if s.http_port is not None}
+        echo_target = f"{HOST}:{echo_server.wait_ready(deadline)}"
         summaries = pool.wait_ready()
         first_inputs = summaries[0]["first_inputs"]
         max_batches: dict[str, int | None] = {b: MAX_BATCH.get(b) for b in cfg.batching}
         if cfg.server is not None:
             max_batches["external"] = check_external(cfg, model, first_inputs[0])
             targets["external", 1] = cfg.server
-        settings = [Setting(b, c, max_batches[b], targets[b, w], servers.get((b, w)), workers=w)
-                    for b in cfg.batching for w in cfg.workers for c in cfg.concurrency]
+            if cfg.http_server is not None:
+                check_external_http(cfg)
+                http_targets["external", 1] = cfg.http_server
+        for key in targets:
+            if set(cfg.protocols) & set(HTTP_PROTOCOLS) and key not in http_targets:
+                raise BenchError(f"server ({server_label(*key)}) did not name an HTTP address in its ready line")
+        settings = [Setting(b, c, max_batches[b], http_targets[b, w] if p in HTTP_PROTOCOLS else targets[b, w],
+                            servers.get((b, w)), workers=w, protocol=p)
+                    for b in cfg.batching for w in cfg.workers for p in cfg.protocols for c in cfg.concurrency]
+        if peer is not None:
+            settings += _peer_settings(cfg, peer, deadline)
+        # The bare round trip, in the rounds like every setting: its p50 is what any gRPC answer costs here.
+        settings.append(Setting("-", 1, None, echo_target, echo_server, protocol=ECHO))
         _log(f"{cfg.model} {'x'.join(map(str, model.input_size))} from {model.path}; "
-             + ", ".join(f"{server_label(b, w)} at {t}" for (b, w), t in targets.items())
+             + ", ".join(f"{server_label(b, w)} at {t}" + (f" (http {http_targets[b, w]})"
+                                                             if (b, w) in http_targets else "")
+                         for (b, w), t in targets.items()) + f"; bare gRPC echo at {echo_target}"
              + f"; {processes} client processes with {', '.join(str(s['inputs']) for s in summaries)} inputs in "
              f"{', '.join(str(s['classes']) for s in summaries)} classes; {cfg.rounds} rounds of {round_s:g} s")
         raw = common.Samples()
@@ -195,3 +240,26 @@ def measure(cfg: Config, root: str, model: Any) -> tuple[list[Setting], common.S
                 _log(f"round {r + 1}/{cfg.rounds}: {s.label}: {len(s.data['latency_ms']) - before} answers, "
                      f"{sum(s.errors.values())} errors so far")
     return settings, raw, processes
+
+
+def add_echo_gaps(rows: list[dict[str, Any]]) -> None:
+    """Each one-client served row's gap: served p50 - (echo p50 + raw p50), what serving costs beyond
+    a bare gRPC round trip and the inference itself."""
+    echo = next((r for r in rows if r["kind"] == "echo"), None)
+    if echo is None or echo["p50_ms"] is None:
+        return
+    for r in rows:
+        if r["kind"] == "served" and r["concurrency"] == 1 and r["p50_ms"] is not None and r["raw_p50_ms"]:
+            r["echo_p50_ms"] = echo["p50_ms"]
+            r["echo_gap_ms"] = r["p50_ms"] - (echo["p50_ms"] + r["raw_p50_ms"])
+
+
+def _peer_settings(cfg: Config, peer: Any, deadline: float) -> list[Setting]:
+    """The ``--peer`` server's settings: every Open Inference Protocol protocol of the run at
+    every concurrency, driven by the same clients as the servers' own settings."""
+    grpc_target = f"{HOST}:{peer.wait_ready(deadline)}"
+    http_target = f"{HOST}:{peer.http_port}"
+    _log(f"{peer.label} at {grpc_target} (http {http_target})")
+    assert cfg.peer is not None
+    return [Setting(cfg.peer, c, None, http_target if p in HTTP_PROTOCOLS else grpc_target, peer, protocol=p)
+            for p in cfg.protocols if p in PEER_PROTOCOLS for c in cfg.concurrency]

@@ -8,6 +8,8 @@ from typing import Any, Callable
 
 from bench.serve.config import (
     BATCHING_GAIN_TARGET,
+    ECHO_GAP_TARGET_MS,
+    HTTP_OVER_GRPC_TARGET,
     OVERHEAD_TARGET,
     P99_OVER_LONE_TARGET,
     QUICK_CONCURRENCY,
@@ -16,14 +18,18 @@ from bench.serve.config import (
     row,
 )
 from bench.serve.measure import ratio
+from bench.serve.protocols import ECHO_REPLY
 from bench.serve.servers import server_label
 from contract.cli import text_table
 from zoo.fileio import atomic_write
 
 
-def _find(rows: list[dict[str, Any]], batching: str, concurrency: int, workers: int = 1) -> dict[str, Any] | None:
-    return next((r for r in rows if r["batching"] == batching and r["concurrency"] == concurrency
-                 and r["workers"] == workers), None)
+def _find(rows: list[dict[str, Any]], batching: str, concurrency: int, workers: int = 1,
+          protocol: str = "grpc") -> dict[str, Any] | None:
+    """The served row of one setting (the batching and scaling targets read Classify's rows: only
+    its answers carry the server's timing and batch size)."""
+    return next((r for r in rows if r["kind"] == "served" and r["batching"] == batching
+                 and r["concurrency"] == concurrency and r["workers"] == workers and r["protocol"] == protocol), None)
 
 
 def _cpu_text(r: dict[str, Any], cores: int) -> str:
@@ -72,7 +78,8 @@ def evaluate_targets(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, 
                        met=value <= P99_OVER_LONE_TARGET, note=note))
     for r in rows:
         # Raw session.run has all --threads; a worker of several has a share, so only one-worker servers.
-        if r["concurrency"] != 1 or r["overhead"] is None or r["workers"] != 1:
+        # The parts need the server's timing, which only Classify's answer carries.
+        if r["concurrency"] != 1 or r["overhead"] is None or r["workers"] != 1 or r["protocol"] != "grpc":
             continue
         # Served and raw inference are timed apart, so on a noisy machine their ratio carries the
         # noise of both; latency minus the request's own inference (serving cost) does not.
@@ -87,6 +94,104 @@ def evaluate_targets(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, 
                        workers=r["workers"],
                        value=r["overhead"], threshold=OVERHEAD_TARGET, met=r["overhead"] <= OVERHEAD_TARGET,
                        note=parts))
+    out += _echo_targets(rows, cfg) + _http_targets(rows, cfg)
+    return out
+
+
+def _echo_targets(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        if r["kind"] != "served" or r["echo_gap_ms"] is None or r["workers"] != 1:
+            continue
+        note = (f"served p50 {r['p50_ms']:.3f} ms vs bare gRPC echo p50 {r['echo_p50_ms']:.3f} ms + raw session.run "
+                f"p50 {r['raw_p50_ms']:.3f} ms; one-client tail p99/p50 {r['tail_ratio']:.2f}")
+        out.append(row(kind="target", model=cfg.model, concurrency=1, batching=r["batching"], workers=r["workers"],
+                       protocol=r["protocol"], unit="ms",
+                       target=f"served p50 - (echo p50 + raw p50) ({server_label(r['batching'], 1)}, {r['protocol']})",
+                       value=r["echo_gap_ms"], threshold=ECHO_GAP_TARGET_MS, met=r["echo_gap_ms"] <= ECHO_GAP_TARGET_MS,
+                       note=note))
+    return out
+
+
+def _batchings(rows: list[dict[str, Any]]) -> list[str]:
+    """The servers measured (the batching values of the servers started, external, a peer), in row order."""
+    return list(dict.fromkeys(r["batching"] for r in rows if r["kind"] == "served"))
+
+
+def evaluate_peer(settings: list[Any], cfg: Config) -> list[dict[str, Any]]:
+    """Each one-worker server's setting over the ``--peer``'s with the same protocol and clients:
+    QPS, p50 and p99 ratios taken round by round (the two measured minutes apart at most, in
+    rotating order), their median over the rounds; above 1 for QPS, below 1 for p50 and p99
+    favours this server."""
+    import statistics
+
+    if cfg.peer is None:
+        return []
+    peer = {(s.protocol, s.concurrency): s for s in settings if s.batching == cfg.peer}
+    out = []
+    for s in settings:
+        k = peer.get((s.protocol, s.concurrency))
+        if k is None or s is k or s.workers != 1 or s.batching == cfg.peer:
+            continue
+        paired: dict[str, list[float]] = {"qps": [], "p50_ms": [], "p99_ms": []}
+        for mine, theirs in zip(s.per_round, k.per_round):
+            for key, values in paired.items():
+                r = ratio(mine[key], theirs[key])
+                if r is not None:
+                    values.append(r)
+        medians = {key: statistics.median(v) if v else None for key, v in paired.items()}
+        note = "; ".join(f"{key.removesuffix('_ms')} per round " + " ".join(f"{v:.2f}" for v in values)
+                         for key, values in paired.items())
+        out.append(row(kind="peer", model=cfg.model, batching=s.batching, max_batch=s.max_batch, workers=1,
+                       concurrency=s.concurrency, protocol=s.protocol, rounds=len(paired["qps"]),
+                       target=f"{server_label(s.batching, 1)} / {cfg.peer} ({s.protocol}, {s.concurrency} client"
+                              f"{'s' if s.concurrency > 1 else ''})",
+                       value=medians["p50_ms"], qps_ratio=medians["qps"], p50_ratio=medians["p50_ms"],
+                       p99_ratio=medians["p99_ms"], unit="x", note=note))
+    return out
+
+
+def http_reference(protocols: list[str]) -> str | None:
+    """What HTTP is compared with: the same operation over gRPC (ModelInfer) when it was measured, else Classify."""
+    return next((p for p in ("grpc-infer", "grpc") if p in protocols), None)
+
+
+def evaluate_protocols(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
+    """HTTP binary and HTTP JSON p50 over gRPC p50 (and QPS alike) for every setting measured on both."""
+    ref_name = http_reference(cfg.protocols)
+    out = []
+    for http in ("http", "http-json"):
+        if ref_name is None or http not in cfg.protocols:
+            continue
+        for b in _batchings(rows):
+            for w in cfg.workers:
+                for c in cfg.concurrency:
+                    ref, r = _find(rows, b, c, w, ref_name), _find(rows, b, c, w, http)
+                    if not ref or not r or not ref["p50_ms"] or not r["p50_ms"]:
+                        continue
+                    note = (f"p50 {r['p50_ms']:.3f} vs {ref['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} vs "
+                            f"{ref['p99_ms']:.3f} ms, QPS {r['qps']:.0f} vs {ref['qps']:.0f} "
+                            f"({ratio(r['qps'], ref['qps']):.2f}x)")
+                    out.append(row(kind="protocol", model=cfg.model, batching=b, workers=w, concurrency=c,
+                                   protocol=http, unit="x",
+                                   target=f"{http} p50 / {ref_name} p50 ({server_label(b, w)}, {c} client"
+                                          f"{'s' if c > 1 else ''})",
+                                   value=r["p50_ms"] / ref["p50_ms"], note=note))
+    return out
+
+
+def _http_targets(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
+    ref_name = http_reference(cfg.protocols)
+    out = []
+    for b in _batchings(rows):
+        ref, r = _find(rows, b, 1, 1, ref_name or ""), _find(rows, b, 1, 1, "http")
+        if not ref or not r or not ref["p50_ms"] or not r["p50_ms"]:
+            continue
+        value = r["p50_ms"] / ref["p50_ms"]
+        out.append(row(kind="target", model=cfg.model, concurrency=1, batching=b, workers=1, protocol="http",
+                       unit="x", target=f"HTTP binary p50 / {ref_name} p50 at one client ({server_label(b, 1)})",
+                       value=value, threshold=HTTP_OVER_GRPC_TARGET, met=value <= HTTP_OVER_GRPC_TARGET,
+                       note=f"p50 {r['p50_ms']:.3f} ms over HTTP binary vs {ref['p50_ms']:.3f} ms over {ref_name}"))
     return out
 
 
@@ -128,6 +233,10 @@ def evaluate_scaling(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, 
     return out
 
 
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
@@ -141,10 +250,12 @@ COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
     ("max batch", lambda r: "-" if r["max_batch"] is None else str(r["max_batch"])),
     ("clients", lambda r: str(r["concurrency"])),
     ("workers", lambda r: str(r["workers"])),
+    ("protocol", lambda r: r["protocol"]),
     ("QPS", lambda r: "-" if r["qps"] is None else f"{r['qps']:.1f}"),
     ("p50 ms", lambda r: _ms(r["p50_ms"])),
     ("p95 ms", lambda r: _ms(r["p95_ms"])),
     ("p99 ms", lambda r: _ms(r["p99_ms"])),
+    ("p99/p50", lambda r: "-" if r["tail_ratio"] is None else f"{r['tail_ratio']:.2f}"),
     ("errors", lambda r: _errors_text(r["errors_by_code"])),
     ("mean batch", lambda r: "-" if r["mean_batch"] is None else f"{r['mean_batch']:.2f}"),
     ("p50/raw", lambda r: "-" if r["overhead"] is None else f"{r['overhead']:.2f}x"),
@@ -153,6 +264,7 @@ COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
     ("srv other", lambda r: _ms(r["server_other_p50_ms"])),
     ("net+client", lambda r: _ms(r["transport_p50_ms"])),
     ("serve cost", lambda r: _ms(r["serving_cost_p50_ms"])),
+    ("-echo-raw", lambda r: "-" if r["echo_gap_ms"] is None else f"{r['echo_gap_ms']:.3f}"),
     ("infer busy", lambda r: "-" if r["inference_busy"] is None else f"{r['inference_busy']:.0%}"),
     ("cpu srv", lambda r: "-" if r["server_cpu"] is None else f"{r['server_cpu']:.2f}"),
     ("cpu cli", lambda r: "-" if r["client_cpu"] is None else f"{r['client_cpu']:.2f}"),
@@ -182,6 +294,9 @@ def report(cfg: Config, model: Any, rows: list[dict[str, Any]], processes: int, 
     raw = next(r for r in rows if r["kind"] == "raw")
     targets = [r for r in rows if r["kind"] == "target"]
     scaling = [r for r in rows if r["kind"] == "scaling"]
+    echo = next((r for r in rows if r["kind"] == "echo"), None)
+    protocols = [r for r in rows if r["kind"] == "protocol"]
+    peers = [r for r in rows if r["kind"] == "peer"]
     end_load = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     lines = [
         f"{cfg.model} ({'x'.join(map(str, model.input_size))}), server onnxruntime threads {cfg.threads}"
@@ -191,18 +306,24 @@ def report(cfg: Config, model: Any, rows: list[dict[str, Any]], processes: int, 
         f"{info['cpu']}, {info['cores']} cores, loadavg {info.get('loadavg', '?')} at start, {end_load} at end",
         f"raw session.run at batch 1 ({cfg.threads} threads, this process, same inputs): p50 {raw['p50_ms']:.2f} ms, "
         f"p95 {raw['p95_ms']:.2f} ms over {raw['requests']} calls",
+        f"bare gRPC echo (its own process, one client, the input's bytes in, {len(ECHO_REPLY)} bytes back): "
+        + (f"p50 {echo['p50_ms']:.3f} ms, p99 {echo['p99_ms']:.3f} ms over {echo['requests']} calls"
+           if echo and echo["p50_ms"] is not None else "no answer"),
         format_table(served),
         "ms, client-observed; the parts are p50s of their own (they need not add up): srv queue = arrival to its "
         "batch's start (batching on: up to the batch timeout), srv infer = its batch's session.run, srv other = "
         "decode and reply, net+client = client latency - server total, serve cost = client latency - its own "
         "inference (what serving adds, robust to inference noise); infer busy = share of the window the "
-        "model ran; cpu = cores used by the server and by all clients",
+        "model ran; cpu = cores used by the server and by all clients; -echo-raw = one client's p50 - (bare gRPC "
+        "echo p50 + raw p50), what serving adds beyond transport and inference; the server's parts come "
+        "with Classify's answers only (grpc)",
     ]
     if targets:
         lines.append("targets (measured, not asserted):")
         for t in targets:
             sign = ">=" if t["target"].startswith("batching") else "<="
-            lines.append(f"  {t['target']}: {t['value']:.2f}x (target {sign} {t['threshold']:g}x): "
+            unit, digits = (" ms", 3) if t["unit"] == "ms" else ("x", 2)
+            lines.append(f"  {t['target']}: {t['value']:.{digits}f}{unit} (target {sign} {t['threshold']:g}{unit}): "
                          f"{'met' if t['met'] else 'MISSED'}")
             lines.append(f"    {'detail' if t['met'] else 'bound'}: {t['note']}")
     missing = unmeasured_targets(cfg)
@@ -210,12 +331,21 @@ def report(cfg: Config, model: Any, rows: list[dict[str, Any]], processes: int, 
         lines.append(f"targets not measured by this run's settings (the defaults measure all; --quick measures "
                      f"{','.join(map(str, QUICK_CONCURRENCY))} clients only):")
         lines += [f"  {m}" for m in missing]
+    if protocols:
+        lines.append("protocols, same server and setting (measured):")
+        for t in protocols:
+            lines.append(f"  {t['target']}: {t['value']:.2f}x; {t['note']}")
+    if peers:
+        lines.append("against the peer, same model file, clients and rounds (median of paired per-round ratios):")
+        for t in peers:
+            lines.append(f"  {t['target']}: QPS {_x(t['qps_ratio'])}, p50 {_x(t['p50_ratio'])}, "
+                         f"p99 {_x(t['p99_ratio'])}; {t['note']}")
     if scaling:
         lines.append("scale-out on this machine (measured):")
         for t in scaling:
             lines.append(f"  {t['target']}: {t['value']:.2f}x")
             lines.append(f"    detail: {t['note']}")
-    failed = sum(r["errors"] for r in served)
+    failed = sum(r["errors"] for r in served + ([echo] if echo else []))
     if failed:
         lines.append(f"{failed} requests failed or did not match their input (errors column)")
     return "\n".join(lines)

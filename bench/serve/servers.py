@@ -12,7 +12,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -21,6 +21,8 @@ from bench.serve.config import (
     CALL_TIMEOUT_S,
     EXPORT_TIMEOUT_S,
     HOST,
+    HTTP_PROTOCOLS,
+    PEERS,
     KILL_AFTER_S,
     PROG,
     REPO_ROOT,
@@ -72,16 +74,18 @@ def ensure_model(cfg: Config) -> str:
 class ServerProcess:
     """``python -m serve ...`` in a subprocess: its ready line, CPU time and a bounded stop."""
 
-    def __init__(self, label: str, command: list[str], workers: int = 1) -> None:
+    def __init__(self, label: str, command: list[str], workers: int = 1,
+                 parse: Callable[[str], Any] = parse_ready_line) -> None:
         from serve.__main__ import PARENT_ENV
 
-        self.label, self.workers = label, workers
+        self.label, self.workers, self.parse = label, workers, parse
         # With PARENT_ENV the server stops by itself if this process dies without stopping it.
         env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
         self.proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, bufsize=1)
         self.lines: collections.deque[str] = collections.deque(maxlen=40)
         self.port: int | None = None
+        self.http_port: int | None = None  # the ready line's HTTP port, when the server has one
         self._ready = threading.Event()
         self._readers = [threading.Thread(target=self._read, args=(s,), daemon=True, name=f"server-{label}-output")
                          for s in (self.proc.stdout, self.proc.stderr)]
@@ -91,9 +95,9 @@ class ServerProcess:
     def _read(self, stream: Any) -> None:
         for line in stream:  # drained to the end, so the server never blocks on a full pipe
             self.lines.append(line.rstrip("\n"))
-            ready = parse_ready_line(line)
+            ready = self.parse(line)
             if ready is not None and not self._ready.is_set():
-                self.port = ready.port
+                self.port, self.http_port = ready.port, ready.http_port
                 self._ready.set()
 
     def wait_ready(self, deadline: float) -> int:
@@ -150,17 +154,26 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def echo_command() -> list[str]:
+    return [sys.executable, "-m", "bench.serve.echo", "--host", HOST, "--port", "0"]
+
+
 def server_command(cfg: Config, root: str, max_batch: int, workers: int = 1) -> list[str]:
+    """``python -m serve`` for one setting's server; with an HTTP protocol in the run, its HTTP port
+    on too (port 0: the ready line names it)."""
     from serve.server import DEFAULT_MAX_CONCURRENCY
 
     # --drain-delay 0: the load has stopped before a server is stopped; nothing is left to drain.
     return [sys.executable, "-m", "serve", "--model-dir", root, "--model", cfg.model, "--host", HOST, "--port", "0",
             "--providers", "cpu", "--threads", str(max(1, cfg.threads // workers)), "--max-batch", str(max_batch),
             "--max-concurrency", str(max(DEFAULT_MAX_CONCURRENCY, max(cfg.concurrency))),
-            "--grace", str(SERVER_GRACE_S), "--drain-delay", "0", "--workers", str(workers)]
+            "--grace", str(SERVER_GRACE_S), "--drain-delay", "0", "--workers", str(workers)] + (
+        ["--http-port", "0"] if set(cfg.protocols) & set(HTTP_PROTOCOLS) else [])
 
 
 def server_label(batching: str, workers: int) -> str:
+    if batching in PEERS:
+        return f"{batching} peer"
     return f"batching {batching}" + (f", {workers} workers" if workers > 1 else "")
 
 
@@ -187,3 +200,23 @@ def check_external(cfg: Config, model: Any, x: np.ndarray) -> int | None:
         raise BenchError(f"server {cfg.server} answers differently from the local {model.path} "
                          f"(class {got.index} vs {int(want.argmax())}): pass --model-dir of the repository it serves")
     return info.max_batch or None
+
+
+def check_external_http(cfg: Config) -> None:
+    """The ``--http-server`` answers model metadata for the model; its answers are checked one by
+    one in the run like every other (a different model there shows as MISMATCH)."""
+    import http.client
+
+    host, _, port = (cfg.http_server or "").rpartition(":")
+    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=CALL_TIMEOUT_S)
+    try:
+        conn.request("GET", f"/v2/models/{cfg.model}")
+        response = conn.getresponse()
+        body = response.read()
+    except OSError as e:
+        raise BenchError(f"--http-server {cfg.http_server}: {e}") from None
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise BenchError(f"--http-server {cfg.http_server}: model {cfg.model!r}: HTTP {response.status} "
+                         f"{body[:200].decode('utf-8', 'replace')}")

@@ -115,7 +115,12 @@ def test_quick_json_rows_every_answer_matched(quick):
     raw = [r for r in rows if r["kind"] == "raw"]
     assert len(raw) == 1 and raw[0]["p50_ms"] > 0 and raw[0]["requests"] >= RAW_MIN_CALLS
     targets = [r for r in rows if r["kind"] == "target"]
-    assert sorted(r["batching"] for r in targets) == ["off", "on"]  # the overheads; no 16-client setting here
+    # the overheads (no 16-client setting here), and the gaps beyond the bare echo and raw session.run
+    assert sorted(r["batching"] for r in targets if r["unit"] != "ms") == ["off", "on"]
+    assert sorted(r["batching"] for r in targets if r["unit"] == "ms") == ["off", "on"]
+    assert all(r["protocol"] == "grpc" for r in served)
+    [echo] = [r for r in rows if r["kind"] == "echo"]
+    assert echo["p50_ms"] > 0 and echo["errors"] == 0
     assert all(isinstance(r["met"], bool) and r["note"] for r in targets)
 
 
@@ -190,7 +195,8 @@ def test_choose_inputs_are_distinct_clear_and_spread_over_classes():
 
 def test_targets_report_value_and_bound():
     def served(batching, c, qps, p50, p99, batch, workers=1):
-        return row(kind="served", batching=batching, workers=workers, concurrency=c, qps=qps, p50_ms=p50, p99_ms=p99,
+        return row(kind="served", protocol="grpc", batching=batching, workers=workers, concurrency=c, qps=qps,
+                   p50_ms=p50, p99_ms=p99,
                    mean_batch=batch, max_batch=MAX_BATCH[batching], raw_p50_ms=1.0,
                    overhead=p50 / 1.0 if c == 1 else None, server_inference_p50_ms=1.0 * batch ** 0.5,
                    server_queue_p50_ms=0.5, server_other_p50_ms=0.3, transport_p50_ms=0.8,
@@ -216,3 +222,171 @@ def test_targets_report_value_and_bound():
     scaling = evaluate_scaling(rows, cfg)  # batching off has both worker counts at 16 clients; on does not
     assert [(t["batching"], t["workers"], t["concurrency"]) for t in scaling] == [("off", 2, 16)]
     assert scaling[0]["value"] == pytest.approx(1.6) and "QPS 1600 with 2 workers vs 1000 with 1" in scaling[0]["note"]
+
+
+# --------------------------------------------------------------------------- protocols and the bare echo
+
+PROTOCOLS = ("grpc", "grpc-infer", "http", "http-json")
+
+
+@pytest.fixture(scope="module")
+def protocols_run(quick, tmp_path_factory):
+    """Every protocol against the servers it starts, 1 and 2 clients, batching on (the quick run's cache)."""
+    out = tmp_path_factory.mktemp("bench-serve-protocols") / "rows.json"
+    result = subprocess.run([sys.executable, "-m", "bench.serve", "--quick", "--cache", str(quick["cache"]),
+                             "--protocol", ",".join(PROTOCOLS), "--batching", "on", "--concurrency", "1,2",
+                             "--duration", "1", "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=QUICK_TIMEOUT_S)
+    print(result.stdout, result.stderr, sep="\n")
+    return dict(code=result.returncode, stdout=result.stdout, stderr=result.stderr,
+                rows=json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_every_protocol_is_measured_and_every_answer_matched(protocols_run):
+    assert protocols_run["code"] == 0, protocols_run["stderr"][-2000:]
+    rows = protocols_run["rows"]
+    assert all(list(r) == list(ROW_KEYS) for r in rows)
+    served = [r for r in rows if r["kind"] == "served"]
+    assert sorted((r["protocol"], r["concurrency"]) for r in served) == sorted(
+        (p, c) for p in PROTOCOLS for c in (1, 2))
+    for r in served:
+        assert r["requests"] > 0 and r["errors"] == 0 and r["mismatches"] == 0 and r["errors_by_code"] == {}, r
+        assert r["tail_ratio"] == pytest.approx(r["p99_ms"] / r["p50_ms"]) and r["tail_ratio"] >= 1
+        # only Classify's answers carry the server's timing and batch size
+        assert (r["mean_batch"] is not None) == (r["protocol"] == "grpc"), r
+    [echo] = [r for r in rows if r["kind"] == "echo"]
+    assert echo["p50_ms"] > 0 and echo["requests"] > 0 and echo["errors"] == 0 and echo["protocol"] == "echo"
+    [raw] = [r for r in rows if r["kind"] == "raw"]
+    for r in served:
+        if r["concurrency"] == 1:
+            assert r["echo_p50_ms"] == echo["p50_ms"]
+            assert r["echo_gap_ms"] == pytest.approx(r["p50_ms"] - (echo["p50_ms"] + raw["p50_ms"]))
+        else:
+            assert r["echo_gap_ms"] is None
+    ratios = {(r["protocol"], r["concurrency"]): r for r in rows if r["kind"] == "protocol"}
+    assert sorted(ratios) == [("http", 1), ("http", 2), ("http-json", 1), ("http-json", 2)]
+    by = {(r["protocol"], r["concurrency"]): r for r in served}
+    for (p, c), r in ratios.items():  # HTTP against the same operation over gRPC: ModelInfer
+        assert r["value"] == pytest.approx(by[p, c]["p50_ms"] / by["grpc-infer", c]["p50_ms"])
+        assert "grpc-infer" in r["target"]
+    targets = [r for r in rows if r["kind"] == "target"]
+    gaps = sorted(r["protocol"] for r in targets if r["unit"] == "ms")
+    assert gaps == sorted(PROTOCOLS)
+    assert [r["threshold"] for r in targets if r["target"].startswith("HTTP binary p50")] == [1.3]
+    assert "protocol" in protocols_run["stdout"] and "bare gRPC echo" in protocols_run["stdout"]
+
+
+def _rolled_model_dir(src, dst):
+    """A copy of the model repository whose classifier answers every input with the next class:
+    same name, shape and metadata, wrong answers."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    shutil.copytree(src, dst)
+    path = dst / "resnext_mini" / "1" / "model.onnx"
+    m = onnx.load(str(path))
+    gemm = m.graph.node[-1]
+    for init in m.graph.initializer:
+        if init.name in gemm.input[1:]:
+            init.CopyFrom(numpy_helper.from_array(np.roll(numpy_helper.to_array(init), 1, axis=0), init.name))
+    onnx.save(m, str(path))
+    return dst
+
+
+def test_http_answers_come_from_the_http_server_and_are_checked(quick, tmp_path):
+    """gRPC from the right server, HTTP from another whose model answers the next class: every
+    HTTP answer is a MISMATCH and the exit is 1, while gRPC's are all right. An HTTP client that
+    went to the gRPC address instead, or left its answers unchecked, would see no mismatch."""
+    from bench.serve.servers import ServerProcess
+
+    wrong = _rolled_model_dir(quick["cache"], tmp_path / "wrong")
+    servers = []
+    try:
+        for label, root in (("right", quick["cache"]), ("wrong", wrong)):
+            servers.append(ServerProcess(label, [sys.executable, "-m", "serve", "--model-dir", str(root), "--model",
+                                                 "resnext_mini", "--host", "127.0.0.1", "--port", "0", "--http-port",
+                                                 "0", "--providers", "cpu", "--threads", "1"]))
+        deadline = time.monotonic() + QUICK_TIMEOUT_S
+        right_port, _ = servers[0].wait_ready(deadline), servers[1].wait_ready(deadline)
+        out = tmp_path / "rows.json"
+        result = subprocess.run([sys.executable, "-m", "bench.serve", "--model-dir", str(quick["cache"]),
+                                 "--server", f"127.0.0.1:{right_port}",
+                                 "--http-server", f"127.0.0.1:{servers[1].http_port}",
+                                 "--protocol", "grpc,grpc-infer,http,http-json", "--concurrency", "1",
+                                 "--duration", "1", "--json", str(out)], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=QUICK_TIMEOUT_S)
+    finally:
+        for s in servers:
+            s.stop()
+    print(result.stdout, result.stderr, sep="\n")
+    assert result.returncode == 1, result.stderr[-2000:]
+    served = {r["protocol"]: r for r in json.loads(out.read_text()) if r["kind"] == "served"}
+    assert sorted(served) == sorted(PROTOCOLS)
+    for p in ("grpc", "grpc-infer"):
+        assert served[p]["errors"] == 0 and served[p]["requests"] > 0, served[p]
+    for p in ("http", "http-json"):
+        r = served[p]
+        assert r["checked"] > 0 and r["errors_by_code"] == {"MISMATCH": r["checked"]} and r["requests"] == 0, r
+    assert "MISMATCH" in result.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--protocol", "grpc,smtp"], "--protocol: unknown smtp"),
+    (["--server", "127.0.0.1:1", "--protocol", "http"], "pass --http-server HOST:PORT"),
+    (["--http-server", "127.0.0.1:1"], "--http-server: applies with --server"),
+    (["--server", "127.0.0.1:1", "--http-server", "nohost", "--protocol", "http"], "expected HOST:PORT"),
+])
+def test_bad_protocol_options_are_one_line_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_peer_runs_in_the_same_rounds_with_the_same_clients(quick, tmp_path):
+    """``--peer kserve``: KServe's server on the same model file, its ModelInfer and JSON REST
+    answers checked like this server's, and paired per-round ratios. Skipped without ``make kserve-env``."""
+    from bench.serve.peer import default_python
+
+    if not os.access(default_python(), os.X_OK):
+        pytest.skip(f"no KServe environment at {default_python()}: run `make kserve-env`")
+    out = tmp_path / "rows.json"
+    result = subprocess.run([sys.executable, "-m", "bench.serve", "--model-dir", str(quick["cache"]), "--peer",
+                             "kserve", "--protocol", "grpc,grpc-infer,http-json", "--batching", "on",
+                             "--concurrency", "1", "--duration", "2", "--rounds", "2", "--json", str(out)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=QUICK_TIMEOUT_S)
+    print(result.stdout, result.stderr, sep="\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    served = {(r["batching"], r["protocol"]): r for r in rows if r["kind"] == "served"}
+    # Classify is this server's own protocol: the peer is measured on the Open Inference Protocol only
+    assert sorted(served) == [("kserve", "grpc-infer"), ("kserve", "http-json"), ("on", "grpc"),
+                              ("on", "grpc-infer"), ("on", "http-json")]
+    for r in served.values():
+        assert r["requests"] > 0 and r["errors"] == 0 and r["mismatches"] == 0, r
+    for p in ("grpc-infer", "http-json"):
+        # the peer's own process did the work (clients sent to this server instead would leave it idle;
+        # a bound only an idle peer fails)
+        assert served["kserve", p]["server_cpu"] > 0.05, served["kserve", p]
+    peer = {r["protocol"]: r for r in rows if r["kind"] == "peer"}
+    assert sorted(peer) == ["grpc-infer", "http-json"]
+    for r in peer.values():
+        assert r["rounds"] == 2 and r["batching"] == "on" and r["concurrency"] == 1
+        assert all(r[k] is not None and r[k] > 0 for k in ("qps_ratio", "p50_ratio", "p99_ratio")), r
+    assert "against the peer" in result.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--peer", "kserve"], "add one of grpc-infer, http, http-json to --protocol"),
+    (["--peer-python", "/usr/bin/python3"], "--peer-python: applies with --peer"),
+    (["--peer", "torchserve", "--protocol", "grpc-infer"], "--peer"),
+])
+def test_bad_peer_options_are_one_line_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -4,12 +4,14 @@ subprocesses, the curl-able classify route, errors and their statuses, limits, a
 drain, and the README's curl examples run with real curl against a real server."""
 from __future__ import annotations
 
+import http.client
 import importlib.util
 import json
 import os
 import re
 import shlex
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -402,6 +404,43 @@ def test_drain_turns_ready_off_then_refuses(repo):
         with pytest.raises(urllib.error.URLError):  # stopped: nothing listens
             urllib.request.urlopen(f"{url}/v2/health/live", timeout=30).read()
     finally:
+        server.stop(grace=0)
+
+
+def test_a_kept_alive_connection_after_the_stop_began_gets_503_then_a_clean_close(repo):
+    """A client that holds a keep-alive connection (every HTTP client library pools them) and sends
+    after the stop began: a 503 with the reason as JSON on that same connection (it may retry
+    elsewhere), never an answer from a server that is going away, and once stopped a closed
+    connection, never a hang."""
+    server, _ = create_server(repo, http_port=0)
+    server.start()
+    doc = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, *INPUT_SIZE],
+                       "data": inputs(1).ravel().tolist()}]}
+    body, headers = json.dumps(doc).encode(), {"Content-Type": "application/json"}
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)  # generous: only a hang fails it
+    try:
+        conn.request("POST", f"/v2/models/{MODEL}/infer", body, headers)
+        answer = conn.getresponse()
+        assert answer.status == 200 and json.loads(answer.read())["model_name"] == MODEL
+        kept = conn.sock
+        server.begin_stop(grace=5.0)  # returns once new requests are refused
+        for method, path, payload in (("POST", f"/v2/models/{MODEL}/infer", body), ("GET", f"/v2/models/{MODEL}", None),
+                                      ("GET", "/v2/health/ready", None)):
+            conn.request(method, path, payload, headers)
+            answer = conn.getresponse()
+            raw = answer.read()
+            assert conn.sock is kept, "the kept connection was dropped and a new one made"
+            assert answer.status == 503 and answer.getheader("Content-Type", "").startswith("application/json"), path
+            if path != "/v2/health/ready":
+                assert "shutting down" in json.loads(raw)["error"], raw
+        with pytest.raises(ConnectionRefusedError):  # nothing takes a new connection
+            socket.create_connection(("127.0.0.1", server.http_port), timeout=60).close()
+        server.stop(grace=5.0)
+        with pytest.raises(ConnectionError):  # closed by the server: not a timeout, not an answer
+            conn.request("POST", f"/v2/models/{MODEL}/infer", body, headers)
+            conn.getresponse()
+    finally:
+        conn.close()
         server.stop(grace=0)
 
 

@@ -23,7 +23,7 @@ import serve.server
 from serve._proto.inference import grpc_predict_v2_pb2 as kpb
 from serve._proto.inference import grpc_predict_v2_pb2_grpc as kpb_grpc
 from serve.runtime import load_repository
-from tests.serve.conftest import INPUT_SIZE, running
+from tests.serve.conftest import INPUT_SIZE, REPO_ROOT, running
 
 CODE = grpc.StatusCode
 MODEL = "resnext_mini"
@@ -280,6 +280,11 @@ def test_hot_reload_under_load(root, exported, want, channel, monkeypatch):
         # Every retired version's batcher closes and lets its session go: only the served one is held.
         wait_for(lambda: len(core._own) == len(core.repo.all()), "retired versions to be released")
         assert sorted(core.batchers) == [(OTHER, 1), (MODEL, 11)]  # the poll found densenet_mini too
+        # Statistics and the FLOPs series of the unloaded versions are gone with them.
+        assert set(core.statistics.held()) <= {(OTHER, 1), (MODEL, 11)}, core.statistics.held()
+        flops = {s.labels["version"] for m in core.metrics.registry.collect() if m.name == "zoo_serve_model_flops"
+                 for s in m.samples if s.labels["model"] == MODEL}
+        assert flops == {"11"}, flops
     assert not failures, failures[:5]
     assert set(range(2, 12)) <= set(seen)
     # Loose on purpose: the allocator keeps freed arenas, so RSS is not a count of live sessions.
@@ -340,6 +345,77 @@ def test_config_model_warmup_samples_are_run(root, channel):
         assert not stub.ModelReady(kpb.ModelReadyRequest(name=MODEL)).ready
 
 
+MISSING_SAMPLE = (f'name: "{MODEL}"\nmodel_warmup [{{ name: "f" batch_size: 1 inputs {{ key: "input" value: '
+                  '{ data_type: TYPE_FP32 dims: [3, 32, 32] input_data_file: "missing.bin" } } }]\n')
+
+
+@pytest.fixture
+def session_runs(monkeypatch):
+    """The batch size of every onnxruntime session run in this process from now on (sessions built
+    by serve.runtime are onnxruntime's own, recording each run)."""
+    import serve.runtime
+
+    sizes: list[int] = []
+
+    class Recording(serve.runtime.ort.InferenceSession):
+        def run(self, output_names, input_feed, run_options=None):
+            sizes.append(len(input_feed["input"]))
+            return super().run(output_names, input_feed, run_options)
+
+    monkeypatch.setattr(serve.runtime.ort, "InferenceSession", Recording)
+    return sizes
+
+
+def test_no_warmup_leaves_the_model_unrun_until_the_first_request(exported, want, channel, session_runs):
+    repo = load_repository(exported.root, providers="cpu", threads=1, models=[MODEL], warmup=False)
+    with running(repo, max_batch=6) as (server, port):
+        stub, _ = channel(port)
+        assert stub.ModelReady(kpb.ModelReadyRequest(name=MODEL), timeout=WAIT_S).ready
+        assert session_runs == [] and server.core.warmed == 0
+        got = logits_of(stub.ModelInfer(infer_request(), timeout=WAIT_S))
+        np.testing.assert_allclose(got, want[MODEL], rtol=1e-4, atol=1e-5)
+        assert sum(session_runs) == len(X)  # the request's rows were its first runs
+    # The same with warmup: batch 1 when the file is read, then batch 1 and the limit.
+    session_runs.clear()
+    with running(load_repository(exported.root, providers="cpu", threads=1, models=[MODEL]), max_batch=6):
+        assert session_runs == [1, 1, 6]
+
+
+def test_no_warmup_holds_for_versions_loaded_later(root, want, channel, session_runs):
+    # The sample cannot be read: only a load that skips the warmup succeeds.
+    (root / MODEL / "config.pbtxt").write_text(MISSING_SAMPLE)
+    repo = load_repository(str(root), providers="cpu", threads=1, empty_ok=True, warmup=False)
+    with running(repo, model_control="explicit") as (server, port):
+        stub, _ = channel(port)
+        stub.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name=MODEL), timeout=WAIT_S)
+        assert stub.ModelReady(kpb.ModelReadyRequest(name=MODEL), timeout=WAIT_S).ready
+        assert session_runs == [] and server.core.warmed == 0
+        np.testing.assert_allclose(logits_of(stub.ModelInfer(infer_request(), timeout=WAIT_S)), want[MODEL],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_cli_no_warmup_serves_what_the_warmup_would_refuse(root, want):
+    """``python -m serve --no-warmup``: the model is ready without having run (a warmup sample that
+    cannot be read stops the start without the flag, not with it), and the ready line says so."""
+    from tests.serve.test_cli import start_serve
+    (root / MODEL / "config.pbtxt").write_text(MISSING_SAMPLE)
+    argv = ["--model-dir", str(root), "--model", MODEL, "--port", "0", "--no-http", "--providers", "cpu",
+            "--threads", "1"]
+    refused = subprocess.run([sys.executable, "-m", "serve", *argv], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=WAIT_S)
+    assert refused.returncode == 1 and "model_warmup 'f': cannot read" in refused.stderr
+    proc, port, line = start_serve(*argv, "--no-warmup")
+    try:
+        assert "; no warmup" in line and "warmed up" not in line
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+            np.testing.assert_allclose(logits_of(stub.ModelInfer(infer_request(), timeout=WAIT_S)), want[MODEL],
+                                       rtol=1e-4, atol=1e-5)
+    finally:
+        proc.terminate()
+        assert proc.wait(WAIT_S) == 0
+
+
 # --------------------------------------------------------------------------- CLI and a stock client
 
 
@@ -347,6 +423,8 @@ def test_config_model_warmup_samples_are_run(root, channel):
     (["--load-model", MODEL], "--load-model needs --model-control-mode explicit"),
     (["--model-control-mode", "poll", "--repository-poll-secs", "0"], "Invalid --repository-poll-secs: 0.0"),
     (["--model-control-mode", "sometimes"], "invalid choice: 'sometimes'"),
+    (["--model-control-mode", "explicit", "--load-model", "*", "--load-model", MODEL],
+     "--load-model '*' loads every model: it goes without other --load-model or --model"),
     (["--model-control-mode", "poll", "--model", MODEL], "--model does not go with --model-control-mode poll"),
 ])
 def test_cli_flags_refused_with_one_line(exported, capsys, argv, message):
@@ -362,12 +440,29 @@ def test_cli_explicit_mode_starts_with_the_named_models(exported):
     proc, port, line = start_serve("--model-dir", exported.root, "--port", "0", "--no-http", "--providers", "cpu",
                                    "--threads", "1", "--model-control-mode", "explicit", "--load-model", OTHER)
     try:
-        assert f"models {OTHER}:1" in line and "model control explicit" in line
+        assert f"models {OTHER}:1" in line and "model control explicit" in line and "; warmed up in " in line
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = kpb_grpc.GRPCInferenceServiceStub(channel)
             assert not stub.ModelReady(kpb.ModelReadyRequest(name=MODEL), timeout=WAIT_S).ready
             stub.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name=MODEL), timeout=WAIT_S)
             assert stub.ModelReady(kpb.ModelReadyRequest(name=MODEL), timeout=WAIT_S).ready
+    finally:
+        proc.terminate()
+        assert proc.wait(WAIT_S) == 0
+
+
+def test_cli_explicit_mode_load_model_star_loads_every_model_and_stays_explicit(exported):
+    """Triton's ``--load-model=*``: everything in the repository at start, unloadable on request."""
+    from tests.serve.test_cli import start_serve
+    proc, port, line = start_serve("--model-dir", exported.root, "--port", "0", "--no-http", "--providers", "cpu",
+                                   "--threads", "1", "--model-control-mode", "explicit", "--load-model", "*")
+    try:
+        assert MODEL in line and OTHER in line and "model control explicit" in line, line
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+            assert all(stub.ModelReady(kpb.ModelReadyRequest(name=m), timeout=WAIT_S).ready for m in (MODEL, OTHER))
+            stub.RepositoryModelUnload(kpb.RepositoryModelUnloadRequest(model_name=OTHER), timeout=WAIT_S)
+            assert not stub.ModelReady(kpb.ModelReadyRequest(name=OTHER), timeout=WAIT_S).ready
     finally:
         proc.terminate()
         assert proc.wait(WAIT_S) == 0
