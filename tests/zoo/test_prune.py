@@ -20,7 +20,8 @@ from serve.ready import parse_ready_line
 from tests.conftest import randomize_bn_stats
 from zoo.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from zoo.flops import count_flops
-from zoo.prune import main, prune_model
+from zoo.prune import check_structure, kept_units, layer_groups, main, prune_model, pruned_architecture
+from zoo.pruned import record as pruned_record
 from zoo.registry import count_params, create_model
 from zoo.weights import load_weights
 
@@ -66,8 +67,8 @@ def test_pruned_model_is_smaller_reloads_and_exports_verified(pruned, key, tmp_p
     src, dst = pruned[key]
     before = model_from_checkpoint(load_checkpoint(src))
     after = model_from_checkpoint(load_checkpoint(dst))
-    assert count_params(after) < 0.6 * count_params(before)
-    assert count_flops(after, INPUT_SIZE) < 0.6 * count_flops(before, INPUT_SIZE)
+    assert count_params(after) < 0.75 * count_params(before)
+    assert count_flops(after, INPUT_SIZE) / count_flops(before, INPUT_SIZE) == pytest.approx(0.5, abs=0.03)
     assert after.eval()(torch.zeros(2, *INPUT_SIZE)).shape == (2, len(CLASSES))
     # The group structure survives: grouped convs keep their group count, depthwise stays depthwise,
     # GroupNorm keeps its groups.
@@ -79,7 +80,10 @@ def test_pruned_model_is_smaller_reloads_and_exports_verified(pruned, key, tmp_p
             else:
                 assert m.groups == old[n].groups, n
         if isinstance(m, nn.GroupNorm):
-            assert m.num_groups == old[n].num_groups and m.num_channels < old[n].num_channels, n
+            assert m.num_groups == old[n].num_groups and m.num_channels <= old[n].num_channels, n
+    # Rounding may leave a layer whole (a grouped conv with one block per group); most shrink.
+    norms = [(m.num_channels, old[n].num_channels) for n, m in after.named_modules() if isinstance(m, nn.GroupNorm)]
+    assert not norms or sum(a < b for a, b in norms) > len(norms) / 2
     # zoo.load_weights applies the recorded architecture to a freshly built model.
     name, args = VARIANTS[key]
     fresh = load_weights(create_model(name, num_classes=len(CLASSES), **args), dst)
@@ -102,7 +106,8 @@ def _origins(orig: torch.Tensor, new: torch.Tensor) -> list[int]:
 def test_grouped_conv_keeps_each_channel_in_its_group(name):
     torch.manual_seed(0)
     original = create_model(name, num_classes=10)
-    model = prune_model(copy.deepcopy(original), INPUT_SIZE, 0.5)
+    # Unrounded, so that every block's grouped conv loses channels.
+    model = prune_model(copy.deepcopy(original), INPUT_SIZE, 0.5, target="channels", round_to=1)
     for block in ("layer1.0", "layer2.0", "layer3.0"):
         o1, o2 = original.get_submodule(f"{block}.conv1"), original.get_submodule(f"{block}.conv2")
         p1, p2 = model.get_submodule(f"{block}.conv1"), model.get_submodule(f"{block}.conv2")
@@ -167,6 +172,8 @@ def test_pruned_model_served_by_python_m_serve(pruned, tmp_path):
     (["--ratio", "1.5"], "Invalid --ratio: 1.5"),
     (["--ratio", "-0.1"], "Invalid --ratio: -0.1"),
     (["--ratio", "0.5", "--finetune-epochs", "-1"], "Invalid --finetune-epochs"),
+    (["--ratio", "0.5", "--round-to", "0"], "Invalid --round-to: 0"),
+    (["--ratio", "0.5", "--target", "params"], "invalid choice: 'params'"),
 ])
 def test_bad_arguments_are_one_line(pruned, argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -223,3 +230,82 @@ def test_training_starts_from_a_pruned_checkpoint_and_resumes_it(pruned, tmp_pat
     result = export(ExportConfig(checkpoint=str(out / "last.pt"), out=str(tmp_path / "m"), threads=1, latency_runs=0,
                                  val_samples=0, progress_bars=False, reporter=SilentReporter()))
     assert result.parities and result.parities[0].agreement == 1.0
+
+
+# --ratio counts FLOPs by default: the widths are chosen so that the model loses that share of its
+# FLOPs (a channel ratio would remove about 1 - (1 - c)^2 of them).
+@pytest.mark.parametrize("name, ratio", [("resnext_mini", 0.5), ("densenet_mini", 0.5), ("resnext_mini", 0.3)])
+def test_ratio_is_the_share_of_flops_removed(name, ratio):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10)
+    flops0 = count_flops(model, INPUT_SIZE)
+    prune_model(model, INPUT_SIZE, ratio)
+    check_structure(model)
+    assert count_flops(model, INPUT_SIZE) / flops0 == pytest.approx(1 - ratio, abs=0.03)
+
+
+def test_channel_target_removes_that_share_of_every_group():
+    torch.manual_seed(0)
+    original = create_model("resnext_mini", num_classes=10)
+    model = prune_model(copy.deepcopy(original), INPUT_SIZE, 0.25, target="channels", round_to=1)
+    old = dict(original.named_modules())
+    for n in ("layer1.0.conv1", "layer2.0.conv3", "layer3.0.conv2"):
+        assert model.get_submodule(n).out_channels == int(old[n].out_channels * 0.75), n
+
+
+@pytest.mark.parametrize("key", ["resnext", "densenet", "resnext_dw", "resnext_gn"])
+@pytest.mark.parametrize("round_to", [8, 16])
+def test_round_to_keeps_whole_blocks_of_channels(key, round_to):
+    """Every pruned conv keeps a multiple of round_to output channels (the layers here are all
+    wide enough to allow it); a grouped conv keeps its groups and equal channels per group, a
+    multiple of round_to per group where its groups were that wide (onnxruntime's blocked kernels
+    take a grouped conv only then). A ratio that lands off the grid without rounding (0.3 of 32
+    channels leaves 22.4)."""
+    name, args = VARIANTS[key]
+    torch.manual_seed(0)
+    original = create_model(name, num_classes=10, **args)
+    model = prune_model(copy.deepcopy(original), INPUT_SIZE, 0.3, target="channels", round_to=round_to)
+    check_structure(model)
+    old = dict(original.named_modules())
+    changed = 0
+    for n, m in model.named_modules():
+        if not isinstance(m, nn.Conv2d) or m.out_channels == old[n].out_channels:
+            continue
+        changed += 1
+        assert m.out_channels % round_to == 0, (n, m.out_channels)
+        if old[n].groups > 1 and old[n].groups != old[n].out_channels:
+            assert m.groups == old[n].groups and m.out_channels % m.groups == 0 and m.in_channels % m.groups == 0, n
+            if old[n].out_channels // old[n].groups >= round_to:
+                assert (m.out_channels // m.groups) % round_to == 0, (n, m.out_channels)
+    assert changed > 0
+
+
+@pytest.mark.parametrize("key", list(VARIANTS) + ["resnext_in", "densenet_dw"])
+def test_planned_architecture_is_what_pruning_builds(key):
+    """The FLOPs search counts the architecture worked out from the layer groups, without pruning:
+    it must be the one Torch-Pruning then builds, layer for layer."""
+    name, args = {**VARIANTS, "resnext_in": ("resnext_mini", dict(norm="in")),
+                  "densenet_dw": ("densenet_mini_dw", dict(norm="bn"))}[key]
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, **args)
+    layers = layer_groups(model, INPUT_SIZE)
+    keep = kept_units(layers, 0.4, 8)
+    planned = pruned_architecture(model, layers, keep)
+    prune_model(model, INPUT_SIZE, 0.4, target="channels", round_to=8)
+    assert planned == pruned_record(model)
+
+
+def test_cli_reports_and_records_what_it_removed(tmp_path, capsys):
+    src = _checkpoint(tmp_path / "r.pt", "resnext_mini", dict(norm="bn"))
+    assert main(["--checkpoint", src, "--ratio", "0.3", "--target", "channels", "--round-to", "1",
+                 "--finetune-epochs", "0", "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    ckpt = load_checkpoint(tmp_path / "o" / "best.pt")
+    record = ckpt["prune"]
+    assert record["target"] == "channels" and record["round_to"] == 1
+    before = model_from_checkpoint(load_checkpoint(src))
+    after = model_from_checkpoint(ckpt)
+    flops = count_flops(after, INPUT_SIZE) / count_flops(before, INPUT_SIZE)
+    assert record["flops_ratio"] == pytest.approx(flops)
+    assert 0.4 < flops < 0.6  # a channel ratio of 0.3 takes about half the FLOPs, not 0.3 of them
+    assert f"removed {1 - flops:.1%} of the FLOPs" in out

@@ -3,15 +3,15 @@
 One teacher (the experiment's model) is trained once on digits; from it come the rows
 
 - ``fp32`` and ``int8``: the teacher exported as it is and quantized (``export.export``);
-- ``pruned 30% / 50% / 70%``: :func:`zoo.prune.prune_model` removes that share of channels, then
-  a short fine-tune through :func:`zoo.engine.train_one_epoch`; ``pruned 50% + int8`` quantizes the
-  50% one;
+- ``pruned 30% / 50% / 70%``: :func:`zoo.prune.prune_model` removes that share of the FLOPs (whole
+  channels, widths rounded for onnxruntime's conv kernels), then a short fine-tune through
+  :func:`zoo.engine.train_one_epoch`; ``pruned 50% + int8`` quantizes the 50% one;
 - ``student alone`` and ``student distilled``: a narrow student trained from the same initial
   weights on the same images, once on the labels only and once with :class:`zoo.losses.DistillationLoss`
-  from the teacher. The student is the experiment's model pruned by ``student_prune`` at random
-  initialisation, i.e. the same architecture at a fraction of its width: the registry's smaller
-  models (the ``_dw`` twins) keep ~0.9x the parameters and as many FLOPs, too close to the teacher
-  for distillation to have anything to bridge.
+  from the teacher. The student is the experiment's model with ``student_prune`` of every layer
+  group's channels pruned at random initialisation, i.e. the same architecture at a fraction of its
+  width: the registry's smaller models (the ``_dw`` twins) keep ~0.9x the parameters and as many
+  FLOPs, too close to the teacher for distillation to have anything to bridge.
 
 Every row is exported through the export library (BatchNorm folded) to a temporary folder under
 the output folder; its accuracy is the onnxruntime model's on the whole val set, and the latency
@@ -149,7 +149,8 @@ def run_compression(cfg: dict[str, Any], out_dir: str, command: str) -> dict[str
             keep(name, net.eval(), acc, ("fp32", "int8") if ratio == INT8_PRUNED else ("fp32",))
 
         torch.manual_seed(cfg["seed"] + 1)
-        student0 = prune_model(create_model(cfg["model"], **model_args), input_size, cfg["student_prune"], "l1")
+        student0 = prune_model(create_model(cfg["model"], **model_args), input_size, cfg["student_prune"], "l1",
+                               target="channels")
         init = {k: v.clone() for k, v in student0.state_dict().items()}
         for name, t in (("student alone", None), ("student distilled", teacher)):
             student0.load_state_dict(init)
@@ -206,6 +207,8 @@ def compression_verdict(rows: dict[str, dict[str, Any]], fronts: dict[int, list[
 
 def compression_report(rows: dict[str, dict[str, Any]], fronts: dict[int, list[str]], cfg: dict[str, Any],
                        input_size: tuple[int, ...], data_name: str, n_val: int, per_epoch: int, command: str) -> str:
+    from zoo.prune import DEFAULT_ROUND_TO
+
     base = rows["fp32"]
     table = md_table(
         ["row", "params", "MFLOPs", "size (KB)", "val top-1 (%)"] + [f"ms batch {b}" for b in BATCHES]
@@ -226,8 +229,9 @@ Command: `{command}`
 {settings_block(cfg)}
 - teacher: {cfg['model']} trained {cfg['epochs']} epoch(s) x {per_epoch} {data_name} images at {h} x {w}, \
 {cfg['optimizer']} at lr {cfg['lr']}, {cfg['schedule']} schedule
-- pruned: `zoo.prune.prune_model` ({cfg['criterion']} criterion, whole channels) of the teacher, then \
-{cfg['finetune_epochs']} fine-tune epoch(s) at lr {cfg['finetune_lr']}
+- pruned: `zoo.prune.prune_model` ({cfg['criterion']} criterion, whole channels) of the teacher: \
+"pruned N%" removes N% of its FLOPs (the FLOPs column gives the share reached), widths rounded to multiples of \
+{DEFAULT_ROUND_TO} channels; then {cfg['finetune_epochs']} fine-tune epoch(s) at lr {cfg['finetune_lr']}
 - int8: `export.export(precision="int8")` with its defaults (calibration on training images)
 - student: {cfg['model']} with {100 * cfg['student_prune']:.0f}% of its channels removed at random \
 initialisation, {cfg['student_epochs']} epoch(s) from the same initial weights, alone (cross-entropy) and \
