@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--providers", choices=PROVIDER_CHOICES, default="auto",
                    help="onnxruntime execution provider: auto takes CUDA when onnxruntime-gpu sees a GPU")
     m.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads per model (0: one per core)")
+    m.add_argument("--ort-spinning", action="store_true",
+                   help="let onnxruntime's intra-op threads spin while waiting for work (onnxruntime's default; "
+                        "off here: a spinning thread takes the core that gRPC's threads and the clients need, "
+                        "which shows in the one-client tail, python -m bench.serve)")
     m.add_argument("--no-warmup", action="store_true",
                    help="mark models ready without running them first (by default each load runs batch 1 and "
                         "--max-batch, or config.pbtxt's model_warmup, so the first requests are not the slow ones)")
@@ -195,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         repo = load_repository(args.model_dir, providers=args.providers, threads=args.threads,
                                models=[] if load_all else args.model + args.load_model,
                                empty_ok=args.model_control_mode == "explicit" and not load_all,
-                               warmup=not args.no_warmup)
+                               warmup=not args.no_warmup, spinning=args.ort_spinning)
     except RepositoryError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1

@@ -42,6 +42,7 @@ from typing import Any, Callable
 
 import grpc
 import numpy as np
+import orjson
 from aiohttp import web
 from google.protobuf import json_format
 
@@ -189,7 +190,7 @@ def infer_request(body: bytes, header_length: str | None, model: str, version: s
     else:
         head, binary = body, memoryview(b"")
     try:
-        doc = json.loads(head)
+        doc = orjson.loads(head)  # a JSON tensor is thousands of numbers: orjson parses them ~5x faster
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(_INVALID, f"the request is not JSON: {e}") from None
     doc = _object(doc, "the request")
@@ -253,10 +254,10 @@ def infer_response(response: Any, binary_outputs: dict[str, bool]) -> web.Respon
                 at += 4 + n
             entry["data"] = items
         else:
-            entry["data"] = np.frombuffer(raw, kserve.DATATYPES[out.datatype]).tolist()
+            entry["data"] = np.frombuffer(raw, kserve.DATATYPES[out.datatype])  # orjson writes the array
         outputs.append(entry)
     doc["outputs"] = outputs
-    head = json.dumps(doc).encode()
+    head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
         return web.Response(body=head, content_type="application/json")
     return web.Response(body=b"".join([head, *chunks]), content_type="application/octet-stream",

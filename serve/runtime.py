@@ -105,6 +105,10 @@ class Repository:
     # Run each model before it serves: once at batch 1 when its file is loaded, then the warmup
     # (:func:`warm_up`) before it is marked ready. False (``--no-warmup``): neither.
     warmup: bool = True
+    # onnxruntime's intra-op threads spin between parallel sections (its default) or sleep (here:
+    # the spinning thread takes the core the gRPC threads need; README's serving section has the
+    # bench.serve figures). True (``--ort-spinning``): onnxruntime's default.
+    spinning: bool = False
 
     def names(self) -> list[str]:
         return sorted(self.models)
@@ -157,12 +161,13 @@ def _gpu_build_hint() -> str:
             "pip install -e '.[gpu]' (never both in one environment)")
 
 
-def session_options(threads: int) -> Any:
+def session_options(threads: int, spinning: bool = False) -> Any:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads  # 0: onnxruntime's default (one per core)
     opts.inter_op_num_threads = 1  # a classifier graph is a chain: no parallel branches worth threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = ORT_LOG_SEVERITY
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return opts
 
 
@@ -206,7 +211,7 @@ def read_triton_config(model_dir: str) -> Any:
 
 
 def load_model(path: str, name: str, version: int, providers: Sequence[str], threads: int,
-               require: str | None = None, run: bool = True) -> Model:
+               require: str | None = None, run: bool = True, spinning: bool = False) -> Model:
     """Read ``path`` into memory and build its session; RepositoryError names the file. With
     ``run`` off the session is not run once (a model that loads but cannot run then fails its
     requests instead of its load, and a symbolic class dimension goes unchecked)."""
@@ -218,7 +223,7 @@ def load_model(path: str, name: str, version: int, providers: Sequence[str], thr
     if not data:
         raise RepositoryError(f"model file {path} is empty")
     try:
-        session = ort.InferenceSession(data, session_options(threads), providers=list(providers))
+        session = ort.InferenceSession(data, session_options(threads, spinning), providers=list(providers))
     except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RepositoryError(f"corrupt or truncated model file {path}: {first}") from None
@@ -332,7 +337,8 @@ def load_versions(repo: Repository, name: str) -> tuple[dict[int, Model], list[i
                 and old.max_batch_size == max_batch_size):
             out[version] = old
             continue
-        model = load_model(path, name, version, repo.providers, repo.threads, repo.require, repo.warmup)
+        model = load_model(path, name, version, repo.providers, repo.threads, repo.require, repo.warmup,
+                           spinning=repo.spinning)
         model.max_batch_size, model.config = max_batch_size, config
         out[version] = model
     return out, available
@@ -355,7 +361,8 @@ def _check_graph(session: Any, meta: dict[str, Any], path: str) -> None:
 
 
 def load_repository(root: str, providers: str = "auto", threads: int = 0,
-                    models: Sequence[str] = (), empty_ok: bool = False, warmup: bool = True) -> Repository:
+                    models: Sequence[str] = (), empty_ok: bool = False, warmup: bool = True,
+                    spinning: bool = False) -> Repository:
     """Load the newest version of every model under ``root`` (or the ``models`` specs).
 
     Args:
@@ -367,6 +374,7 @@ def load_repository(root: str, providers: str = "auto", threads: int = 0,
         empty_ok: with no ``models``, load none (``--model-control-mode explicit``).
         warmup: run each model before it serves, at this load and every later one
             (:attr:`Repository.warmup`); False (``--no-warmup``) marks models ready unrun.
+        spinning: onnxruntime's intra-op threads spin while idle (:attr:`Repository.spinning`).
 
     Raises:
         RepositoryError: one line naming the directory, file or option at fault.
@@ -385,7 +393,8 @@ def load_repository(root: str, providers: str = "auto", threads: int = 0,
         names = [] if empty_ok else layout.model_names(root)
     if not names and not empty_ok:
         raise RepositoryError(f"--model-dir {root}: no models (expected {root}/NAME/VERSION/{MODEL_FILE})")
-    repo = Repository(root=root, providers=list(provider_list), threads=threads, require=require, warmup=warmup)
+    repo = Repository(root=root, providers=list(provider_list), threads=threads, require=require, warmup=warmup,
+                      spinning=spinning)
     for name in names:
         model_dir = os.path.join(root, name)
         available = layout.versions(model_dir)
@@ -402,7 +411,7 @@ def load_repository(root: str, providers: str = "auto", threads: int = 0,
             path = layout.model_file(model_dir, version)
             if not os.path.isfile(path):
                 raise RepositoryError(f"missing model file {path}")
-            model = load_model(path, name, version, provider_list, threads, require, warmup)
+            model = load_model(path, name, version, provider_list, threads, require, warmup, spinning=spinning)
             model.max_batch_size, model.config = max_batch_size, config
             repo.models.setdefault(name, {})[version] = model
     return repo

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                         ".venv-kserve/bin/python)")
     w.add_argument("--threads", type=int, default=cores,
                    help="onnxruntime intra-op threads of the servers started and of the raw session.run")
+    w.add_argument("--ort-spinning", action="store_true",
+                   help="onnxruntime's threads spin while idle (python -m serve --ort-spinning) in the servers "
+                        "started, the peer and the raw session.run alike (default: they sleep, as serve's default)")
     m = p.add_argument_group("load")
     m.add_argument("--concurrency", type=common.csv_list(int), default=None,
                    help=f"closed-loop clients, comma-separated (default {','.join(map(str, DEFAULT_CONCURRENCY))})")
@@ -177,7 +180,7 @@ def resolve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
                   concurrency=concurrency, duration_s=duration, batching=batching, workers=workers,
                   client_processes=args.client_processes, rounds=rounds, max_requests=args.max_requests,
                   seed=args.seed, json_path=args.json, protocols=protocols, http_server=args.http_server,
-                  peer=args.peer, peer_python=args.peer_python)
+                  peer=args.peer, peer_python=args.peer_python, spinning=args.ort_spinning)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -214,7 +217,7 @@ def run(cfg: Config) -> int:
 
     root = ensure_model(cfg)
     try:
-        repo = load_repository(root, providers="cpu", threads=cfg.threads, models=[cfg.model])
+        repo = load_repository(root, providers="cpu", threads=cfg.threads, models=[cfg.model], spinning=cfg.spinning)
     except RepositoryError as e:
         raise BenchError(str(e)) from None
     model = repo.get(cfg.model)

@@ -103,3 +103,4 @@ class Config:
     http_server: str | None = None  # HOST:PORT of --server's HTTP side (--http-server)
     peer: str | None = None  # --peer: measured beside the servers, every PEER_PROTOCOLS protocol of the run
     peer_python: str | None = None  # --peer-python; None: bench.serve.peer.default_python()
+    spinning: bool = False  # --ort-spinning: servers, peer and raw session.run alike

@@ -190,7 +190,7 @@ def measure(cfg: Config, root: str, model: Any) -> tuple[list[Setting], common.S
             from bench.serve.peer import default_python, start_kserve
 
             peer = start_kserve(cfg.peer_python or default_python(), model.path, cfg.model, cfg.threads,
-                                label=f"{cfg.peer} peer")
+                                label=f"{cfg.peer} peer", spinning=cfg.spinning)
             stack.callback(peer.stop)
         pool = ClientPool(processes, math.ceil(max_c / processes), root, cfg.model, cfg.seed,
                           own_connection=max(cfg.workers) > 1)

@@ -77,11 +77,11 @@ def check_python(python: str) -> None:
         raise BenchError(f"KServe Python {python} has no {done.stdout.strip()}: run `make kserve-env`")
 
 
-def serve_session_options(threads: int) -> dict[str, Any]:
+def serve_session_options(threads: int, spinning: bool = False) -> dict[str, Any]:
     """What :func:`serve.runtime.session_options` sets, as JSON for :data:`MODEL_SCRIPT`."""
     from serve.runtime import session_options
 
-    opts = session_options(threads)
+    opts = session_options(threads, spinning)
     spec: dict[str, Any] = {name: getattr(opts, name) for name in _SESSION_ATTRIBUTES}
     spec["graph_optimization_level"] = int(opts.graph_optimization_level)
     spec["execution_mode"] = int(opts.execution_mode)
@@ -185,19 +185,21 @@ class PeerServer:
 
 
 def kserve_command(python: str, model_path: str, name: str, threads: int, grpc_port: int,
-                   http_port: int) -> list[str]:
+                   http_port: int, spinning: bool = False) -> list[str]:
     return [python, MODEL_SCRIPT, "--model_path", model_path, "--model_name", name,
-            "--session_options", json.dumps(serve_session_options(threads)),
+            "--session_options", json.dumps(serve_session_options(threads, spinning)),
             "--parent_pid", str(os.getpid()), "--grpc_port", str(grpc_port), "--http_port", str(http_port),
             "--workers", "1", "--enable_latency_logging", "false", "--enable_docs_url", "false"]
 
 
-def start_kserve(python: str, model_path: str, name: str, threads: int, label: str = "kserve") -> PeerServer:
+def start_kserve(python: str, model_path: str, name: str, threads: int, label: str = "kserve",
+                 spinning: bool = False) -> PeerServer:
     """KServe's model server on ``model_path`` as ``name``, started (not yet ready: call
     :meth:`PeerServer.wait_ready`); BenchError, one line, when ``python`` has no kserve."""
     check_python(python)
     if not os.path.isfile(model_path):
         raise BenchError(f"no model file {model_path} for the KServe peer")
     grpc_port, http_port = free_ports(2)
-    return PeerServer(label, kserve_command(python, os.path.abspath(model_path), name, threads, grpc_port, http_port),
+    return PeerServer(label, kserve_command(python, os.path.abspath(model_path), name, threads, grpc_port, http_port,
+                                             spinning),
                       name, grpc_port, http_port)

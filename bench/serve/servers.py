@@ -168,7 +168,8 @@ def server_command(cfg: Config, root: str, max_batch: int, workers: int = 1) -> 
             "--providers", "cpu", "--threads", str(max(1, cfg.threads // workers)), "--max-batch", str(max_batch),
             "--max-concurrency", str(max(DEFAULT_MAX_CONCURRENCY, max(cfg.concurrency))),
             "--grace", str(SERVER_GRACE_S), "--drain-delay", "0", "--workers", str(workers)] + (
-        ["--http-port", "0"] if set(cfg.protocols) & set(HTTP_PROTOCOLS) else [])
+        ["--http-port", "0"] if set(cfg.protocols) & set(HTTP_PROTOCOLS) else []) + (
+        ["--ort-spinning"] if cfg.spinning else [])
 
 
 def server_label(batching: str, workers: int) -> str:

@@ -390,3 +390,19 @@ def test_bad_peer_options_are_one_line_exit_2(argv, message, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_ort_spinning_reaches_the_servers_the_peer_and_raw_alike():
+    """--ort-spinning is one setting for everything measured: a run where only zoo's servers spin
+    (or only the peer) would compare two thread behaviours, not two servers."""
+    from bench.serve.cli import build_parser, resolve_config
+    from bench.serve.peer import serve_session_options
+    from bench.serve.servers import server_command
+
+    key = "session.intra_op.allow_spinning"
+    parser = build_parser()
+    for argv, want in (([], "0"), (["--ort-spinning"], "1")):
+        cfg = resolve_config(parser, parser.parse_args(argv))
+        assert cfg.spinning == (want == "1")
+        assert ("--ort-spinning" in server_command(cfg, "models", MAX_BATCH["on"])) == (want == "1")
+        assert serve_session_options(cfg.threads, cfg.spinning)["config"][key] == want

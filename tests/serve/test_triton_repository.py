@@ -293,6 +293,27 @@ def test_hot_reload_under_load(root, exported, want, channel, monkeypatch):
     assert rss[-1] - rss[1] < 150 * 2**20, [r // 2**20 for r in rss]
 
 
+# --------------------------------------------------------------------------- onnxruntime's threads
+
+
+def _spinning(model) -> str:
+    return model.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+
+@pytest.mark.parametrize("spinning", [False, True])
+def test_intra_op_threads_spin_only_when_asked_at_start_and_at_every_reload(root, exported, spinning):
+    """Off by default (``--ort-spinning`` turns it on): an idle spinning thread takes the core the
+    gRPC threads need on a small machine. A version loaded later gets the same setting."""
+    repo = load_repository(str(root), providers="cpu", threads=2, models=[MODEL], spinning=spinning)
+    want = "1" if spinning else "0"
+    assert _spinning(repo.get(MODEL)) == want
+    with running(repo, model_control="explicit") as (server, _):
+        add_version(root, 2, onnx_of(exported, MODEL))
+        server.core.load(MODEL)
+        assert server.core.repo.get(MODEL).version == 2
+        assert _spinning(server.core.repo.get(MODEL)) == want
+
+
 # --------------------------------------------------------------------------- warmup
 
 

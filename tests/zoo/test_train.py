@@ -235,11 +235,15 @@ def test_nan_loss_after_a_good_epoch_names_the_last_good_checkpoint(tmp_path, mo
 
 
 def test_torchrun_two_processes_gloo(tmp_path):
+    """EMA, mixup and a distillation teacher (each rank runs its own frozen copy) under DDP."""
+    teacher = tmp_path / "teacher"
+    assert main(FAST + ["--epochs", "1", "--out", str(teacher)]) == 0
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "zoo.train", *FAST, "--epochs", "2", "--out", str(out), "--model-ema", "--mixup", "0.2"],
+         "-m", "zoo.train", *FAST, "--epochs", "2", "--out", str(out), "--model-ema", "--mixup", "0.2",
+         "--teacher", str(teacher / "best.pt")],
         capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("epoch 2/2  train_loss") == 1  # only rank 0 reports
@@ -248,6 +252,8 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert ckpt["epoch"] == 2
     # EMA of the unwrapped model (keys without DDP's "module."), updated on every step of rank 0
     assert ckpt["model_ema"].keys() == ckpt["model"].keys() and ckpt["ema_updates"] > 0
+    assert ckpt["config"]["teacher"] == str(teacher / "best.pt") and ckpt["config"]["teacher_sha256"]
+    assert "distilling from" in proc.stdout
     assert sorted(os.listdir(out)) == ["best.pt", "curves.png", "last.pt", "metrics.jsonl"]
 
 
