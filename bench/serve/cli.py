@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime intra-op threads of the servers started and of the raw session.run")
     w.add_argument("--ort-spinning", action="store_true",
                    help="onnxruntime's threads spin while idle (python -m serve --ort-spinning) in the servers "
-                        "started, the peer and the raw session.run alike (default: they sleep, as serve's default)")
+                        "started, the peer and the raw session.run alike (default: they sleep, as in serve)")
     m = p.add_argument_group("load")
     m.add_argument("--concurrency", type=common.csv_list(int), default=None,
                    help=f"closed-loop clients, comma-separated (default {','.join(map(str, DEFAULT_CONCURRENCY))})")
