@@ -51,7 +51,8 @@ kserve-env: $(STAMP)
 		rm -rf $(KSERVE_VENV) && $(PYTHON) -m venv $(KSERVE_VENV) \
 		&& $(KSERVE_VENV)/bin/python -m pip install --quiet --upgrade pip \
 		&& $(KSERVE_VENV)/bin/python -m pip install --quiet $$want \
-		&& echo "$$want" > $(KSERVE_VENV)/.installed; \
+		&& echo "$$want" > $(KSERVE_VENV)/.installed \
+		|| { rm -rf $(KSERVE_VENV); exit 1; }; \
 	fi
 
 # The full reliability suite (make test runs its quick subset).

@@ -90,7 +90,7 @@ class Statistics:
             self._of(name, version).fail.add(total_s)
 
     def drop(self, name: str, version: int) -> None:
-        """Forget an unloaded version (Triton reports loaded models only; a reload starts at zero)."""
+        """Forget an unloaded version (Triton reports loaded models only)."""
         with self._lock:
             self._models.pop((name, version), None)
 

@@ -148,6 +148,7 @@ class HttpInfer:
         host, _, port = target.rpartition(":")
         self.conn = _NoDelayConnection(host.strip("[]"), int(port), timeout=timeout)
         self.binary = binary
+        self.reused = False  # the connection has carried an answer: the server may have closed it since
 
     def _request(self, x: np.ndarray) -> tuple[bytes, dict[str, str]]:
         spec = _input_spec(x)
@@ -167,13 +168,24 @@ class HttpInfer:
 
     def call(self, x: np.ndarray, model: str) -> Answer:
         body, headers = self._request(x)
-        try:
-            self.conn.request("POST", f"/v2/models/{model}/infer", body=body, headers=headers)
-            response = self.conn.getresponse()
-            data = response.read()
-        except Exception:
-            self.conn.close()  # the next call opens a fresh connection
-            raise
+        for attempt in (0, 1):
+            try:
+                self.conn.request("POST", f"/v2/models/{model}/infer", body=body, headers=headers)
+                response = self.conn.getresponse()
+                data = response.read()
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                # A keep-alive connection the server closed while idle between rounds (uvicorn: after
+                # 65 s): once on a fresh connection, as HTTP clients do. Not an answer that failed.
+                self.conn.close()
+                if attempt or not self.reused:
+                    raise
+                self.reused = False
+            except Exception:
+                self.conn.close()  # the next call opens a fresh connection
+                self.reused = False
+                raise
+        self.reused = True
         if response.status != 200:
             raise ProtocolError(f"HTTP_{response.status}", data[:200].decode("utf-8", "replace"))
         length = response.getheader(HEADER_LENGTH)

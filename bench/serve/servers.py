@@ -214,8 +214,8 @@ def check_external_http(cfg: Config) -> None:
         conn.request("GET", f"/v2/models/{cfg.model}")
         response = conn.getresponse()
         body = response.read()
-    except OSError as e:
-        raise BenchError(f"--http-server {cfg.http_server}: {e}") from None
+    except (OSError, http.client.HTTPException) as e:  # e.g. the gRPC port given: HTTP/2 bytes back
+        raise BenchError(f"--http-server {cfg.http_server}: {type(e).__name__}: {e}") from None
     finally:
         conn.close()
     if response.status != 200:

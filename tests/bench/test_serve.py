@@ -406,3 +406,48 @@ def test_ort_spinning_reaches_the_servers_the_peer_and_raw_alike():
         assert cfg.spinning == (want == "1")
         assert ("--ort-spinning" in server_command(cfg, "models", MAX_BATCH["on"])) == (want == "1")
         assert serve_session_options(cfg.threads, cfg.spinning)["config"][key] == want
+
+
+def test_http_client_reopens_a_keep_alive_connection_the_server_closed_while_idle():
+    """uvicorn (the KServe peer) closes idle keep-alive connections after 65 s, longer than a round
+    can be: the next call goes once more on a fresh connection instead of counting an error."""
+    import socket
+    import threading
+
+    from bench.serve.protocols import BINARY_SIZE, HEADER_LENGTH, HttpInfer
+
+    logits = np.array([[0.0, 3.0, 1.0]], dtype="<f4")
+    head = json.dumps({"outputs": [{"name": "logits", "datatype": "FP32", "shape": [1, 3],
+                                    "parameters": {BINARY_SIZE: logits.nbytes}}]}).encode()
+    answer = (f"HTTP/1.1 200 OK\r\nContent-Length: {len(head) + logits.nbytes}\r\n{HEADER_LENGTH}: {len(head)}\r\n"
+              "Content-Type: application/octet-stream\r\n\r\n").encode() + head + logits.tobytes()
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections = []
+
+    def serve() -> None:  # one answer per connection, then the connection is closed: an idle timeout
+        for _ in range(2):
+            conn, _ = listener.accept()
+            connections.append(conn)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            length = int(next(line.split(b":")[1] for line in data.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            while len(data.split(b"\r\n\r\n", 1)[1]) < length:
+                data += conn.recv(65536)
+            conn.sendall(answer)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = HttpInfer(f"127.0.0.1:{listener.getsockname()[1]}", timeout=10.0, binary=True)
+    x = np.zeros((3, 4, 4), dtype=np.float32)
+    try:
+        assert client.call(x, "m").top_class == 1
+        time.sleep(0.2)  # the server has closed the kept-alive connection by now
+        assert client.call(x, "m").top_class == 1
+    finally:
+        client.close()
+        listener.close()
+    thread.join(10)
+    assert len(connections) == 2
