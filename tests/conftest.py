@@ -31,3 +31,16 @@ def randomize_bn_stats(model: torch.nn.Module) -> torch.nn.Module:
 
 def mini_input(name: str, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, *get_model_spec(name).input_size)
+
+
+@pytest.fixture(scope="session")
+def kserve_python() -> str:
+    """The Python of ``make kserve-env`` (or ``$ZOO_KSERVE_PYTHON``); the test skips without it."""
+    import os
+
+    from bench.serve.peer import default_python
+
+    python = default_python()
+    if not os.access(python, os.X_OK):
+        pytest.skip(f"no KServe environment at {python}: run `make kserve-env`")
+    return python

@@ -29,15 +29,14 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from typing import Any
 
-from bench.serve.config import HOST, KILL_AFTER_S, PROG, REPO_ROOT, SERVER_START_TIMEOUT_S, BenchError
+from bench.serve.config import HOST, REPO_ROOT, SERVER_START_TIMEOUT_S, BenchError
+from bench.serve.servers import cpu_seconds, stop_process
 
 MODEL_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kserve_model.py")
 KSERVE_VENV = os.path.join(REPO_ROOT, ".venv-kserve")
@@ -154,33 +153,11 @@ class PeerServer:
                 time.sleep(0.1)
 
     def cpu_seconds(self) -> float | None:
-        """User + system CPU seconds so far of the server and its children (Linux /proc), or None."""
-        try:
-            pids, total = [self.proc.pid], 0
-            while pids:
-                pid = pids.pop()
-                with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-                    fields = f.read().rpartition(")")[2].split()
-                total += int(fields[11]) + int(fields[12])
-                for task in os.listdir(f"/proc/{pid}/task"):
-                    with contextlib.suppress(FileNotFoundError):
-                        with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
-                            pids += [int(c) for c in f.read().split()]
-            return total / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            return None
+        return cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
         """SIGTERM, wait for KServe's stop (its grace), SIGKILL after ``KILL_AFTER_S`` more."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(KSERVE_GRACE_S + KILL_AFTER_S)
-            except subprocess.TimeoutExpired:
-                print(f"{PROG}: KServe peer ({self.label}, pid {self.proc.pid}) did not stop: killed",
-                      file=sys.stderr, flush=True)
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, f"KServe peer ({self.label})", KSERVE_GRACE_S)
         self._reader.join(2.0)
 
 

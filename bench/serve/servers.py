@@ -114,32 +114,41 @@ class ServerProcess:
         return self.port
 
     def cpu_seconds(self) -> float | None:
-        """User + system CPU seconds so far of the server process and its children (the
-        ``--workers`` processes), from Linux /proc; None where that cannot be read."""
-        try:
-            pids = [self.proc.pid] + (_children(self.proc.pid) if self.workers > 1 else [])
-            total = 0
-            for pid in pids:
-                with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-                    fields = f.read().rpartition(")")[2].split()
-                total += int(fields[11]) + int(fields[12])
-            return total / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            return None
+        """CPU seconds so far of the server process and its ``--workers`` processes."""
+        return cpu_seconds(self.proc.pid, children=self.workers > 1)
 
     def stop(self) -> None:
         """SIGTERM, wait for its graceful stop, SIGKILL after ``KILL_AFTER_S`` more."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(SERVER_GRACE_S + KILL_AFTER_S)
-            except subprocess.TimeoutExpired:
-                print(f"{PROG}: server ({self.label}, pid {self.proc.pid}) did not stop: killed",
-                      file=sys.stderr, flush=True)
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, f"server ({self.label})", SERVER_GRACE_S)
         for t in self._readers:
             t.join(2.0)
+
+
+def cpu_seconds(pid: int, children: bool = True) -> float | None:
+    """User + system CPU seconds so far of ``pid`` and (``children``) its children, from Linux
+    /proc; None where that cannot be read."""
+    try:
+        pids = [pid] + (_children(pid) if children else [])
+        total = 0
+        for p in pids:
+            with open(f"/proc/{p}/stat", encoding="ascii") as f:
+                fields = f.read().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def stop_process(proc: subprocess.Popen, what: str, grace_s: float) -> None:
+    """SIGTERM, ``grace_s`` for its graceful stop plus ``KILL_AFTER_S``, then SIGKILL (said on stderr)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s + KILL_AFTER_S)
+        except subprocess.TimeoutExpired:
+            print(f"{PROG}: {what} (pid {proc.pid}) did not stop: killed", file=sys.stderr, flush=True)
+            proc.kill()
+            proc.wait()
 
 
 def _children(pid: int) -> list[int]:

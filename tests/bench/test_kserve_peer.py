@@ -18,21 +18,13 @@ import onnxruntime as ort
 import pytest
 
 from bench.serve.config import BenchError
-from bench.serve.peer import MODEL_SCRIPT, default_python, serve_session_options, start_kserve
+from bench.serve.peer import MODEL_SCRIPT, serve_session_options, start_kserve
 from serve._proto.inference import grpc_predict_v2_pb2 as kpb
 from serve._proto.inference import grpc_predict_v2_pb2_grpc as kpb_grpc
 from tests.serve.conftest import INPUT_SIZE, REPO_ROOT, exported  # noqa: F401  (the session's exported models)
 
 MODEL = "resnext_mini"
 READY_TIMEOUT_S = 300  # generous: KServe imports for seconds on a busy machine; only a hang fails it
-
-
-@pytest.fixture(scope="module")
-def kserve_python() -> str:
-    python = default_python()
-    if not os.access(python, os.X_OK):
-        pytest.skip(f"no KServe environment at {python}: run `make kserve-env`")
-    return python
 
 
 @pytest.fixture(scope="module")

@@ -346,13 +346,9 @@ def test_bad_protocol_options_are_one_line_exit_2(argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
-def test_peer_runs_in_the_same_rounds_with_the_same_clients(quick, tmp_path):
+def test_peer_runs_in_the_same_rounds_with_the_same_clients(quick, tmp_path, kserve_python):
     """``--peer kserve``: KServe's server on the same model file, its ModelInfer and JSON REST
     answers checked like this server's, and paired per-round ratios. Skipped without ``make kserve-env``."""
-    from bench.serve.peer import default_python
-
-    if not os.access(default_python(), os.X_OK):
-        pytest.skip(f"no KServe environment at {default_python()}: run `make kserve-env`")
     out = tmp_path / "rows.json"
     result = subprocess.run([sys.executable, "-m", "bench.serve", "--model-dir", str(quick["cache"]), "--peer",
                              "kserve", "--protocol", "grpc,grpc-infer,http-json", "--batching", "on",

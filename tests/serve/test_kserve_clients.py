@@ -13,7 +13,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from bench.serve.peer import default_python
 from tests.serve.conftest import INPUT_SIZE
 from tests.serve.test_http import _serve_process, _stop
 
@@ -88,14 +87,6 @@ async def grpc_client():
 
 print(json.dumps({"rest": asyncio.run(rest()), "grpc": asyncio.run(grpc_client())}))
 """
-
-
-@pytest.fixture(scope="module")
-def kserve_python() -> str:
-    python = default_python()
-    if not os.access(python, os.X_OK):
-        pytest.skip(f"no KServe environment at {python}: run `make kserve-env`")
-    return python
 
 
 @pytest.fixture(scope="module")
