@@ -16,13 +16,22 @@ fp32 export measured in the same run (int8/fp32 and fp16/fp32 per batch size), e
 sizes, and for each export the graph audit: how many convs and matmuls onnxruntime runs as
 integer ops after its optimisations, and the Quantize/Dequantize nodes left. ``--runners``
 times a subset (e.g. ``--runners "ort int8"``); only the exports those need are made.
-Numbers, not assertions: this machine is shared and noisy.
+
+The int8/fp32 table says whether each model met its target (``INT8_TARGETS``). Where int8 missed
+it (at every batch with ``--profile``), the int8 and fp32 sessions are profiled at that batch with
+onnxruntime's profiler (:mod:`bench.ort_profile`) and their kernel time split into kinds: integer
+convs by the form MLAS runs them in (group=1, depthwise, grouped), convs the int8 export kept
+fp32, Quantize/Dequantize, the rest; each kind's ms per run in int8 and fp32, its share of the
+int8 total, and one sentence naming the largest kind, what bounds the int8 time. An fp32 node is
+matched to its int8 counterpart through the module path the exporter put in both graphs' node
+names. Numbers, not assertions: this machine is shared and noisy.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -83,8 +92,143 @@ RUNNER_VARIANT = {RUNNERS_BASE: "folded", "ort unfolded": "unfolded", "ort folde
                   "eager unfolded": None, "eager folded": None}
 
 
+# int8/fp32 median latency a model's int8 export should reach (batch 1 and 8); a model not named has no target.
+INT8_TARGETS = {"resnet50": 0.5, "resnext50_32x4d": 0.5, "densenet121": 0.75}
+
+# What the per-op profile splits the time into: integer convs by the form MLAS runs them in (fast
+# kernels for group=1 and depthwise; a grouped conv with few channels per group runs as one small
+# GEMM per group), float convs the int8 export kept fp32, the Quantize/Dequantize edges, the rest.
+KIND_GROUP1, KIND_DEPTHWISE, KIND_GROUPED = "group=1 int8 convs", "depthwise int8 convs", "grouped int8 convs"
+KIND_KEPT, KIND_QDQ, KIND_REST = "convs kept fp32", "Quantize/Dequantize", "other ops"
+# an fp32 conv whose counterpart in the int8 graph was not found (shown apart, not guessed)
+KIND_UNTRACED = "fp32 convs not traced to int8"
+KINDS = (KIND_GROUP1, KIND_DEPTHWISE, KIND_GROUPED, KIND_KEPT, KIND_QDQ, KIND_UNTRACED, KIND_REST)
+# the input holding an integer conv's weight, by op type
+WEIGHT_INPUT = {"QLinearConv": 3, "NhwcQLinearConv": 3, "ConvInteger": 1}
+
+
+def source_module(node_name: str, producers: dict[str, Any]) -> str | None:
+    """The module path (``/layer1/layer1.0/conv2``) of the source node an optimised node runs.
+
+    The exporter names a node ``/<module path>/<Op>``. onnxruntime keeps that name on a node it
+    fuses or quantizes (adding ``_token_N`` when it makes a new one), but names an NCHWc node after
+    the output tensor of what it replaced (``/layer1/layer1.0/act1/Relu_output_0_nchwc``: a conv
+    fused with its ReLU), which ``producers`` (tensor -> node of the source graph) traces back
+    through single-input nodes to the conv or BatchNormalization it started from.
+    """
+    name = re.sub(r"(_token_\d+)+$", "", node_name)
+    if name.endswith("_nchwc"):
+        tensor = name[:-len("_nchwc")]
+        if tensor not in producers and tensor.endswith("_bn"):  # a BatchNormalization run as a depthwise conv
+            tensor = tensor[:-len("_bn")]
+        node = producers.get(tensor)
+        while node is not None and node.op_type not in ("Conv", "BatchNormalization"):
+            inputs = [i for i in node.input if i in producers]
+            node = producers[inputs[0]] if len(inputs) == 1 else None
+        if node is None:
+            return None
+        name = node.name
+    return name.rsplit("/", 1)[0] if name.count("/") > 1 else None
+
+
+def _graph_tables(source: Any, optimized: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, list[int]]]:
+    """(tensor -> producing node of ``source``, node name -> node of ``optimized``, initializer shapes)."""
+    producers = {out: n for n in source.graph.node for out in n.output}
+    nodes = {n.name: n for n in optimized.graph.node}
+    shapes = {i.name: list(i.dims) for i in optimized.graph.initializer}
+    return producers, nodes, shapes
+
+
+def integer_conv_form(node: Any, shapes: dict[str, list[int]]) -> tuple[str, int | None]:
+    """(kind, channels per group) of an integer conv node, from its group and its weight's shape."""
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    weight = shapes.get(node.input[WEIGHT_INPUT[node.op_type]]) if len(node.input) > WEIGHT_INPUT[node.op_type] \
+        else None
+    per_group = weight[1] if weight else None
+    if group == 1:
+        return KIND_GROUP1, per_group
+    return (KIND_DEPTHWISE if per_group == 1 else KIND_GROUPED), per_group
+
+
+def int8_kinds(prof: Any, source: Any) -> tuple[dict[str, str], dict[str, str], set[int]]:
+    """Kinds of the int8 profile: (node name -> kind, source module -> kind of its conv, the
+    channels per group of its grouped integer convs)."""
+    from export.verify import DEQUANTIZE_OPS, FLOAT_OPS, INTEGER_OPS, QUANTIZE_OPS
+
+    producers, nodes, shapes = _graph_tables(source, prof.graph)
+    by_node, by_module, per_group = {}, {}, set()
+    for t in prof.nodes:
+        node = nodes.get(t.name)
+        op = node.op_type if node is not None else t.op
+        if INTEGER_OPS.get(op) == "conv" and node is not None and op in WEIGHT_INPUT:
+            kind, channels = integer_conv_form(node, shapes)
+            if kind == KIND_GROUPED and channels is not None:
+                per_group.add(channels)
+        elif INTEGER_OPS.get(op) == "conv":
+            kind = KIND_GROUPED if node is None else integer_conv_form(node, shapes)[0]
+        elif FLOAT_OPS.get(op) == "conv":
+            kind = KIND_KEPT
+        elif op in QUANTIZE_OPS or op in DEQUANTIZE_OPS:
+            kind = KIND_QDQ
+        else:
+            kind = KIND_REST
+        by_node[t.name] = kind
+        if kind in (KIND_GROUP1, KIND_DEPTHWISE, KIND_GROUPED, KIND_KEPT):
+            module = source_module(t.name, producers)
+            if module is not None:
+                by_module[module] = kind
+    return by_node, by_module, per_group
+
+
+def fp32_kinds(prof: Any, source: Any, by_module: dict[str, str]) -> dict[str, str]:
+    """Kinds of the fp32 profile's nodes: a conv (or a BatchNormalization the int8 export runs as
+    a depthwise conv) takes the kind of the int8 node made from the same module."""
+    from export.verify import FLOAT_OPS
+
+    producers, nodes, _ = _graph_tables(source, prof.graph)
+    kinds = {}
+    for t in prof.nodes:
+        node = nodes.get(t.name)
+        op = node.op_type if node is not None else t.op
+        conv = FLOAT_OPS.get(op) == "conv"
+        kind = by_module.get(source_module(t.name, producers)) if conv or op == "BatchNormalization" else None
+        kinds[t.name] = kind or (KIND_UNTRACED if conv else KIND_REST)
+    return kinds
+
+
+def profile_int8(int8_path: str, fp32_path: str, x: np.ndarray, threads: int, runs: int, workdir: str) -> dict:
+    """Where the int8 session's time goes against the fp32 (folded) one's at the batch of ``x``:
+    onnxruntime's kernel ms per run by kind in each, the share of the int8 total, and a sentence
+    naming the kind that bounds the int8 time."""
+    import onnx
+
+    from bench.ort_profile import profile
+
+    feed = {"input": x}
+    profs = {v: profile(p, feed, threads, runs, workdir, graph=True, tag=f"{v}-b{len(x)}")
+             for v, p in (("int8", int8_path), ("fp32", fp32_path))}
+    by_node, by_module, per_group = int8_kinds(profs["int8"], onnx.load(int8_path, load_external_data=False))
+    fp32_by_node = fp32_kinds(profs["fp32"], onnx.load(fp32_path, load_external_data=False), by_module)
+    total = {v: p.total_ms for v, p in profs.items()}
+    kinds = []
+    for kind in KINDS:
+        int8 = [t.ms for t in profs["int8"].nodes if by_node[t.name] == kind]
+        fp32 = [t.ms for t in profs["fp32"].nodes if fp32_by_node[t.name] == kind]
+        if int8 or fp32:
+            kinds.append(dict(kind=kind, int8_ms=sum(int8), fp32_ms=sum(fp32), int8_nodes=len(int8),
+                              fp32_nodes=len(fp32), share=sum(int8) / total["int8"] if total["int8"] else 0.0))
+    top = max(kinds, key=lambda k: k["int8_ms"])
+    detail = (f" ({', '.join(map(str, sorted(per_group)))} channels per group)"
+              if top["kind"] == KIND_GROUPED and per_group else "")
+    versus = (f"{top['int8_ms'] / top['fp32_ms']:.1f}x their fp32 time" if top["fp32_ms"] > 0
+              else "no fp32 counterpart")
+    bound = f"bound: {top['kind']}{detail}, {100 * top['share']:.0f}% of the int8 time, {versus}"
+    return dict(batch=len(x), runs=profs["int8"].runs, int8_total_ms=total["int8"], fp32_total_ms=total["fp32"],
+                kinds=kinds, grouped_channels_per_group=sorted(per_group), bound=bound)
+
+
 def bench_model(name: str, batches: list[int], runs: int, threads: int, workdir: str,
-                runner_names: tuple[str, ...] = tuple(RUNNER_VARIANT)) -> list[dict]:
+                runner_names: tuple[str, ...] = tuple(RUNNER_VARIANT), profile: bool = False) -> list[dict]:
     import onnx
     import torch
 
@@ -125,6 +269,15 @@ def bench_model(name: str, batches: list[int], runs: int, threads: int, workdir:
         for key, s in stats.items():
             rows.append(dict(model=name, batch=batch, runner=key, median_ms=s.median_ms, p90_ms=s.p90_ms,
                              faults_per_call=s.faults_per_call, ratio_vs_folded=s.median_ms / base))
+            if key == "ort int8":
+                target = INT8_TARGETS.get(name)
+                met = None if target is None else s.median_ms / base <= target
+                rows[-1].update(target=target, target_met=met, profile=None)
+                if profile or met is False:
+                    print(f"  profiling {name} int8 and fp32 at batch {batch} ...", flush=True)
+                    where = os.path.join(workdir, f"profile-{name}")
+                    os.makedirs(where, exist_ok=True)
+                    rows[-1]["profile"] = profile_int8(paths["int8"], paths["folded"], x, threads, runs, where)
     for variant in variants:
         audit, int8 = results[variant].audit, results[variant].int8
         rows.append(dict(model=name, variant=variant, export_s=export_s[variant], file_bytes=sizes[variant],
@@ -148,11 +301,18 @@ def print_report(rows: list[dict], threads: int) -> None:
     print("BN nodes: BatchNormalization nodes that normalize with statistics (folded scale/shift nodes not counted)")
     lowp = [r for r in timing if r["runner"] in ("ort int8", "ort fp16")]
     if lowp:
-        print(f"\n{'model':<18} {'batch':>5} {'int8/fp32':>10} {'fp16/fp32':>10}")
+        print(f"\n{'model':<18} {'batch':>5} {'int8/fp32':>10} {'int8 target':>18} {'fp16/fp32':>10}")
         for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in lowp):
-            ratio = {r["runner"]: r["ratio_vs_folded"] for r in lowp if (r["model"], r["batch"]) == (model, batch)}
-            cells = [f"{ratio[k]:>10.2f}" if k in ratio else f"{'-':>10}" for k in ("ort int8", "ort fp16")]
-            print(f"{model:<18} {batch:>5} {' '.join(cells)}")
+            ratio = {r["runner"]: r for r in lowp if (r["model"], r["batch"]) == (model, batch)}
+            cells = [f"{ratio[k]['ratio_vs_folded']:>10.2f}" if k in ratio else f"{'-':>10}"
+                     for k in ("ort int8", "ort fp16")]
+            int8 = ratio.get("ort int8", {})
+            target = (f"<= {int8['target']:.2f} {'met' if int8['target_met'] else 'missed':<6}"
+                      if int8.get("target") is not None else "-")
+            print(f"{model:<18} {batch:>5} {cells[0]} {target:>18} {cells[1]}")
+    for r in timing:
+        if r.get("profile"):
+            print_profile(r["model"], r["profile"], r["target_met"])
     print("\nonnxruntime graph after its optimisations (CPU provider):")
     for r in files:
         print(f"  {r['model']} {r['variant']}: {r['audit_text']}")
@@ -160,6 +320,21 @@ def print_report(rows: list[dict], threads: int) -> None:
             kept = r["int8"]["excluded"]
             print(f"    int8: {r['int8']['activations']} activations, {r['int8']['weights']} weights "
                   f"({r['int8']['format']}), {len(kept)} node(s) kept fp32, measured {r['int8']['measured']}")
+
+
+def print_profile(model: str, prof: dict, target_met: bool | None) -> None:
+    why = {False: "int8 missed its target", True: "int8 met its target", None: "no int8 target"}[target_met]
+    print(f"\nwhere the int8 time goes, {model} batch {prof['batch']} ({why}): onnxruntime's kernel ms per run, "
+          f"mean of {prof['runs']} profiled run(s)")
+    print(f"  {'kind':<30} {'int8 ms':>9} {'fp32 ms':>9} {'int8/fp32':>10} {'share of int8':>14} {'int8 nodes':>10}")
+    for k in prof["kinds"]:
+        vs = f"{k['int8_ms'] / k['fp32_ms']:>9.2f}x" if k["fp32_ms"] > 0 else f"{'-':>10}"
+        print(f"  {k['kind']:<30} {k['int8_ms']:>9.3f} {k['fp32_ms']:>9.3f} {vs} {100 * k['share']:>13.1f}% "
+              f"{k['int8_nodes']:>10}")
+    total = prof["int8_total_ms"] / prof["fp32_total_ms"] if prof["fp32_total_ms"] else float("nan")
+    print(f"  {'total':<30} {prof['int8_total_ms']:>9.3f} {prof['fp32_total_ms']:>9.3f} {total:>9.2f}x "
+          f"{100.0:>13.1f}% {sum(k['int8_nodes'] for k in prof['kinds']):>10}")
+    print(f"  {prof['bound']}")
 
 
 DEFAULTS = dict(models="resnext50_32x4d,densenet121", batch="1,8", runs=20)
@@ -179,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runners", nargs="+", metavar="RUNNER", default=list(RUNNER_VARIANT),
                    help=f"runners to time, each one argument ('{RUNNERS_BASE}' always): "
                         + ", ".join(f"'{r}'" for r in RUNNER_VARIANT))
+    p.add_argument("--profile", action="store_true",
+                   help="profile int8 against fp32 at every batch (without it: only where int8 misses its target, "
+                        + ", ".join(f"{m} {t}x" for m, t in INT8_TARGETS.items()) + ")")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: " + ", ".join(f"--{k} {v}" for k, v in QUICK.items()))
@@ -197,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in runner_names if r not in RUNNER_VARIANT]
     if unknown:
         p.exit(2, f"error: unknown runner {unknown[0]!r}: choose from {', '.join(RUNNER_VARIANT)}\n")
+    if args.profile and "ort int8" not in runner_names:
+        p.exit(2, "error: --profile profiles the 'ort int8' runner: add it to --runners\n")
     if args.runs < 1 or not batches or min(batches) < 1:
         p.exit(2, "error: --runs and --batch must be positive\n")
     # PyTorch eager at larger batches otherwise pays for page faults on every call (mmap'ed
@@ -205,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-export-") as work:
         for name in names:
-            rows += bench_model(name, batches, args.runs, args.threads, work, runner_names)
+            rows += bench_model(name, batches, args.runs, args.threads, work, runner_names, args.profile)
     print_report(rows, args.threads)
     if os.path.exists("/proc/loadavg"):  # other work on the machine skews every ratio: say how much there was
         with open("/proc/loadavg") as f:

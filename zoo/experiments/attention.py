@@ -53,15 +53,12 @@ def export_onnx(model: torch.nn.Module, input_size: tuple[int, ...], path: str) 
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
 
 
-def _session(path: str, threads: int, profile_prefix: str | None = None) -> Any:
+def _session(path: str, threads: int) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
-    if profile_prefix:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -88,26 +85,17 @@ def interleaved_latency(paths: dict[str, str], input_size: tuple[int, ...], thre
 
 def profile_ops(path: str, input_size: tuple[int, ...], threads: int, runs: int, batch: int,
                 workdir: str) -> dict[str, Any]:
-    """onnxruntime's per-node kernel times over ``runs`` runs at ``batch``: total ms per run,
-    and the attention nodes' ms per run by operator type."""
-    session = _session(path, threads, profile_prefix=os.path.join(workdir, "profile"))
+    """onnxruntime's per-node kernel times over ``runs`` runs at ``batch`` (after one warm-up run):
+    total ms per run, and the attention nodes' ms per run by operator type."""
+    from bench.ort_profile import profile
+
     x = {"input": np.random.default_rng(1).standard_normal((batch, *input_size), dtype=np.float32)}
-    for _ in range(runs):
-        session.run(None, x)
-    trace = session.end_profiling()
-    with open(trace) as f:
-        events = json.load(f)
-    total, attn, every = 0.0, defaultdict(float), defaultdict(float)
-    for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
-            continue
-        ms = e["dur"] / 1e3 / runs
-        op = e.get("args", {}).get("op_name", "?")
-        total += ms
-        every[op] += ms
-        if is_attention_node(e["name"]):
-            attn[op] += ms
-    return dict(total_ms=total, attn_ms=sum(attn.values()), attn_by_op=dict(attn), by_op=dict(every))
+    prof = profile(path, x, threads, runs, workdir)
+    attn: dict[str, float] = defaultdict(float)
+    for node in prof.nodes:
+        if is_attention_node(node.name):
+            attn[node.op] += node.ms
+    return dict(total_ms=prof.total_ms, attn_ms=sum(attn.values()), attn_by_op=dict(attn), by_op=prof.by_op)
 
 
 def attention_flops(model_name: str, attn: str, input_size: tuple[int, ...]) -> tuple[int, int]:
@@ -202,8 +190,8 @@ Command: `{command}`
 - model: {cfg['model']} with each attention (`create_model(..., attn=...)`, reduction 16), 10 classes
 - FLOPs and latency at {c} x {h} x {w} (the model's input size), BatchNorm folded, onnxruntime CPU with \
 {cfg['ort_threads']} intra-op thread(s), median of {cfg['rounds']} interleaved rounds over every variant and batch
-- profile: onnxruntime's per-node kernel times at batch {max(BATCHES)}, mean of {cfg['profile_runs']} runs; \
-a node is the attention's when its name holds the block's module path
+- profile: onnxruntime's per-node kernel times at batch {max(BATCHES)}, mean of {cfg['profile_runs']} runs \
+after a warm-up run; a node is the attention's when its name holds the block's module path
 - accuracy: {data_name} at {cfg['input_size']} x {cfg['input_size']}, {cfg['epochs']} epoch(s) x {per_epoch} \
 images, {cfg['optimizer']}, the same seed and image order for every variant; {n_val} val images (one seed: \
 differences of a few points are noise)
