@@ -13,7 +13,9 @@ import math
 import os
 import platform
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -202,3 +204,69 @@ def csv_list(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid value in {text!r}") from None
     return parse
+
+
+# --------------------------------------------------------------------------- the export cache
+# Random-weight exports shared by the benchmarks (bench.latency exports in its own process,
+# bench.serve in a subprocess: it must not import torch), in the model repository layout
+# python -m export.onnx writes, so that bench.serve serves the cache directory as it is.
+EXPORT_CACHE = os.path.join("runs", "bench", "models")  # the default --cache; ignored by git
+CACHE_VERSION = 1
+# Metadata an export carries today beyond the required keys: an older export lacks it (the
+# server's zoo_serve_model_flops series and bench.latency's FLOPs need it) and is exported again.
+CURRENT_KEYS = ("flops",)
+_CACHED = {"version": CACHE_VERSION, "source": "random-init", "precision": "fp32"}
+
+
+def cached_export(cache: str, name: str) -> str:
+    """Where ``name``'s random-weight export lives in ``cache``: ``CACHE/NAME/1/model.onnx``."""
+    from contract.repository import model_file
+
+    return model_file(os.path.join(cache, name), CACHE_VERSION)
+
+
+def cache_problem(path: str, name: str) -> str | None:
+    """Why the file at ``path`` is no current random-weight export of ``name``; None when it is."""
+    from contract.metadata import read_metadata
+
+    if not os.path.isfile(path):
+        return "absent"
+    try:
+        meta = read_metadata(path)
+    except Exception as e:  # whatever onnx or the metadata reader raises: the file cannot be served
+        return f"unreadable ({type(e).__name__}: {e})"
+    for key, want in dict(_CACHED, model=name).items():
+        if meta.get(key) != want:
+            return f"zoo.{key} is {meta.get(key)!r}, not {want!r}"
+    missing = [key for key in CURRENT_KEYS if key not in meta]
+    return f"exported before zoo.{', zoo.'.join(missing)} existed" if missing else None
+
+
+def ensure_cached_export(cache: str, name: str, export_into: Callable[[str], None]) -> str:
+    """``name``'s model.onnx in ``cache`` (:func:`cached_export`), exported first when it is absent
+    or stale (:func:`cache_problem`).
+
+    ``export_into(out)`` must write ``out/NAME/1/model.onnx`` (and ``out/NAME/labels.txt``), as
+    ``python -m export.onnx NAME --out OUT --version 1`` does, and raise when it cannot. ``out`` is
+    a fresh directory inside ``cache``; its files then replace the cached ones one by one, the
+    model last, so a concurrent reader (another benchmark sharing the cache) sees an old file
+    or a whole new one, never half of one.
+    """
+    path = cached_export(cache, name)
+    if cache_problem(path, name) is None:
+        return path
+    os.makedirs(cache, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".export-{name}-", dir=cache)
+    try:
+        export_into(tmp)
+        fresh = cached_export(tmp, name)
+        assert os.path.isfile(fresh), f"export_into wrote no {fresh}"
+        src_root, dst_root = os.path.join(tmp, name), os.path.join(cache, name)
+        files = [os.path.join(d, f) for d, _, names in os.walk(src_root) for f in names]
+        for src in sorted(files, key=lambda f: f == fresh):
+            dst = os.path.join(dst_root, os.path.relpath(src, src_root))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.replace(src, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

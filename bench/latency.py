@@ -46,7 +46,7 @@ DEFAULT_MODELS = ("resnext50_32x4d", "resnext50_dw", "densenet121", "densenet121
                   "resnext_mini", "resnext_mini_dw", "densenet_mini", "densenet_mini_dw")
 QUICK_MODELS = ("resnext_mini", "resnext_mini_dw", "densenet_mini", "densenet_mini_dw")
 DEFAULT_BATCHES = (1, 8)
-DEFAULT_CACHE = os.path.join("runs", "bench", "models")  # ignored by git
+DEFAULT_CACHE = common.EXPORT_CACHE
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # Timed calls per configuration, at least: fast ones get more per round (bench._common.interleaved).
 # 10 keeps the default run under ~8 minutes on a busy 2-core machine, where resnext50 and
@@ -230,21 +230,20 @@ def _bar(enabled: bool, desc: str) -> Callable[[Iterable[int], int], Iterable[in
 
 
 def ensure_exported(name: str, cache: str, threads: int) -> str:
-    """``cache/NAME/1/model.onnx``, exported by :func:`export.export` (folded, verified) if absent."""
-    path = os.path.join(cache, name, "1", "model.onnx")
-    if os.path.exists(path):
-        return path
-    from export import ExportConfig, UserError, VerificationError, export
-    from export.config import SilentReporter
+    """``cache/NAME/1/model.onnx``, exported in this process by :func:`export.export` (folded,
+    verified) when absent or stale (:func:`bench._common.ensure_cached_export`)."""
+    def export_into(out: str) -> None:
+        from export import ExportConfig, UserError, VerificationError, export
+        from export.config import SilentReporter
 
-    config = ExportConfig(model=name, out=cache, version=1, latency_runs=0, progress_bars=False, threads=threads,
-                          reporter=SilentReporter())
-    try:
-        export(config)
-    except (UserError, VerificationError) as e:
-        if not os.path.exists(path):  # a concurrent export of the same model is fine
+        config = ExportConfig(model=name, out=out, version=common.CACHE_VERSION, latency_runs=0, progress_bars=False,
+                              threads=threads, reporter=SilentReporter())
+        try:
+            export(config)
+        except (UserError, VerificationError) as e:
             raise BenchError(f"export of {name} failed: {e}") from None
-    return path
+
+    return common.ensure_cached_export(cache, name, export_into)
 
 
 @contextlib.contextmanager

@@ -91,11 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--protocol", type=common.csv_list(str), default=None,
                    help=f"what the clients send, comma-separated (default {','.join(DEFAULT_PROTOCOLS)}): "
                         + "; ".join(f"{k}: {v}" for k, v in PROTOCOLS.items()))
-    m.add_argument("--client-processes", type=int, default=cores,
-                   help="processes the clients are spread over (at most one per client)")
+    m.add_argument("--client-processes", type=int, default=None,
+                   help=f"processes the clients are spread over, at most one per client (default {cores}: the cores)")
     m.add_argument("--rounds", type=int, default=None,
                    help=f"interleaved rounds (default: one per {ROUND_MIN_S:g} s of --duration, at most {MAX_ROUNDS})")
-    m.add_argument("--max-requests", type=int, default=MAX_REQUESTS, help="measured requests per setting at most")
+    m.add_argument("--max-requests", type=int, default=None,
+                   help=f"measured requests per setting at most (default {MAX_REQUESTS:,})")
     m.add_argument("--seed", type=int, default=0, help="seed of the clients' inputs")
     m.add_argument("--quick", action="store_true",
                    help=f"{DEFAULT_MODEL}, concurrency {','.join(map(str, QUICK_CONCURRENCY))}, "
@@ -163,8 +164,10 @@ def resolve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     workers = list(dict.fromkeys(args.workers or DEFAULT_WORKERS))
     if any(w < 1 for w in workers):
         parser.error(f"--workers: at least 1, got {','.join(map(str, workers))}")
-    for flag, value in (("--threads", args.threads), ("--client-processes", args.client_processes),
-                        ("--max-requests", args.max_requests)):
+    client_processes = args.client_processes if args.client_processes is not None else os.cpu_count() or 1
+    max_requests = args.max_requests if args.max_requests is not None else MAX_REQUESTS
+    for flag, value in (("--threads", args.threads), ("--client-processes", client_processes),
+                        ("--max-requests", max_requests)):
         if value < 1:
             parser.error(f"Invalid {flag}: {value} (at least 1)")
     if args.rounds is not None and args.rounds < 1:
@@ -178,7 +181,7 @@ def resolve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             parser.error(f"--json {args.json}: not a writable file path")
     return Config(model=model, model_dir=args.model_dir, cache=args.cache, server=args.server, threads=args.threads,
                   concurrency=concurrency, duration_s=duration, batching=batching, workers=workers,
-                  client_processes=args.client_processes, rounds=rounds, max_requests=args.max_requests,
+                  client_processes=client_processes, rounds=rounds, max_requests=max_requests,
                   seed=args.seed, json_path=args.json, protocols=protocols, http_server=args.http_server,
                   peer=args.peer, peer_python=args.peer_python, spinning=args.ort_spinning)
 
@@ -186,9 +189,9 @@ def resolve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    cfg = resolve_config(parser, args)
     if args.first_request is not None:
-        first_request.check_options(parser, args, cfg)
+        first_request.check_options(parser, args)
+    cfg = resolve_config(parser, args)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -232,7 +235,7 @@ def run(cfg: Config) -> int:
                     mean_ms=float(np.mean(raw.times_ms)), raw_p50_ms=raw.median_ms))
     served = [r for r in rows if r["kind"] == "served"]
     rows += evaluate_targets(served, cfg) + evaluate_scaling(served, cfg) + evaluate_protocols(served, cfg)
-    rows += evaluate_peer(settings, cfg)
+    rows += evaluate_peer(settings, cfg, rows)
     print(report(cfg, model, rows, processes, info))
     if cfg.json_path:
         write_json(cfg.json_path, rows)

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench._common import EXPORT_CACHE
+
 PROG = "python -m bench.serve"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,7 +25,7 @@ ECHO = "echo"  # the bare gRPC round trip (bench.serve.echo): a row of its own i
 PEERS = ("kserve",)  # --peer: another server on the same model (bench.serve.peer), in the same rounds
 PEER_PROTOCOLS = ("grpc-infer", "http", "http-json")  # a peer serves the Open Inference Protocol only
 QUICK_CONCURRENCY, QUICK_DURATION_S = (1, 4), 2.0
-DEFAULT_CACHE = os.path.join("runs", "bench", "models")  # bench.latency's cache: same layout, shared
+DEFAULT_CACHE = EXPORT_CACHE  # bench.latency's too (bench._common owns its layout)
 MAX_BATCH = {"on": 16, "off": 1}  # python -m serve --max-batch
 HOST = "127.0.0.1"
 # A setting's --duration is split into rounds of at least ROUND_MIN_S, at most MAX_ROUNDS of them.
@@ -70,6 +72,7 @@ ROW_KEYS = (
     "server_queue_p50_ms", "server_inference_p50_ms", "server_other_p50_ms", "transport_p50_ms",
     "serving_cost_p50_ms", "inference_busy", "server_cpu", "client_cpu", "target", "value", "threshold", "met", "note",
     "protocol", "tail_ratio", "echo_p50_ms", "echo_gap_ms", "unit", "qps_ratio", "p50_ratio", "p99_ratio",
+    "peer_echo_gap_ms",
 )
 
 

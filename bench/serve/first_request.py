@@ -52,18 +52,36 @@ _WARMED_RE = re.compile(r"; warmed up in ([0-9.]+) s\b")
 _NO_WARMUP = "; no warmup"
 
 
-def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg: Config) -> None:
-    """A bad combination with ``--first-request`` is one parser error."""
+# Every option of python -m bench.serve that this mode does not honour, in the order the parser
+# lists them (the first one given is the one named), with why.
+_FRESH = "not with --first-request, which starts fresh python -m serve servers of its own"
+_LOAD = "applies to the load; --first-request times one gRPC client on one server"
+UNHONOURED = (
+    ("--server", "server", _FRESH),
+    ("--http-server", "http_server", _FRESH),
+    ("--peer", "peer", _FRESH),
+    ("--peer-python", "peer_python", _FRESH),
+    ("--concurrency", "concurrency", _LOAD),
+    ("--duration", "duration", _LOAD),
+    ("--workers", "workers", _LOAD),
+    ("--protocol", "protocol", _LOAD),
+    ("--client-processes", "client_processes", _LOAD),
+    ("--rounds", "rounds", _LOAD),
+    ("--max-requests", "max_requests", _LOAD),
+    ("--quick", "quick", _LOAD),
+)
+
+
+def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A bad combination with ``--first-request`` is one parser error naming an option the user
+    gave; called before the load's own checks, which would name another."""
     if args.first_request < 1:
         parser.error(f"Invalid --first-request: {args.first_request} (at least 1 server per mode)")
-    if cfg.server is not None:
-        parser.error("--first-request starts fresh servers of its own: not with --server")
-    for flag, value in (("--concurrency", args.concurrency), ("--duration", args.duration),
-                        ("--workers", args.workers), ("--rounds", args.rounds), ("--protocol", args.protocol)):
-        if value is not None:
-            parser.error(f"{flag}: applies to the load; --first-request times one gRPC client on one server")
-    if len(cfg.batching) != 1 and args.batching is not None:
-        parser.error("--first-request: one --batching setting (on or off), the --max-batch of every server")
+    for flag, dest, why in UNHONOURED:
+        if getattr(args, dest) not in (None, False):
+            parser.error(f"{flag}: {why}")
+    if args.batching is not None and len({b.lower() for b in args.batching}) != 1:
+        parser.error("--batching: --first-request takes one setting (on or off), the --max-batch of every server")
 
 
 def warmup_of(ready_line: str) -> tuple[bool | None, float | None]:

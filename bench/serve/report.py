@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from bench.serve.config import (
     BATCHING_GAIN_TARGET,
@@ -118,16 +118,19 @@ def _batchings(rows: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(r["batching"] for r in rows if r["kind"] == "served"))
 
 
-def evaluate_peer(settings: list[Any], cfg: Config) -> list[dict[str, Any]]:
+def evaluate_peer(settings: list[Any], cfg: Config, rows: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """Each one-worker server's setting over the ``--peer``'s with the same protocol and clients:
     QPS, p50 and p99 ratios taken round by round (the two measured minutes apart at most, in
     rotating order), their median over the rounds; above 1 for QPS, below 1 for p50 and p99
-    favours this server."""
+    favours this server. At one client, the echo gaps of both (``echo_gap_ms`` this server's,
+    ``peer_echo_gap_ms`` the peer's) from the served ``rows``."""
     import statistics
 
     if cfg.peer is None:
         return []
     peer = {(s.protocol, s.concurrency): s for s in settings if s.batching == cfg.peer}
+    gaps = {(r["batching"], r["protocol"]): r["echo_gap_ms"] for r in rows
+            if r["kind"] == "served" and r["concurrency"] == 1 and r["workers"] == 1}
     out = []
     for s in settings:
         k = peer.get((s.protocol, s.concurrency))
@@ -147,7 +150,9 @@ def evaluate_peer(settings: list[Any], cfg: Config) -> list[dict[str, Any]]:
                        target=f"{server_label(s.batching, 1)} / {cfg.peer} ({s.protocol}, {s.concurrency} client"
                               f"{'s' if s.concurrency > 1 else ''})",
                        value=medians["p50_ms"], qps_ratio=medians["qps"], p50_ratio=medians["p50_ms"],
-                       p99_ratio=medians["p99_ms"], unit="x", note=note))
+                       p99_ratio=medians["p99_ms"], unit="x", note=note,
+                       echo_gap_ms=gaps.get((s.batching, s.protocol)) if s.concurrency == 1 else None,
+                       peer_echo_gap_ms=gaps.get((cfg.peer, s.protocol)) if s.concurrency == 1 else None))
     return out
 
 
@@ -338,8 +343,10 @@ def report(cfg: Config, model: Any, rows: list[dict[str, Any]], processes: int, 
     if peers:
         lines.append("against the peer, same model file, clients and rounds (median of paired per-round ratios):")
         for t in peers:
+            gaps = (f"; served p50 - (echo p50 + raw p50) {t['echo_gap_ms']:.3f} vs {t['peer_echo_gap_ms']:.3f} ms"
+                    if t["echo_gap_ms"] is not None and t["peer_echo_gap_ms"] is not None else "")
             lines.append(f"  {t['target']}: QPS {_x(t['qps_ratio'])}, p50 {_x(t['p50_ratio'])}, "
-                         f"p99 {_x(t['p99_ratio'])}; {t['note']}")
+                         f"p99 {_x(t['p99_ratio'])}{gaps}; {t['note']}")
     if scaling:
         lines.append("scale-out on this machine (measured):")
         for t in scaling:

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import Any, Callable
 
 import numpy as np
 
+from bench import _common as common
 from bench.serve.clients import softmax
 from bench.serve.config import (
     CALL_TIMEOUT_S,
@@ -37,21 +35,18 @@ from serve.ready import parse_ready_line
 
 
 def ensure_model(cfg: Config) -> str:
-    """The repository root holding ``cfg.model``: ``--model-dir``, or ``--cache`` after exporting it there."""
+    """The repository root holding ``cfg.model``: ``--model-dir``, or ``--cache`` after exporting it
+    there when absent or stale (:func:`bench._common.ensure_cached_export`), by ``python -m
+    export.onnx`` in a subprocess: this process does not import torch."""
     if cfg.model_dir is not None:
         return os.path.abspath(cfg.model_dir)
     root = os.path.abspath(cfg.cache)
-    target = os.path.join(root, cfg.model)
-    if os.path.isfile(os.path.join(target, "1", "model.onnx")):
-        return root
-    os.makedirs(root, exist_ok=True)
-    # Export next to the cache, then move into place: a concurrent run (or bench.latency, which
-    # shares the cache) never reads a half-written model.
-    tmp = tempfile.mkdtemp(prefix=f".export-{cfg.model}-", dir=root)
-    try:
+
+    def export_into(out: str) -> None:
         print(f"{PROG}: exporting {cfg.model} (random weights) into {root}", file=sys.stderr, flush=True)
-        command = [sys.executable, "-m", "export.onnx", cfg.model, "--out", tmp, "--name", cfg.model, "--version", "1",
-                   "--latency-runs", "0", "--no-progress", "--threads", str(cfg.threads)]
+        command = [sys.executable, "-m", "export.onnx", cfg.model, "--out", out, "--name", cfg.model,
+                   "--version", str(common.CACHE_VERSION), "--latency-runs", "0", "--no-progress",
+                   "--threads", str(cfg.threads)]
         try:
             done = subprocess.run(command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                   timeout=EXPORT_TIMEOUT_S)
@@ -61,13 +56,8 @@ def ensure_model(cfg: Config) -> str:
             lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
             raise BenchError(f"export of {cfg.model} failed (exit {done.returncode}): "
                              f"{lines[-1] if lines else 'no message'}")
-        os.makedirs(target, exist_ok=True)
-        for entry in os.listdir(os.path.join(tmp, cfg.model)):
-            with contextlib.suppress(OSError):  # already there: another run exported it meanwhile
-                if not os.path.exists(os.path.join(target, entry)):
-                    os.rename(os.path.join(tmp, cfg.model, entry), os.path.join(target, entry))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    common.ensure_cached_export(root, cfg.model, export_into)
     return root
 
 

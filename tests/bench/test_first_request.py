@@ -90,9 +90,9 @@ def test_warmup_is_read_from_the_ready_line():
 
 @pytest.mark.parametrize("argv, message", [
     (["--first-request", "0"], "Invalid --first-request: 0"),
-    (["--first-request", "2", "--server", "127.0.0.1:1"], "not with --server"),
+    (["--first-request", "2", "--server", "127.0.0.1:1"], "--server: not with --first-request"),
     (["--first-request", "2", "--concurrency", "4"], "--concurrency: applies to the load"),
-    (["--first-request", "2", "--batching", "on,off"], "one --batching setting"),
+    (["--first-request", "2", "--batching", "on,off"], "--batching: --first-request takes one setting"),
 ])
 def test_bad_first_request_options_are_one_line_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -100,3 +100,41 @@ def test_bad_first_request_options_are_one_line_exit_2(argv, message, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def _error_line(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(["--first-request", "2", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [ln for ln in err.splitlines() if ": error: " in ln]
+    return line.split(": error: ", 1)[1]
+
+
+# One valid value of each option the mode does not honour, in the parser's order.
+UNHONOURED_ARGV = [
+    ["--server", "127.0.0.1:1"], ["--http-server", "127.0.0.1:2"], ["--peer", "kserve"],
+    ["--peer-python", sys.executable], ["--concurrency", "4"], ["--duration", "1"], ["--workers", "2"],
+    ["--protocol", "grpc"], ["--client-processes", "2"], ["--rounds", "2"], ["--max-requests", "10"], ["--quick"],
+]
+
+
+@pytest.mark.parametrize("option", UNHONOURED_ARGV, ids=lambda a: a[0])
+def test_every_option_the_first_request_mode_ignores_is_refused_by_name(option, capsys):
+    """An option --first-request would silently drop (the load's --max-requests, --client-processes,
+    a --peer) is one error naming it, not a run that looks as if it had honoured it."""
+    assert _error_line(option, capsys).startswith(f"{option[0]}: ")
+
+
+@pytest.mark.parametrize("given, named", [
+    # --peer alone fails the load's own check, which asks for --protocol: an option not given
+    (["--peer", "kserve"], "--peer"),
+    (["--peer", "kserve", "--protocol", "grpc-infer"], "--peer"),
+    (["--max-requests", "10", "--client-processes", "1"], "--client-processes"),
+    (["--quick", "--max-requests", "10", "--peer", "kserve"], "--peer"),
+])
+def test_the_option_named_is_one_given_first_in_a_fixed_order(given, named, capsys):
+    line = _error_line(given, capsys)
+    assert line.startswith(f"{named}: "), line
+    assert [u[0] for u in UNHONOURED_ARGV if u[0] in line] == [named], line

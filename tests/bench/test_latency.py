@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import onnx
@@ -175,6 +176,61 @@ def test_profile_maps_fused_and_nchwc_nodes_back(tmp_path):
 
 
 # --------------------------------------------------------------------------- timing helpers (no timing asserted)
+
+
+def _edited(path, **props) -> None:
+    """Rewrite the zoo.* metadata of the ONNX file at ``path``: a value replaces, None removes."""
+    m = onnx.load(path)
+    kept = [(p.key, p.value) for p in m.metadata_props if p.key.removeprefix("zoo.") not in props]
+    kept += [(f"zoo.{k}", v) for k, v in props.items() if v is not None]
+    del m.metadata_props[:]
+    for key, value in kept:
+        m.metadata_props.add(key=key, value=value)
+    onnx.save(m, path)
+
+
+def test_latency_and_serve_share_one_export_cache_and_one_staleness_check(tmp_path):
+    """bench.latency exports in its process, bench.serve in a subprocess, into one cache: what one
+    wrote the other takes as it is; an entry that is not a current random-weight export of its
+    name is exported again, replacing the old file whole."""
+    import shutil
+
+    from bench.serve.config import Config
+    from bench.serve.servers import ensure_model
+
+    name, cache = "resnext_mini", str(tmp_path / "cache")
+    path = lat.ensure_exported(name, cache, 1)
+    assert path == common.cached_export(cache, name) == f"{cache}/{name}/1/model.onnx"
+    assert common.cache_problem(path, name) is None and os.path.isfile(f"{cache}/{name}/labels.txt")
+
+    def signature() -> tuple[int, int]:
+        st = os.stat(path)
+        return st.st_ino, st.st_mtime_ns
+
+    first = signature()
+    cfg = Config(model=name, model_dir=None, cache=cache, server=None, threads=1, concurrency=[1], duration_s=1,
+                 batching=["on"], workers=[1], client_processes=1, rounds=1, max_requests=1, seed=0, json_path=None)
+    assert ensure_model(cfg) == os.path.abspath(cache) and lat.ensure_exported(name, cache, 1) == path
+    assert signature() == first  # current for both: neither exported again
+
+    probe = str(tmp_path / "probe.onnx")
+    for edit, reason in [(dict(flops=None), "exported before zoo.flops existed"),
+                         (dict(model="densenet_mini"), "zoo.model is 'densenet_mini', not 'resnext_mini'"),
+                         (dict(version="2"), "zoo.version is 2, not 1"),
+                         (dict(source="checkpoint:x.pt sha256:00"), "zoo.source is 'checkpoint:x.pt sha256:00'"),
+                         (dict(precision="int8"), "zoo.precision is 'int8', not 'fp32'")]:
+        shutil.copyfile(path, probe)
+        _edited(probe, **edit)
+        assert reason in common.cache_problem(probe, name), edit
+    with open(probe, "wb") as f:
+        f.write(b"not a model")
+    assert common.cache_problem(probe, name).startswith("unreadable")
+    assert common.cache_problem(str(tmp_path / "none.onnx"), name) == "absent"
+
+    _edited(path, flops=None)  # an export older than zoo.flops
+    assert lat.ensure_exported(name, cache, 1) == path
+    assert common.cache_problem(path, name) is None and signature() != first
+    assert os.listdir(cache) == [name]  # the export's working directory is gone
 
 
 def test_median_and_percentile():

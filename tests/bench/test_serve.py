@@ -150,6 +150,42 @@ def test_bad_options_are_one_line_exit_2(argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
+def test_bench_serve_imports_no_torch_and_exports_a_stale_cache_entry_again(quick, tmp_path):
+    """bench.serve never imports torch (its export is python -m export.onnx in a subprocess), and
+    it fills the cache through bench.latency's check: an export made before zoo.flops existed is
+    exported again."""
+    import shutil
+
+    from bench import _common as common
+    from contract.metadata import read_metadata
+    from tests.bench.test_latency import _edited
+
+    cache = tmp_path / "cache"
+    shutil.copytree(quick["cache"], cache)
+    path = common.cached_export(str(cache), "resnext_mini")
+    _edited(path, flops=None, created="2000-01-01T00:00:00+00:00")
+    code = ("import importlib, pkgutil, sys\n"
+            "sys.modules['torch'] = None  # any import of torch now raises ImportError\n"
+            "import bench.serve\n"
+            "for m in pkgutil.walk_packages(bench.serve.__path__, 'bench.serve.'):\n"
+            "    if m.name not in ('bench.serve.__main__', 'bench.serve.kserve_model'):  # a run; the peer's Python\n"
+            "        importlib.import_module(m.name)\n"
+            "from bench.serve.cli import build_parser, resolve_config\n"
+            "from bench.serve.servers import ensure_model\n"
+            "parser = build_parser()\n"
+            "cfg = resolve_config(parser, parser.parse_args(['--cache', sys.argv[1], '--threads', '1']))\n"
+            "print(ensure_model(cfg))\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'export') and sys.modules[m]))\n")
+    result = subprocess.run([sys.executable, "-c", code, str(cache)], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=QUICK_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [str(cache), "[]"]
+    assert "exporting resnext_mini (random weights)" in result.stderr
+    assert common.cache_problem(path, "resnext_mini") is None
+    assert read_metadata(path)["created"] != "2000-01-01T00:00:00+00:00"
+    assert sorted(os.listdir(cache)) == ["resnext_mini"]
+
+
 def test_workers_run_counts_the_cpu_of_every_worker(quick, tmp_path):
     """One short setting against a 2-worker server (the cache of the quick run: no export)."""
     out = tmp_path / "rows.json"
@@ -372,7 +408,55 @@ def test_peer_runs_in_the_same_rounds_with_the_same_clients(quick, tmp_path, kse
     for r in peer.values():
         assert r["rounds"] == 2 and r["batching"] == "on" and r["concurrency"] == 1
         assert all(r[k] is not None and r[k] > 0 for k in ("qps_ratio", "p50_ratio", "p99_ratio")), r
+        # both one-client gaps beyond the bare echo and raw session.run, side by side
+        assert r["echo_gap_ms"] == served["on", r["protocol"]]["echo_gap_ms"] is not None, r
+        assert r["peer_echo_gap_ms"] == served["kserve", r["protocol"]]["echo_gap_ms"] is not None, r
+    gaps = sorted((r["batching"], r["protocol"]) for r in rows if r["kind"] == "target" and r["unit"] == "ms")
+    assert gaps == sorted(served), gaps
     assert "against the peer" in result.stdout
+
+
+def test_the_peer_gets_the_echo_gap_row_beside_this_servers():
+    """The one-client gap beyond a bare echo and raw session.run is a target row for the peer's
+    settings as for this server's, and the paired row carries both, in the JSON and the report."""
+    from types import SimpleNamespace
+
+    from bench.serve.measure import Setting, add_echo_gaps, setting_row
+    from bench.serve.report import evaluate_peer, report
+
+    cfg = Config(model="m", model_dir=None, cache="c", server=None, threads=2, concurrency=[1, 4], duration_s=2,
+                 batching=["on"], workers=[1], client_processes=2, rounds=2, max_requests=10, seed=0,
+                 json_path=None, protocols=["grpc-infer", "http-json"], peer="kserve")
+
+    def setting(batching, protocol, concurrency, latency_ms, rounds_ms):
+        s = Setting(batching, concurrency, MAX_BATCH["on"] if batching == "on" else None, "t", None,
+                    protocol=protocol)
+        s.windows_s, s.server_cpu_s, s.client_cpu_s = 2.0, None, None
+        s.data["latency_ms"] = latency_ms
+        s.per_round = [dict(qps=1e3 / ms, p50_ms=ms, p99_ms=ms) for ms in rounds_ms]
+        return s
+
+    settings = [setting("on", p, c, [3.0, 3.0, 4.0], [3.0, 3.0]) for p in cfg.protocols for c in (1, 4)]
+    settings += [setting("kserve", p, c, [2.5, 2.5, 3.0], [2.5, 2.5]) for p in cfg.protocols for c in (1, 4)]
+    settings.append(setting("-", "echo", 1, [0.5, 0.5, 0.5], [0.5, 0.5]))
+    rows = [setting_row(s, cfg, 1.0, 2) for s in settings]
+    add_echo_gaps(rows)
+    served = [r for r in rows if r["kind"] == "served"]
+    rows += evaluate_targets(served, cfg)
+    rows += evaluate_peer(settings, cfg, rows)
+    rows.append(row(kind="raw", model="m", p50_ms=1.0, p95_ms=1.0, requests=3))
+    gaps = {(r["batching"], r["protocol"]): r["value"] for r in rows if r["kind"] == "target" and r["unit"] == "ms"}
+    assert gaps == pytest.approx({("on", "grpc-infer"): 1.5, ("on", "http-json"): 1.5,
+                                  ("kserve", "grpc-infer"): 1.0, ("kserve", "http-json"): 1.0})
+    paired = {(r["protocol"], r["concurrency"]): r for r in rows if r["kind"] == "peer"}
+    assert sorted(paired) == [("grpc-infer", 1), ("grpc-infer", 4), ("http-json", 1), ("http-json", 4)]
+    for (_, c), r in paired.items():
+        want = (1.5, 1.0) if c == 1 else (None, None)  # a gap is a one-client figure
+        assert (r["echo_gap_ms"], r["peer_echo_gap_ms"]) == pytest.approx(want), r
+    text = report(cfg, SimpleNamespace(input_size=(3, 4, 4)), rows, 2, {"cpu": "cpu", "cores": "2"})
+    assert "served p50 - (echo p50 + raw p50) (kserve peer, grpc-infer): 1.000 ms" in text
+    assert "batching on / kserve (grpc-infer, 1 client): QPS 0.83x, p50 1.20x, p99 1.20x; served p50 - (echo p50 " \
+           "+ raw p50) 1.500 vs 1.000 ms" in text
 
 
 @pytest.mark.parametrize("argv, message", [
