@@ -267,6 +267,72 @@ def scale_shift_to_depthwise_conv(model: Any) -> int:
     return rewritten
 
 
+# The op types whose float weights onnxruntime's graph optimiser quantizes by itself (see
+# :func:`keep_excluded_float`).
+REQUANTIZED_BY_ONNXRUNTIME = ("Conv", "ConvTranspose", "Gemm")
+
+
+def keep_excluded_float(model: Any, excluded: Sequence[str]) -> list[str]:
+    """Give each node of ``excluded`` whose op onnxruntime could re-quantize and which reads a
+    per-tensor DequantizeLinear its own DequantizeLinear of the same quantized tensor, with the
+    same scale and zero point repeated per channel (axis 1); in place, returns those nodes' names.
+
+    Why: onnxruntime's optimiser (its weight/bias quantization pass for QDQ graphs) takes a
+    Conv/ConvTranspose/Gemm with float weights whose input comes from a per-tensor
+    DequantizeLinear and whose output leads to a QuantizeLinear, quantizes its weights per tensor
+    and fuses it into an integer op. The quantizer left such a node float on purpose, but wherever
+    quantized tensors surround it (ResNeXt's shortcut conv reads a quantized block output and
+    feeds a quantized Add; a grouped conv between two quantized convs) it ran as an integer conv
+    anyway, with coarser weights than the export's own. That pass only reads a per-tensor input,
+    so a per-channel DequantizeLinear keeps the node float; the values it dequantizes are the same.
+    """
+    from onnx import helper, numpy_helper
+
+    wanted = set(excluded)
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    rewritten, nodes = [], []
+    for n in model.graph.node:
+        dq = producers.get(n.input[0]) if n.name in wanted and n.op_type in REQUANTIZED_BY_ONNXRUNTIME else None
+        weight = inits.get(n.input[1]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if weight is None or len(dq.input) < 3 or dq.input[1] not in inits or dq.input[2] not in inits:
+            nodes.append(n)
+            continue
+        scale, zero_point = numpy_helper.to_array(inits[dq.input[1]]), numpy_helper.to_array(inits[dq.input[2]])
+        attrs = {a.name: a.i for a in n.attribute if a.type == a.INT}
+        if n.op_type == "Conv":
+            channels = weight.dims[1] * attrs.get("group", 1)
+        elif n.op_type == "ConvTranspose":
+            channels = weight.dims[0]
+        else:
+            channels = weight.dims[1] if attrs.get("transB", 0) else weight.dims[0]
+        # A one-channel tensor's scale stays a scalar whatever its shape: left as it is (the
+        # export's own check then names the node if onnxruntime still fuses it).
+        if scale.size != 1 or channels < 2:
+            nodes.append(n)
+            continue
+        s = numpy_helper.from_array(np.full(channels, scale.item(), scale.dtype), f"{n.name}_input_scale")
+        z = numpy_helper.from_array(np.full(channels, zero_point.item(), zero_point.dtype),
+                                    f"{n.name}_input_zero_point")
+        model.graph.initializer.extend([s, z])
+        own = helper.make_node("DequantizeLinear", [dq.input[0], s.name, z.name], [f"{n.name}_input_dequantized"],
+                               name=f"{n.name}_input_DequantizeLinear", axis=1)
+        n.input[0] = own.output[0]
+        nodes.extend([own, n])
+        rewritten.append(n.name)
+    if rewritten:
+        # A shared DequantizeLinear that only excluded nodes read is dead now.
+        read = {i for n in nodes for i in n.input} | {o.name for o in model.graph.output}
+        live = [n for n in nodes if n.op_type != "DequantizeLinear" or any(o in read for o in n.output)]
+        del model.graph.node[:]
+        model.graph.node.extend(live)
+        read = {i for n in live for i in n.input}
+        kept = [t for t in model.graph.initializer if t.name in read]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+    return rewritten
+
+
 def to_int8(model: Any, calib: Iterator[np.ndarray], method: str, workdir: str, exclude: str = "auto",
             threads: int = 0, timing_rounds: int = 9) -> tuple[Any, Int8Choice]:
     """Static quantization as :data:`INT8_SETTINGS` says, calibrated on ``calib`` batches.
@@ -275,7 +341,9 @@ def to_int8(model: Any, calib: Iterator[np.ndarray], method: str, workdir: str, 
     comma-separated op types keep those nodes fp32; ``"auto"`` times, in one interleaved run at
     batch 1 with ``threads``, the all-int8 model against one variant per class of grouped convs
     (:func:`grouped_conv_classes`) kept fp32, and keeps fp32 the classes whose variant ran faster
-    by more than :data:`AUTO_FP32_IF_BELOW` says.
+    by more than :data:`AUTO_FP32_IF_BELOW` says. The nodes it keeps fp32 are checked to run float
+    in onnxruntime's optimised graph (:func:`keep_excluded_float` says why they might not);
+    VerificationError, naming them, otherwise.
 
     The node that writes ``logits`` keeps int8 weights but a float output: quantizing its output
     would round the logits themselves to 256 levels of their calibrated range (on a
@@ -291,7 +359,8 @@ def to_int8(model: Any, calib: Iterator[np.ndarray], method: str, workdir: str, 
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from export.config import UserError
+    from export.config import UserError, VerificationError
+    from export.verify import kept_float_disagreement, optimized_graph_audit
 
     try:
         asked = parse_int8_exclude(exclude)
@@ -323,6 +392,10 @@ def to_int8(model: Any, calib: Iterator[np.ndarray], method: str, workdir: str, 
             extra_options={"OpTypesToExcludeOutputQuantization": head_ops, "WeightSymmetric": True,
                            "ActivationSymmetric": False},
             calibrate_method=calibrate_method, calibration_cache_path=cache)
+        if excluded:
+            quantized = onnx.load(dst)
+            if keep_excluded_float(quantized, excluded):
+                onnx.save(quantized, dst)
         return dst
 
     with quiet_loggers("root", "onnxruntime"):
@@ -354,6 +427,11 @@ def to_int8(model: Any, calib: Iterator[np.ndarray], method: str, workdir: str, 
         dst = made.get(tuple(excluded)) or quantize(excluded, "int8.onnx")
     quantized = onnx.load(dst)
     onnx.checker.check_model(quantized, full_check=True)
+    # What is recorded as kept fp32 must be what onnxruntime runs in float: checked on the graph
+    # its optimiser makes, since that (not the quantizer) decides which nodes become integer ops.
+    disagreement = kept_float_disagreement(optimized_graph_audit(dst, threads), quantized, excluded)
+    if disagreement:
+        raise VerificationError(f"--int8-exclude {exclude}: {disagreement}")
     return quantized, Int8Choice(exclude=exclude, excluded=tuple(excluded), measured=measured, calib_method=method,
                                  calib_images=sum(len(b) for b in batches), scale_shift_convs=scale_shifts)
 

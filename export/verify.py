@@ -186,6 +186,9 @@ class GraphAudit:
     quantize: int  # QuantizeLinear nodes left (a float -> uint8 edge at run time)
     dequantize: int
     ops: dict[str, int]  # every op type in the optimised graph, with its count
+    # the integer convs and matmuls, as onnxruntime names them: after the node each replaced
+    # (``<name>`` or ``<name>_token_<n>``), which :func:`kept_float_disagreement` traces back
+    integer_nodes: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -212,7 +215,35 @@ def audit_graph(model: Any) -> GraphAudit:
     return GraphAudit(integer_convs=count["conv", "int"], float_convs=count["conv", "float"],
                       integer_matmuls=count["matmul", "int"], float_matmuls=count["matmul", "float"],
                       quantize=sum(ops[o] for o in QUANTIZE_OPS), dequantize=sum(ops[o] for o in DEQUANTIZE_OPS),
-                      ops=dict(sorted(ops.items())))
+                      ops=dict(sorted(ops.items())),
+                      integer_nodes=tuple(n.name for n in model.graph.node if n.op_type in INTEGER_OPS))
+
+
+def kept_float_disagreement(audit: GraphAudit, model: Any, excluded: Sequence[str]) -> str | None:
+    """Where ``audit`` (of the graph onnxruntime runs for the quantized ``model``) contradicts
+    ``excluded``, the nodes recorded as kept fp32, as one sentence naming them; None if it agrees.
+
+    Each integer op is traced back to the longest name of one of ``model``'s convs and matmuls its
+    own name starts with. Counts back that up where a name does not trace: the optimised graph
+    cannot hold more integer convs and matmuls than ``model`` has such nodes left to quantize.
+    """
+    candidates = [n.name for n in model.graph.node if n.op_type in FLOAT_OPS or n.op_type in INTEGER_OPS]
+    traced = set()
+    for name in audit.integer_nodes:
+        sources = [c for c in candidates if c and name.startswith(c)]
+        if sources:
+            traced.add(max(sources, key=len))
+    kept = set(excluded)
+    named = [c for c in candidates if c in traced and c in kept]
+    if named:
+        return (f"onnxruntime runs {len(named)} node(s) recorded as kept fp32 as integer ops after its graph "
+                f"optimisations: {', '.join(named)}")
+    quantizable = sum(1 for c in candidates if c not in kept)
+    integer = audit.integer_convs + audit.integer_matmuls
+    if integer > quantizable:
+        return (f"onnxruntime runs {integer} convs/matmuls as integer ops after its graph optimisations, but only "
+                f"{quantizable} are not recorded as kept fp32")
+    return None
 
 
 def optimized_graph_audit(path: str, threads: int = 0) -> GraphAudit:

@@ -7,25 +7,49 @@ what must hold whatever it chose is that exactly the nodes it kept fp32 run as f
 from __future__ import annotations
 
 import json
+import math
 
 import onnx
 import pytest
 import torch
 
+import export.convert as convert
 import export.onnx as exp
 from contract.metadata import read_metadata
 from export import ExportConfig, UserError, export
 from export.config import SilentReporter
 from export.convert import AUTO_FP32_IF_BELOW, export_model, grouped_conv_classes
+from export.verify import GraphAudit, kept_float_disagreement
+from tests.export.digits import fit_resnext_mini, stacked
+from zoo.checkpoint import save_checkpoint
+from zoo.data import build_datasets
 from zoo.nn import fold_batchnorm
 from zoo.registry import create_model
 
 
-def int8_export(tmp_path, name: str, exclude: str):
-    config = ExportConfig(model=name, out=str(tmp_path / "m"), precision="int8", int8_exclude=exclude,
-                          calib_data="digits", calib_samples=32, val_samples=64, latency_runs=0, threads=1,
-                          progress_bars=False, reporter=SilentReporter())
+def int8_export(tmp_path, name: str, exclude: str, checkpoint: str | None = None):
+    config = ExportConfig(model=None if checkpoint else name, checkpoint=checkpoint, out=str(tmp_path / "m"),
+                          precision="int8", int8_exclude=exclude, calib_data="digits", calib_samples=32,
+                          val_samples=64, latency_runs=0, threads=1, progress_bars=False, reporter=SilentReporter())
     return export(config)
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory) -> str:
+    """resnext_mini fitted a few seconds on digits at 16x16. Trained weights matter here: with
+    random-init ones (folded biases all zero, one shared initializer) onnxruntime happened to leave
+    the grouped convs alone, so only a trained model shows what it does to them."""
+    size = (3, 16, 16)
+    bundle = build_datasets("digits", size)
+    x, y = stacked(bundle.train)
+    model = fit_resnext_mini(x, y, steps=60)
+    path = tmp_path_factory.mktemp("int8") / "digits.pt"
+    save_checkpoint(path, dict(
+        model=model.state_dict(), model_name="resnext_mini",
+        model_args=dict(num_classes=10, norm="bn", gn_groups=32, in_chans=size[0]),
+        classes=list(bundle.classes), input_size=list(size), mean=list(bundle.mean), std=list(bundle.std),
+        data="digits", epoch=1, config=dict(seed=0, val_fraction=0.2)))
+    return str(path)
 
 
 def convs_in_model(name: str) -> tuple[int, int]:
@@ -73,6 +97,70 @@ def test_excluded_op_types_stay_float(tmp_path):
     assert (audit.integer_matmuls, audit.float_matmuls) == (0, 1), audit
     assert (audit.integer_convs, audit.float_convs) == (convs, 0), audit
     assert audit.dequantize >= 1  # the classifier reads a dequantized (float) tensor
+
+
+def test_excluded_convs_run_float_even_between_quantized_tensors(tmp_path):
+    """Every conv kept fp32, the shortcut convs of the second and third stage included: each
+    reads a quantized block output and feeds a quantized Add, which is where onnxruntime's own
+    optimiser used to quantize their weights and run them as integer convs."""
+    result = int8_export(tmp_path, "resnext_mini", "Conv")
+    convs, _ = convs_in_model("resnext_mini")
+    audit = result.audit
+    assert len(result.int8.excluded) == convs
+    assert "/layer2/layer2.0/downsample/downsample.0/Conv" in result.int8.excluded
+    assert (audit.integer_convs, audit.float_convs) == (0, convs), audit
+    assert (audit.integer_matmuls, audit.float_matmuls) == (1, 0), audit
+    assert f"convs 0 integer / {convs} float" in result.summary
+
+
+def test_auto_choices_run_float_in_a_trained_model(tmp_path, digits_checkpoint, monkeypatch):
+    """auto's per-node choice, made deterministic: a threshold every measured ratio lies under keeps
+    every grouped conv fp32, and exactly those run float; each sits between two quantized convs."""
+    monkeypatch.setattr(convert, "AUTO_FP32_IF_BELOW", math.inf)
+    result = int8_export(tmp_path, "resnext_mini", "auto", checkpoint=digits_checkpoint)
+    convs, _ = convs_in_model("resnext_mini")
+    grouped = [m for m in create_model("resnext_mini").modules()
+               if isinstance(m, torch.nn.Conv2d) and 1 < m.groups < m.in_channels]
+    excluded, audit = result.int8.excluded, result.audit
+    assert len(excluded) == len(grouped) > 0 and all(n.endswith("/conv2/Conv") for n in excluded)
+    assert (audit.integer_convs, audit.float_convs) == (convs - len(excluded), len(excluded)), audit
+    assert not [n for n in audit.integer_nodes if any(n.startswith(e) for e in excluded)], audit.integer_nodes
+
+
+def test_export_refuses_a_kept_node_that_runs_as_an_integer_op(tmp_path, capsys, monkeypatch):
+    """Without the rewrite that keeps excluded nodes float, onnxruntime (the version this project
+    pins) runs the two inner shortcut convs as integer convs: the export must say so in one line,
+    naming them, and write nothing, rather than record them as fp32."""
+    monkeypatch.setattr(convert, "keep_excluded_float", lambda model, excluded: [])
+    code = exp.main(["resnext_mini", "--precision", "int8", "--calib-data", "digits", "--calib-samples", "16",
+                     "--val-samples", "32", "--int8-exclude", "Conv", "--out", str(tmp_path / "m"), "--threads", "1",
+                     "--latency-runs", "0", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and not (tmp_path / "m").exists()
+    assert err[-1] == ("python -m export.onnx: verification failed: --int8-exclude Conv: onnxruntime runs 2 node(s) "
+                       "recorded as kept fp32 as integer ops after its graph optimisations: "
+                       "/layer2/layer2.0/downsample/downsample.0/Conv, /layer3/layer3.0/downsample/downsample.0/Conv")
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_kept_float_disagreement_traces_integer_ops_to_their_nodes():
+    """onnxruntime names a fused op after the node it replaced plus a suffix: ``Conv_12_token_4``
+    comes from ``Conv_12``, not from ``Conv_1``; an op whose name traces to no node still counts."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3))
+    model = export_model(net.eval(), (3, 16, 16), 17, "torchscript")
+    for node, name in zip([n for n in model.graph.node if n.op_type == "Conv"], ["Conv_1", "Conv_12"]):
+        node.name = name
+
+    def audit(*integer_nodes: str) -> GraphAudit:
+        return GraphAudit(integer_convs=len(integer_nodes), float_convs=2 - len(integer_nodes), integer_matmuls=0,
+                          float_matmuls=0, quantize=1, dequantize=1, ops={}, integer_nodes=integer_nodes)
+
+    assert kept_float_disagreement(audit("Conv_12_token_4"), model, ["Conv_1"]) is None
+    assert kept_float_disagreement(audit("Conv_1_token_5"), model, ["Conv_1"]) == (
+        "onnxruntime runs 1 node(s) recorded as kept fp32 as integer ops after its graph optimisations: Conv_1")
+    assert kept_float_disagreement(audit("Conv_12_token_4", "QLinearConv_token_9"), model, ["Conv_1"]) == (
+        "onnxruntime runs 2 convs/matmuls as integer ops after its graph optimisations, but only 1 are not "
+        "recorded as kept fp32")
 
 
 def test_auto_keeps_fp32_exactly_the_grouped_convs_it_measured_slower(tmp_path):
