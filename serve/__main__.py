@@ -38,9 +38,10 @@ from serve.core import MODEL_CONTROL_MODES, describe
 from serve.preprocess import MAX_IMAGE_PIXELS
 from serve.ready import PROG, http_part, parse_ready_line, ready_line, workers_ready_line
 from serve.ready import address as _address
-from serve.runtime import PROVIDER_CHOICES, RepositoryError, load_repository
+from serve.runtime import PROVIDER_CHOICES, RepositoryError, available_cores, load_repository
 from serve.server import (
     DEFAULT_BATCH_TIMEOUT_MS,
+    DEFAULT_INSTANCES,
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_CONCURRENCY,
     DEFAULT_POLL_SECS,
@@ -83,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model for requests that name none (default: the only model, when there is one)")
     m.add_argument("--providers", choices=PROVIDER_CHOICES, default="auto",
                    help="onnxruntime execution provider: auto takes CUDA when onnxruntime-gpu sees a GPU")
-    m.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads per model (0: one per core)")
+    m.add_argument("--threads", type=int, default=0,
+                   help="onnxruntime intra-op threads per model instance (0: one per core)")
+    m.add_argument("--instances", type=int, default=DEFAULT_INSTANCES,
+                   help="model instances (onnxruntime sessions) per model whose config.pbtxt has no instance_group, "
+                        "as Triton's instance_group count: as many batches run at once, each on its own session")
     m.add_argument("--ort-spinning", action="store_true",
                    help="let onnxruntime's intra-op threads spin while waiting for work (onnxruntime's default; "
                         "off here: a spinning thread takes the core that gRPC's threads and the clients need, "
@@ -112,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     w = p.add_argument_group("scale-out on one machine")
     w.add_argument("--workers", type=int, default=1,
                    help="server processes sharing --port (SO_REUSEPORT); the kernel spreads connections over them. "
-                        "--threads 0 then gives each worker cores/N threads; worker I serves metrics on "
-                        "--metrics-port + I (or a free port each with 0)")
+                        "--threads 0 then gives each model instance cores/(N x --instances) threads; worker I "
+                        "serves metrics on --metrics-port + I (or a free port each with 0)")
     w.add_argument("--reuse-port", action="store_true",
                    help="share --port with other servers started with this flag (--workers sets it)")
     b = p.add_argument_group("dynamic batching")
@@ -150,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for flag, value, low in (("--port", args.port, 0), ("--threads", args.threads, 0),
-                             ("--max-batch", args.max_batch, 1), ("--max-concurrency", args.max_concurrency, 1),
+                             ("--instances", args.instances, 1), ("--max-batch", args.max_batch, 1),
+                             ("--max-concurrency", args.max_concurrency, 1),
                              ("--batch-timeout-ms", args.batch_timeout_ms, 0),
                              ("--grace", args.grace, 0), ("--drain-delay", args.drain_delay, 0),
                              ("--max-message-mb", args.max_message_mb, 0.001)):
@@ -199,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         repo = load_repository(args.model_dir, providers=args.providers, threads=args.threads,
                                models=[] if load_all else args.model + args.load_model,
                                empty_ok=args.model_control_mode == "explicit" and not load_all,
-                               warmup=not args.no_warmup, spinning=args.ort_spinning)
+                               warmup=not args.no_warmup, spinning=args.ort_spinning, instances=args.instances)
     except RepositoryError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
@@ -290,8 +296,7 @@ def _worker_argv(argv: list[str], args: argparse.Namespace, index: int, port: in
     if http_port is not None:
         extra += ["--http-port", str(http_port)]
     if args.threads == 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        extra += ["--threads", str(max(1, cores // args.workers))]
+        extra += ["--threads", str(max(1, available_cores() // (args.workers * args.instances)))]
     if args.metrics_port:
         extra += ["--metrics-port", str(args.metrics_port + index)]
     return [sys.executable, "-m", "serve", *argv, *extra]

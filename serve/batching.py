@@ -6,11 +6,14 @@ request never waits longer than the timeout, and one that already queued behind 
 waits no extra). Requests whose deadline has passed, or whose caller went away, are dropped
 before the batch runs. The queue is bounded: a full queue is refused, never grown. While one
 batch runs, the next one gathers in the queue, which is what makes batching pay off under load.
-``max_batch=1`` turns batching off (each request runs alone, at once). A request that finds its
+``max_batch=1`` turns batching off (each request runs alone, at once). With several model
+instances (Triton's ``instance_group`` count: one onnxruntime session each), each has a worker of
+its own on the one queue, and as many batches run at once as there are instances: a worker gathers
+its batch while the others run theirs. A request that finds its
 model idle and nothing queued runs on the thread that waits for it (no hand-over to the worker and
 back: two thread wake-ups, and on few cores the scheduling jitter that comes with them); batching
 happens only under contention, as with Triton's default ``max_queue_delay`` of 0 (``inline=True``;
-off by default). One model call runs at a time either way. A model call that raises
+off by default; one instance only). One model call per instance runs at a time either way. A model call that raises
 is logged here, once for its whole batch, under a request id per request; each caller gets
 :class:`BatchFailed` with its own id (:mod:`serve.errors` answers INTERNAL with that id and logs
 nothing more).
@@ -23,7 +26,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -122,10 +125,11 @@ _STOP = object()
 
 
 class Batcher:
-    """Runs ``run(batch [N, ...]) -> [N, classes]`` on one worker thread for submitted items.
+    """Runs ``run(batch [N, ...]) -> [N, classes]`` on one worker thread per model instance for submitted items.
 
     Args:
-        run: the model call (one onnxruntime ``session.run``).
+        run: the model call (one onnxruntime ``session.run``), or one per instance (a sequence):
+            each gets a worker thread, and they run at once.
         max_batch: largest batch; 1 disables batching.
         timeout_s: longest wait for a batch to fill, counted from its oldest request's arrival.
         max_queue: requests that may wait at once; beyond it :meth:`submit` raises QueueFull.
@@ -134,14 +138,20 @@ class Batcher:
         inline: a request that finds the model idle and nothing queued runs on the thread that waits for it.
     """
 
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int = 16, timeout_s: float = 0.002,
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray] | Sequence[Callable[[np.ndarray], np.ndarray]],
+                 max_batch: int = 16, timeout_s: float = 0.002,
                  max_queue: int = 1024, on_batch: Callable[[int], None] | None = None, name: str = "model",
                  inline: bool = False) -> None:
         if max_batch < 1:
             raise ValueError(f"Invalid max_batch: {max_batch} (at least 1)")
         if timeout_s < 0:
             raise ValueError(f"Invalid timeout_s: {timeout_s} (at least 0)")
-        self.run, self.max_batch, self.timeout_s = run, max_batch, timeout_s
+        runs = list(run) if isinstance(run, Sequence) else [run]
+        if not runs:
+            raise ValueError("Invalid run: no model instance")
+        if inline and len(runs) > 1:
+            raise ValueError("inline runs need a single model instance")
+        self.runs, self.max_batch, self.timeout_s = runs, max_batch, timeout_s
         self.on_batch = on_batch
         self.name = name
         self.inline = inline
@@ -149,8 +159,17 @@ class Batcher:
         self._closed = False
         self._idle = threading.Condition()
         self._busy = False  # a model call (or a claim on the idle model by a submitted request) is under way
-        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
-        self._thread.start()
+        self._running = len(runs)  # workers not stopped yet
+        self._threads = [threading.Thread(target=self._loop, args=(r,), daemon=True,
+                                          name=f"batcher-{name}" + (f"-{i}" if len(runs) > 1 else ""))
+                         for i, r in enumerate(runs)]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def instances(self) -> int:
+        """Model calls that may run at once."""
+        return len(self.runs)
 
     def submit(self, x: np.ndarray, deadline: float | None = None,
                is_active: Callable[[], bool] | None = None) -> Pending:
@@ -174,9 +193,11 @@ class Batcher:
         if self._closed:
             return
         self._closed = True
-        self._queue.put(_STOP)
+        for _ in self._threads:  # one for each worker: a worker that takes it stops taking work
+            self._queue.put(_STOP)
         end = None if timeout is None else time.monotonic() + timeout
-        self._thread.join(timeout)
+        for t in self._threads:
+            t.join(None if end is None else max(0.0, end - time.monotonic()))
         with self._idle:  # a request claimed before the close still runs on its caller's thread
             self._idle.wait_for(lambda: not self._busy, None if end is None else max(0.0, end - time.monotonic()))
 
@@ -197,7 +218,7 @@ class Batcher:
             if (timeout is not None and timeout <= 0) or item.expired(start):
                 item._finish(error=DeadlineExceeded("deadline exceeded while waiting in the batch queue"))
             else:
-                self._run([item])
+                self._run([item], self.runs[0])
                 # The queued path answers DEADLINE_EXCEEDED when the wait outlasts the deadline: so does this one.
                 if timeout is not None and time.monotonic() - start > timeout and item._error is None:
                     item._finish(error=DeadlineExceeded("deadline exceeded while the model ran"))
@@ -221,17 +242,24 @@ class Batcher:
             batch.append(item)
         return batch, stop
 
-    def _loop(self) -> None:
+    def _loop(self, run: Callable[[np.ndarray], np.ndarray]) -> None:
         stop = False
         while not stop:
             first = self._queue.get()
             if first is _STOP:
                 break
+            if not self.inline:  # several instances run at once: no claim on "the" model
+                stop = self._take(first, run)
+                continue
             self._claim()  # waits out a request running on its caller's thread; meanwhile the batch grows
             try:
-                stop = self._take(first)
+                stop = self._take(first, run)
             finally:
                 self._release()
+        with self._idle:
+            self._running -= 1
+            if self._running:  # the last worker to stop fails what slipped in behind the stop marks
+                return
         # Closed: nothing new arrives (submit refuses), fail whatever slipped in.
         while True:
             try:
@@ -241,7 +269,7 @@ class Batcher:
             if item is not _STOP:
                 item._finish(error=ShuttingDown("server is shutting down"))
 
-    def _take(self, first: Pending) -> bool:
+    def _take(self, first: Pending, run: Callable[[np.ndarray], np.ndarray]) -> bool:
         """Gather a batch behind ``first``, drop the expired, run the rest. True: the batcher was closed."""
         batch, stop = self._gather(first)
         now = time.monotonic()
@@ -252,14 +280,14 @@ class Batcher:
             else:
                 live.append(item)
         if live:
-            self._run(live)
+            self._run(live, run)
         return stop
 
-    def _run(self, items: list[Pending]) -> None:
+    def _run(self, items: list[Pending], run: Callable[[np.ndarray], np.ndarray]) -> None:
         start = time.monotonic()
         try:
             x = items[0].x[None] if len(items) == 1 else np.stack([it.x for it in items])
-            logits = self.run(x)
+            logits = run(x)
         except Exception as e:  # the model failed: every caller of this batch hears about it
             ids = [new_request_id() for _ in items]
             # One record for the batch: N callers must not log the same traceback N times.

@@ -13,6 +13,7 @@ Imports neither torch nor zoo.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -223,7 +224,7 @@ class ServingCore:
         auto = layout.triton_config(model.name, model.input_size, len(model.labels), self.batch_limit(model),
                                     delay_us, label_file=layout.LABELS_FILE if os.path.isfile(labels) else "")
         auto.backend = "onnxruntime"
-        group = auto.instance_group.add(name=model.name, count=1)
+        group = auto.instance_group.add(name=model.name, count=len(model.sessions))
         if model.provider == CUDA:
             group.kind = group.KIND_GPU
             group.gpus.append(0)
@@ -248,6 +249,9 @@ class ServingCore:
         for name in ("input", "output", "instance_group"):
             if not len(getattr(config, name)):
                 getattr(config, name).extend(getattr(auto, name))
+        for group in config.instance_group:  # completed as runtime.instance_count reads it
+            if not group.count:
+                group.count = runtime.group_count(group)
         return config
 
     def twin_of(self, name: str) -> str | None:
@@ -306,19 +310,38 @@ class ServingCore:
             began = time.perf_counter()
             runtime.warm_up(model, (1, self.batch_limit(model)), os.path.join(self.repo.root, model.name))
             self.warmed, self.warmup_s = self.warmed + 1, self.warmup_s + time.perf_counter() - began
+        def run(batch: np.ndarray, instance: int = 0) -> np.ndarray:
+            start = time.perf_counter()
+            out = model.run(batch, instance)
+            if self._serving(model):
+                self.statistics.executed(model.name, model.version, len(batch), time.perf_counter() - start)
+            return out
+
         # Batcher(inline=True) (an idle model runs on the request's own thread) is not used: measured
         # with bench.serve against the batcher thread, one client lost 7-30% QPS, the model call itself
         # being slower on the rotating gRPC handler threads than on the batcher's one thread.
         batcher = Batcher(
-            self.statistics.timed(model.name, model.version, model.run), max_batch=self.max_batch,
+            [functools.partial(run, instance=i) for i in range(len(model.sessions))], max_batch=self.max_batch,
             timeout_s=self.batch_timeout_s, max_queue=self.max_concurrency * self.stream_window,
             name=f"{model.name}:{model.version}",
             on_batch=lambda n, name=model.name: self.metrics.observe_batch(name, n))
-        if "flops" in model.meta:
-            self.metrics.set_flops(model.name, model.version, model.meta["flops"])
         with self._own_lock:
             self._own[id(model)] = (model, batcher)  # the model held: its id is not reused meanwhile
         return batcher
+
+    def _serving(self, model: Model) -> bool:
+        """Whether ``model`` is the instance loaded under its version now. Statistics belong to a
+        loaded instance, as in Triton (its InferenceStatsAggregator is a member of the Model): a
+        request still finishing on a retired one counts for nobody, not for its successor."""
+        return (self.repo.models.get(model.name) or {}).get(model.version) is model
+
+    def _start_figures(self, model: Model) -> None:
+        """A freshly loaded version's statistics and FLOPs series start over, as a reload in
+        Triton starts its statistics over, whatever a version of that number left behind."""
+        self.statistics.drop(model.name, model.version)
+        self.metrics.drop_version(model.name, model.version)
+        if "flops" in model.meta:
+            self.metrics.set_flops(model.name, model.version, model.meta["flops"])
 
     def batcher_of(self, model: Model) -> Batcher:
         with self._own_lock:
@@ -350,6 +373,8 @@ class ServingCore:
             old = self.repo.models.get(name) or {}
             self.repo.on_disk[name] = available
             self.repo.models[name] = dict(versions)  # one assignment: readers see the old or the new set
+            for model in fresh:
+                self._start_figures(model)
             for version, model in versions.items():
                 self.batchers[(name, version)] = self.batcher_of(model)
             for version in set(old) - set(versions):
@@ -571,7 +596,8 @@ class ServingCore:
         """Rows still queued are skipped instead of run for nobody; the request counts as failed."""
         for p in job.pending:
             p.abandoned = True
-        self.statistics.failed(job.model.name, job.model.version, time.perf_counter() - job.started)
+        if self._serving(job.model):
+            self.statistics.failed(job.model.name, job.model.version, time.perf_counter() - job.started)
 
     def finish(self, job: Submitted, deadline: float | None) -> Row:
         """The second half of :meth:`run`."""
@@ -585,6 +611,7 @@ class ServingCore:
         out = Row(logits, max(r.queue_s for r in results), max(r.inference_s for r in results),
                   max(r.batch_size for r in results))
         done = time.perf_counter()
-        self.statistics.succeeded(job.model.name, job.model.version, done - job.started, job.submitted - job.started,
-                                  out.queue_s, out.inference_s, done - answered)
+        if self._serving(job.model):
+            self.statistics.succeeded(job.model.name, job.model.version, done - job.started,
+                                      job.submitted - job.started, out.queue_s, out.inference_s, done - answered)
         return out

@@ -17,6 +17,7 @@ Everything the server needs (labels, input size, mean/std, crop_pct) comes from 
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -52,7 +53,9 @@ class Model:
     name: str
     version: int
     path: str
-    session: Any  # onnxruntime.InferenceSession
+    # Every instance's onnxruntime.InferenceSession (Triton's instance_group: model calls that may
+    # run at once, each on a session of its own with ``--threads`` threads).
+    sessions: list[Any]
     meta: dict[str, Any]
     provider: str
     # config.pbtxt's max_batch_size when the model directory has one (and it is > 0): the
@@ -63,6 +66,15 @@ class Model:
     config: Any = None
     # (inode, size, mtime) of the file when it was read: a replaced model.onnx differs.
     signature: tuple[int, int, int] = (0, 0, 0)
+
+    @property
+    def session(self) -> Any:
+        """The first instance's session (what metadata is read from)."""
+        return self.sessions[0]
+
+    @session.setter
+    def session(self, value: Any) -> None:
+        self.sessions[0] = value
 
     @property
     def labels(self) -> list[str]:
@@ -84,9 +96,9 @@ class Model:
     def crop_pct(self) -> float:
         return self.meta["crop_pct"]
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Logits ``[N, classes]`` for a float32 batch ``[N, C, H, W]``."""
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+    def run(self, batch: np.ndarray, instance: int = 0) -> np.ndarray:
+        """Logits ``[N, classes]`` for a float32 batch ``[N, C, H, W]``, on one instance's session."""
+        return self.sessions[instance].run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
 
 
 @dataclass
@@ -109,6 +121,8 @@ class Repository:
     # the spinning thread takes the core the gRPC threads need; README's serving section has the
     # bench.serve figures). True (``--ort-spinning``): onnxruntime's default.
     spinning: bool = False
+    # Instances of a model whose config.pbtxt has no instance_group (``--instances``).
+    instances: int = 1
 
     def names(self) -> list[str]:
         return sorted(self.models)
@@ -161,6 +175,11 @@ def _gpu_build_hint() -> str:
             "pip install -e '.[gpu]' (never both in one environment)")
 
 
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def session_options(threads: int, spinning: bool = False) -> Any:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads  # 0: onnxruntime's default (one per core)
@@ -211,8 +230,8 @@ def read_triton_config(model_dir: str) -> Any:
 
 
 def load_model(path: str, name: str, version: int, providers: Sequence[str], threads: int,
-               require: str | None = None, run: bool = True, spinning: bool = False) -> Model:
-    """Read ``path`` into memory and build its session; RepositoryError names the file. With
+               require: str | None = None, run: bool = True, spinning: bool = False, instances: int = 1) -> Model:
+    """Read ``path`` into memory and build its session (one per instance); RepositoryError names the file. With
     ``run`` off the session is not run once (a model that loads but cannot run then fails its
     requests instead of its load, and a symbolic class dimension goes unchecked)."""
     try:
@@ -222,6 +241,8 @@ def load_model(path: str, name: str, version: int, providers: Sequence[str], thr
         raise RepositoryError(f"cannot read model file {path}: {e.strerror or e}") from None
     if not data:
         raise RepositoryError(f"model file {path} is empty")
+    if threads == 0 and instances > 1:  # one thread per core shared out, not one per core for each
+        threads = max(1, available_cores() // instances)
     try:
         session = ort.InferenceSession(data, session_options(threads, spinning), providers=list(providers))
     except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
@@ -236,8 +257,10 @@ def load_model(path: str, name: str, version: int, providers: Sequence[str], thr
     if require is not None and provider != require:
         raise RepositoryError(f"--providers cuda: onnxruntime fell back to {provider} for {path} "
                               "(no usable GPU or CUDA libraries)")
-    model = Model(name=name, version=version, path=path, session=session, meta=meta, provider=provider,
+    model = Model(name=name, version=version, path=path, sessions=[session], meta=meta, provider=provider,
                   signature=file_signature(path))
+    for _ in range(instances - 1):  # from the same bytes: every instance runs the file that was checked
+        model.sessions.append(ort.InferenceSession(data, session_options(threads, spinning), providers=list(providers)))
     if not run:
         return model
     # One run now: the first request does not pay onnxruntime's first-run setup, and a model
@@ -272,6 +295,21 @@ def policy_versions(config: Any, available: Sequence[int]) -> list[int]:
     return sorted(available)[-max(n, 1):] if available else []
 
 
+def instance_count(config: Any, default: int) -> int:
+    """Sessions to run a model on: the counts of config.pbtxt's ``instance_group`` entries summed,
+    ``default`` without any. As Triton completes a group for the onnxruntime backend: a CPU group
+    without a count has 2, any other 1, and a GPU group has its count on each GPU it lists."""
+    groups = list(getattr(config, "instance_group", ()))
+    if not groups:
+        return default
+    return sum(group_count(g) * (max(1, len(g.gpus)) if g.kind == g.KIND_GPU else 1) for g in groups)
+
+
+def group_count(group: Any) -> int:
+    """An instance_group entry's count, completed as Triton does for the onnxruntime backend."""
+    return group.count or (2 if group.kind == group.KIND_CPU else 1)
+
+
 def warm_up(model: Model, batch_sizes: Sequence[int], model_dir: str) -> None:
     """Run ``model`` before it serves: config.pbtxt's ``model_warmup`` samples when it has
     some (Triton's; zero, random or file data), else zeros at each of ``batch_sizes``. The first
@@ -304,9 +342,9 @@ def warm_up(model: Model, batch_sizes: Sequence[int], model_dir: str) -> None:
         runs += [(sample.name, x)] * max(int(sample.count), 1)
     if not runs:
         runs = [(f"batch {n}", np.zeros((n, *model.input_size), np.float32)) for n in sorted(set(batch_sizes))]
-    for name, x in runs:
+    for (name, x), session in itertools.product(runs, model.sessions):  # as Triton, on every instance
         try:
-            model.session.run([OUTPUT_NAME], {INPUT_NAME: x})
+            session.run([OUTPUT_NAME], {INPUT_NAME: x})
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RepositoryError(f"model file {model.path}: warmup {name} does not run: {first}") from None
@@ -338,7 +376,7 @@ def load_versions(repo: Repository, name: str) -> tuple[dict[int, Model], list[i
             out[version] = old
             continue
         model = load_model(path, name, version, repo.providers, repo.threads, repo.require, repo.warmup,
-                           spinning=repo.spinning)
+                           spinning=repo.spinning, instances=instance_count(config, repo.instances))
         model.max_batch_size, model.config = max_batch_size, config
         out[version] = model
     return out, available
@@ -362,7 +400,7 @@ def _check_graph(session: Any, meta: dict[str, Any], path: str) -> None:
 
 def load_repository(root: str, providers: str = "auto", threads: int = 0,
                     models: Sequence[str] = (), empty_ok: bool = False, warmup: bool = True,
-                    spinning: bool = False) -> Repository:
+                    spinning: bool = False, instances: int = 1) -> Repository:
     """Load the newest version of every model under ``root`` (or the ``models`` specs).
 
     Args:
@@ -375,6 +413,7 @@ def load_repository(root: str, providers: str = "auto", threads: int = 0,
         warmup: run each model before it serves, at this load and every later one
             (:attr:`Repository.warmup`); False (``--no-warmup``) marks models ready unrun.
         spinning: onnxruntime's intra-op threads spin while idle (:attr:`Repository.spinning`).
+        instances: sessions per model whose config.pbtxt has no instance_group (:func:`instance_count`).
 
     Raises:
         RepositoryError: one line naming the directory, file or option at fault.
@@ -393,8 +432,10 @@ def load_repository(root: str, providers: str = "auto", threads: int = 0,
         names = [] if empty_ok else layout.model_names(root)
     if not names and not empty_ok:
         raise RepositoryError(f"--model-dir {root}: no models (expected {root}/NAME/VERSION/{MODEL_FILE})")
+    if instances < 1:
+        raise RepositoryError(f"--instances {instances}: at least 1")
     repo = Repository(root=root, providers=list(provider_list), threads=threads, require=require, warmup=warmup,
-                      spinning=spinning)
+                      spinning=spinning, instances=instances)
     for name in names:
         model_dir = os.path.join(root, name)
         available = layout.versions(model_dir)
@@ -411,7 +452,8 @@ def load_repository(root: str, providers: str = "auto", threads: int = 0,
             path = layout.model_file(model_dir, version)
             if not os.path.isfile(path):
                 raise RepositoryError(f"missing model file {path}")
-            model = load_model(path, name, version, provider_list, threads, require, warmup, spinning=spinning)
+            model = load_model(path, name, version, provider_list, threads, require, warmup, spinning=spinning,
+                               instances=instance_count(config, instances))
             model.max_batch_size, model.config = max_batch_size, config
             repo.models.setdefault(name, {})[version] = model
     return repo

@@ -48,6 +48,8 @@ DEFAULT_MAX_BATCH = 16
 # throughput matters more than latency; the README gives bench.serve's figures for both settings.
 DEFAULT_BATCH_TIMEOUT_MS = 0.0
 DEFAULT_POLL_SECS = 15.0  # Triton's --repository-poll-secs default
+# Sessions per model (config.pbtxt's instance_group overrides it per model).
+DEFAULT_INSTANCES = 1
 DEFAULT_MAX_CONCURRENCY = 64  # Classify and ModelInfer calls + ClassifyStream streams in flight at once
 MAX_MESSAGE_BYTES = 16 * 2**20  # a 12 MP JPEG is ~5 MB; larger messages get RESOURCE_EXHAUSTED
 # RPCs beyond --max-concurrency that the thread pool still takes, so health checks, reflection

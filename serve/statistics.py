@@ -5,9 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
-import numpy as np
 
 
 @dataclass
@@ -56,16 +54,6 @@ class Statistics:
 
     def _of(self, name: str, version: int) -> ModelStatistics:
         return self._models.setdefault((name, version), ModelStatistics())
-
-    def timed(self, name: str, version: int, run: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray],
-                                                                                                   np.ndarray]:
-        """``run`` (a batcher's model call) recording each execution that succeeds."""
-        def timed_run(batch: np.ndarray) -> np.ndarray:
-            start = time.perf_counter()
-            out = run(batch)
-            self.executed(name, version, len(batch), time.perf_counter() - start)
-            return out
-        return timed_run
 
     def executed(self, name: str, version: int, batch_size: int, seconds: float) -> None:
         with self._lock:

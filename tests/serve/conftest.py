@@ -144,7 +144,7 @@ class Gate:
         self.run, self.open, self.entered = run, threading.Event(), threading.Event()
         self.open.set()
 
-    def __call__(self, x):
+    def __call__(self, x, *instance):
         self.entered.set()
         assert self.open.wait(60)
-        return self.run(x)
+        return self.run(x, *instance)

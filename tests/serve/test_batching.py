@@ -232,6 +232,50 @@ def test_close_runs_queued_then_refuses(make):
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         Batcher(Recorder(), **kw)
+    with pytest.raises(ValueError, match="no model instance"):
+        Batcher([])
+    with pytest.raises(ValueError, match="single model instance"):
+        Batcher([Recorder(), Recorder()], inline=True)
+
+
+# ------------------------------------------------------------------ instances: one worker per model instance
+
+
+def test_instances_run_batches_at_once_each_answer_its_own(make):
+    # Each instance's call waits until the other one is inside its own: only instances that run
+    # at the same time get past the barrier (one at a time, the first call would break it).
+    barrier = threading.Barrier(2, timeout=HANG_S)
+    instances = [Recorder(), Recorder()]
+
+    def at_once(rec):
+        def run(x):
+            barrier.wait()
+            return rec(x)
+        return run
+    b = make([at_once(r) for r in instances], max_batch=1, timeout_s=0.0)  # two batches of one
+    assert b.instances == 2
+    items = [b.submit(np.full(2, float(i))) for i in range(2)]
+    assert [it.wait(HANG_S).logits[0] for it in items] == [0.0, 2.0]
+    assert [r.sizes for r in instances] == [[1], [1]]
+    barrier.reset()
+    # Under load every answer is its own input's, whichever instance ran it.
+    b2 = make([Recorder(), Recorder(), Recorder()], max_batch=3, timeout_s=0.0)
+    results = [b2.submit(np.full(2, float(i))) for i in range(50)]
+    assert [r.wait(HANG_S).logits[0] for r in results] == [2.0 * i for i in range(50)]
+    assert sum(len(r.sizes) for r in b2.runs) <= 50 and sum(sum(r.sizes) for r in b2.runs) == 50
+
+
+def test_close_with_instances_runs_queued_stops_every_worker_then_refuses(make):
+    gate = threading.Event()
+    instances = [Recorder(gate), Recorder(gate)]
+    b = make(instances, max_batch=2, timeout_s=0.0)
+    items = [b.submit(np.full(1, float(i))) for i in range(7)]
+    threading.Timer(0.05, gate.set).start()
+    b.close(timeout=HANG_S)
+    assert [it.wait(1).logits[0] for it in items] == [float(i) for i in range(7)]
+    assert not any(t.is_alive() for t in b._threads)
+    with pytest.raises(ShuttingDown):
+        b.submit(np.ones(1))
 
 
 # ------------------------------------------------------------------ inline: an idle model runs on the caller's thread
@@ -276,7 +320,7 @@ def test_inline_requests_batch_on_the_worker_under_contention(make):
         assert result.logits[0] == 2.0 * i
         assert result.batch_size == (4 if i < 4 else 2)
     assert rec.sizes == [1, 4, 2]
-    assert rec.threads[0] is runner and all(t is b._thread for t in rec.threads[1:])
+    assert rec.threads[0] is runner and all(t is b._threads[0] for t in rec.threads[1:])
     assert b.submit(np.ones(2)).wait(HANG_S).batch_size == 1  # idle again: inline again
     assert rec.threads[-1] is threading.current_thread()
 

@@ -284,7 +284,7 @@ def test_expired_deadline_dropped_from_queue(exported):
     model = repo.get("resnext_mini")
     gate = Gate(model.run)
     sizes: list[int] = []
-    model.run = lambda x: (sizes.append(len(x)), gate(x))[1]
+    model.run = lambda x, *instance: (sizes.append(len(x)), gate(x, *instance))[1]
     with running(repo, max_batch=8, batch_timeout_ms=0) as (server, port), \
             grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         s = pb_grpc.ClassifierStub(channel)

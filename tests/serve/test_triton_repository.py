@@ -229,6 +229,39 @@ def test_a_request_that_looked_up_the_old_version_finishes_on_it(root, exported,
         np.testing.assert_allclose(core.run(core.resolve(MODEL), X, None).logits, want[OTHER], rtol=1e-5, atol=1e-5)
 
 
+def _figures(stub, metrics) -> tuple[tuple[int, int, int], dict[str, float]]:
+    """Version 1's (inference, execution, success) counts over ModelStatistics, and MODEL's FLOPs
+    series by version."""
+    (s,) = stub.ModelStatistics(kpb.ModelStatisticsRequest(name=MODEL, version="1"), timeout=WAIT_S).model_stats
+    flops = {sample.labels["version"]: sample.value for m in metrics.registry.collect()
+             if m.name == "zoo_serve_model_flops" for sample in m.samples if sample.labels["model"] == MODEL}
+    return (s.inference_count, s.execution_count, s.inference_stats.success.count), flops
+
+
+def test_a_version_reloaded_within_the_retire_delay_starts_its_statistics_over(root, exported, channel, monkeypatch):
+    """Triton keeps statistics per loaded model instance: unload and load again, and the version
+    counts from zero, however soon. Neither the old instance's figures, nor a request still
+    finishing on it, nor its retirement later may touch the new instance's."""
+    monkeypatch.setattr(serve.core, "RETIRE_AFTER_S", 0.5)
+    repo = load_repository(str(root), providers="cpu", threads=1, models=[MODEL])
+    flops = float(repo.get(MODEL).meta["flops"])
+    with running(repo, model_control="explicit") as (server, port):
+        core, (stub, _) = server.core, channel(port)
+        for _ in range(2):
+            stub.ModelInfer(infer_request(X[:1]), timeout=WAIT_S)
+        assert _figures(stub, core.metrics) == ((2, 2, 2), {"1": flops})
+        old = core.resolve(MODEL)
+        stub.RepositoryModelUnload(kpb.RepositoryModelUnloadRequest(model_name=MODEL), timeout=WAIT_S)
+        stub.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name=MODEL), timeout=WAIT_S)
+        assert core.resolve(MODEL) is not old  # a fresh instance, while the old one's batcher still retires
+        assert _figures(stub, core.metrics) == ((0, 0, 0), {"1": flops})
+        core.run(old, X[:1], None)  # looked up before the unload: answered by the old instance
+        assert _figures(stub, core.metrics) == ((0, 0, 0), {"1": flops})
+        stub.ModelInfer(infer_request(X[:1]), timeout=WAIT_S)
+        wait_for(lambda: len(core._own) == len(core.repo.all()), "the old instance to retire")
+        assert _figures(stub, core.metrics) == ((1, 1, 1), {"1": flops})
+
+
 def rss_bytes() -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
@@ -415,6 +448,38 @@ def test_no_warmup_holds_for_versions_loaded_later(root, want, channel, session_
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_no_warmup_still_refuses_a_class_dimension_its_labels_disagree_with(root, session_runs):
+    """The graph declares its class dimension (static in every zoo export): comparing it with the
+    labels needs no run, so ``--no-warmup`` refuses the model as the warmup does, in the same words."""
+    import onnx
+
+    from contract.repository import labels_text
+    from serve.runtime import RepositoryError
+
+    path = root / MODEL / "1" / "model.onnx"
+    m = onnx.load(str(path))
+    (prop,) = [p for p in m.metadata_props if p.key == "zoo.labels"]
+    declared = len(json.loads(prop.value))
+    labels = [f"class {i}" for i in range(declared + 1)]
+    prop.value = json.dumps(labels)
+    onnx.save(m, str(path))
+    (root / MODEL / "labels.txt").write_text(labels_text(labels))
+    errors = {}
+    for warmup in (True, False):
+        session_runs.clear()
+        with pytest.raises(RepositoryError) as info:
+            load_repository(str(root), providers="cpu", threads=1, models=[MODEL], warmup=warmup)
+        errors[warmup] = str(info.value)
+        if not warmup:
+            assert session_runs == []
+    assert errors[False] == errors[True] == (f"model file {path}: graph output ['batch', {declared}] does not fit "
+                                               f"{declared + 1} labels")
+    refused = subprocess.run([sys.executable, "-m", "serve", "--model-dir", str(root), "--model", MODEL, "--port", "0",
+                              "--no-http", "--providers", "cpu", "--threads", "1", "--no-warmup"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=WAIT_S)
+    assert refused.returncode == 1 and errors[True] in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_cli_no_warmup_serves_what_the_warmup_would_refuse(root, want):
     """``python -m serve --no-warmup``: the model is ready without having run (a warmup sample that
     cannot be read stops the start without the flag, not with it), and the ready line says so."""
@@ -447,6 +512,7 @@ def test_cli_no_warmup_serves_what_the_warmup_would_refuse(root, want):
     (["--model-control-mode", "explicit", "--load-model", "*", "--load-model", MODEL],
      "--load-model '*' loads every model: it goes without other --load-model or --model"),
     (["--model-control-mode", "poll", "--model", MODEL], "--model does not go with --model-control-mode poll"),
+    (["--instances", "0"], "Invalid --instances: 0 (at least 1)"),
 ])
 def test_cli_flags_refused_with_one_line(exported, capsys, argv, message):
     with pytest.raises(SystemExit) as info:
@@ -524,3 +590,52 @@ def test_stock_tritonclient_model_control(root):
     assert out["index"] == [[OTHER, "1", "READY"], [MODEL, "", "UNAVAILABLE"]]
     assert (out["before"], out["loaded"], out["unloaded"]) == (False, True, False)
     assert "Request for unknown model: 'wrong_model_name' is not found" in out["wrong"]
+
+
+# ------------------------------------------------------------------ instance_group: sessions run at once
+
+
+@pytest.mark.parametrize("group,default,count", [
+    ("", 1, 1), ("", 2, 2),  # no instance_group: --instances
+    ("instance_group [{ kind: KIND_CPU count: 3 }]", 1, 3),
+    ("instance_group [{ kind: KIND_CPU }, { kind: KIND_CPU count: 1 }]", 1, 3),  # Triton: a CPU group has 2
+])
+def test_instance_group_count_is_the_sessions_each_warmed_and_serving(root, channel, group, default, count):
+    (root / MODEL / "config.pbtxt").write_text(f'name: "{MODEL}"\nmax_batch_size: 4\n{group}\n')
+    repo = load_repository(str(root), providers="cpu", threads=1, models=[MODEL], instances=default)
+    model = repo.get(MODEL)
+    assert len(model.sessions) == count and len({id(s) for s in model.sessions}) == count
+    model.sessions[:] = [RecordingSession(s) for s in model.sessions]
+    with running(repo, max_batch=4) as (server, port):
+        assert [sorted(s.sizes) for s in model.sessions] == [[1, 4]] * count  # Triton warms every instance
+        assert server.core.batcher_of(model).instances == count
+        stub, _ = channel(port)
+        config = stub.ModelConfig(kpb.ModelConfigRequest(name=MODEL)).config
+        assert sum(g.count for g in config.instance_group) == count
+        answers = [None] * 8
+
+        def ask(i):
+            answers[i] = logits_of(stub.ModelInfer(infer_request(X[i % 2:i % 2 + 1]), timeout=WAIT_S))
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT_S)
+    want = repo.get(MODEL).run(X)
+    for i, got in enumerate(answers):
+        np.testing.assert_allclose(got[0], want[i % 2], rtol=1e-4, atol=1e-5)
+    assert sum(len(s.sizes) for s in model.sessions) > 2 * count  # the requests ran on the sessions
+
+
+def test_cli_instances_reach_the_models(exported):
+    from tests.serve.test_cli import start_serve
+    proc, port, _ = start_serve("--model-dir", exported.root, "--model", MODEL, "--port", "0", "--no-http",
+                                "--providers", "cpu", "--threads", "1", "--instances", "2")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+            (group,) = stub.ModelConfig(kpb.ModelConfigRequest(name=MODEL), timeout=WAIT_S).config.instance_group
+            assert group.count == 2 and group.kind == group.KIND_CPU
+    finally:
+        proc.terminate()
+        assert proc.wait(WAIT_S) == 0
