@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--workers", type=common.csv_list(int), default=None,
                    help="python -m serve --workers of the servers started, comma-separated (default 1); "
                         "not with --server")
+    m.add_argument("--instances", type=int, default=None,
+                   help="python -m serve --instances of the servers started (model calls at once, each on its own "
+                        "session with a share of --threads) (default 1); not with --server")
     m.add_argument("--protocol", type=common.csv_list(str), default=None,
                    help=f"what the clients send, comma-separated (default {','.join(DEFAULT_PROTOCOLS)}): "
                         + "; ".join(f"{k}: {v}" for k, v in PROTOCOLS.items()))
@@ -136,6 +139,8 @@ def resolve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             parser.error(f"--server {args.server!r}: expected HOST:PORT")
         if args.workers is not None:
             parser.error("--workers: applies to the servers this tool starts")
+        if args.instances is not None:
+            parser.error("--instances: applies to the servers this tool starts")
         batching = ["external"]
     else:
         batching = list(dict.fromkeys(b.lower() for b in (args.batching or DEFAULT_BATCHING)))
@@ -167,7 +172,8 @@ def resolve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     client_processes = args.client_processes if args.client_processes is not None else os.cpu_count() or 1
     max_requests = args.max_requests if args.max_requests is not None else MAX_REQUESTS
     for flag, value in (("--threads", args.threads), ("--client-processes", client_processes),
-                        ("--max-requests", max_requests)):
+                        ("--max-requests", max_requests),
+                        ("--instances", 1 if args.instances is None else args.instances)):
         if value < 1:
             parser.error(f"Invalid {flag}: {value} (at least 1)")
     if args.rounds is not None and args.rounds < 1:
@@ -183,7 +189,8 @@ def resolve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
                   concurrency=concurrency, duration_s=duration, batching=batching, workers=workers,
                   client_processes=client_processes, rounds=rounds, max_requests=max_requests,
                   seed=args.seed, json_path=args.json, protocols=protocols, http_server=args.http_server,
-                  peer=args.peer, peer_python=args.peer_python, spinning=args.ort_spinning)
+                  peer=args.peer, peer_python=args.peer_python, spinning=args.ort_spinning,
+                  instances=args.instances or 1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

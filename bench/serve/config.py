@@ -72,7 +72,7 @@ ROW_KEYS = (
     "server_queue_p50_ms", "server_inference_p50_ms", "server_other_p50_ms", "transport_p50_ms",
     "serving_cost_p50_ms", "inference_busy", "server_cpu", "client_cpu", "target", "value", "threshold", "met", "note",
     "protocol", "tail_ratio", "echo_p50_ms", "echo_gap_ms", "unit", "qps_ratio", "p50_ratio", "p99_ratio",
-    "peer_echo_gap_ms",
+    "peer_echo_gap_ms", "cpu_note",
 )
 
 
@@ -105,5 +105,6 @@ class Config:
     protocols: list[str] = field(default_factory=lambda: list(DEFAULT_PROTOCOLS))
     http_server: str | None = None  # HOST:PORT of --server's HTTP side (--http-server)
     peer: str | None = None  # --peer: measured beside the servers, every PEER_PROTOCOLS protocol of the run
+    instances: int = 1  # python -m serve --instances of the servers started
     peer_python: str | None = None  # --peer-python; None: bench.serve.peer.default_python()
     spinning: bool = False  # --ort-spinning: servers, peer and raw session.run alike

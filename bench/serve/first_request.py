@@ -64,6 +64,7 @@ UNHONOURED = (
     ("--concurrency", "concurrency", _LOAD),
     ("--duration", "duration", _LOAD),
     ("--workers", "workers", _LOAD),
+    ("--instances", "instances", _LOAD),
     ("--protocol", "protocol", _LOAD),
     ("--client-processes", "client_processes", _LOAD),
     ("--rounds", "rounds", _LOAD),

@@ -131,6 +131,8 @@ def evaluate_peer(settings: list[Any], cfg: Config, rows: Sequence[dict[str, Any
     peer = {(s.protocol, s.concurrency): s for s in settings if s.batching == cfg.peer}
     gaps = {(r["batching"], r["protocol"]): r["echo_gap_ms"] for r in rows
             if r["kind"] == "served" and r["concurrency"] == 1 and r["workers"] == 1}
+    served = {(r["batching"], r["protocol"], r["concurrency"]): r for r in rows
+              if r["kind"] == "served" and r["workers"] == 1}
     out = []
     for s in settings:
         k = peer.get((s.protocol, s.concurrency))
@@ -152,8 +154,29 @@ def evaluate_peer(settings: list[Any], cfg: Config, rows: Sequence[dict[str, Any
                        value=medians["p50_ms"], qps_ratio=medians["qps"], p50_ratio=medians["p50_ms"],
                        p99_ratio=medians["p99_ms"], unit="x", note=note,
                        echo_gap_ms=gaps.get((s.batching, s.protocol)) if s.concurrency == 1 else None,
-                       peer_echo_gap_ms=gaps.get((cfg.peer, s.protocol)) if s.concurrency == 1 else None))
+                       peer_echo_gap_ms=gaps.get((cfg.peer, s.protocol)) if s.concurrency == 1 else None,
+                       cpu_note=_cpu_budget(served.get((s.batching, s.protocol, s.concurrency)),
+                                            served.get((cfg.peer, s.protocol, s.concurrency)), cfg.peer)))
     return out
+
+
+def _cpu_budget(mine: dict[str, Any] | None, theirs: dict[str, Any] | None, peer: str) -> str | None:
+    """What bounds a throughput ratio when the machine's cores are the limit: each server's CPU per
+    answer (its own and its clients'), and the QPS this server would reach were every core busy at
+    that cost, over the peer's measured QPS."""
+    if mine is None or theirs is None or mine["concurrency"] == 1:
+        return None
+    cost = {}
+    for name, r in (("this server", mine), (peer, theirs)):
+        if not r["qps"] or r["server_cpu"] is None or r["client_cpu"] is None:
+            return None
+        cost[name] = (1e3 * r["server_cpu"] / r["qps"], 1e3 * r["client_cpu"] / r["qps"])
+    cores = os.cpu_count() or 1
+    ceiling = cores * 1e3 / sum(cost["this server"])
+    return ("CPU ms per answer, server + its clients: " + ", ".join(f"{k} {s:.2f} + {c:.2f}" for k, (s, c) in
+                                                                       cost.items())
+            + f"; with all {cores} cores busy at that cost this server would answer {ceiling:.0f} QPS, "
+              f"{ceiling / theirs['qps']:.2f}x {peer}'s {theirs['qps']:.0f}")
 
 
 def http_reference(protocols: list[str]) -> str | None:
@@ -305,6 +328,7 @@ def report(cfg: Config, model: Any, rows: list[dict[str, Any]], processes: int, 
     end_load = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     lines = [
         f"{cfg.model} ({'x'.join(map(str, model.input_size))}), server onnxruntime threads {cfg.threads}"
+        + (f" over {cfg.instances} model instances" if cfg.instances > 1 else "")
         + (" (split over a server's workers)" if max(cfg.workers) > 1 else "") + f", {processes} client processes"
         + (", a connection per client" if max(cfg.workers) > 1 else "")
         + f", {cfg.rounds} rounds, {cfg.duration_s:g} s measured per setting; "
@@ -347,6 +371,8 @@ def report(cfg: Config, model: Any, rows: list[dict[str, Any]], processes: int, 
                     if t["echo_gap_ms"] is not None and t["peer_echo_gap_ms"] is not None else "")
             lines.append(f"  {t['target']}: QPS {_x(t['qps_ratio'])}, p50 {_x(t['p50_ratio'])}, "
                          f"p99 {_x(t['p99_ratio'])}{gaps}; {t['note']}")
+            if t.get("cpu_note"):
+                lines.append(f"    bound: {t['cpu_note']}")
     if scaling:
         lines.append("scale-out on this machine (measured):")
         for t in scaling:

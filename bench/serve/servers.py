@@ -164,7 +164,8 @@ def server_command(cfg: Config, root: str, max_batch: int, workers: int = 1) -> 
 
     # --drain-delay 0: the load has stopped before a server is stopped; nothing is left to drain.
     return [sys.executable, "-m", "serve", "--model-dir", root, "--model", cfg.model, "--host", HOST, "--port", "0",
-            "--providers", "cpu", "--threads", str(max(1, cfg.threads // workers)), "--max-batch", str(max_batch),
+            "--providers", "cpu", "--threads", str(max(1, cfg.threads // (workers * cfg.instances))),
+            "--instances", str(cfg.instances), "--max-batch", str(max_batch),
             "--max-concurrency", str(max(DEFAULT_MAX_CONCURRENCY, max(cfg.concurrency))),
             "--grace", str(SERVER_GRACE_S), "--drain-delay", "0", "--workers", str(workers)] + (
         ["--http-port", "0"] if set(cfg.protocols) & set(HTTP_PROTOCOLS) else []) + (

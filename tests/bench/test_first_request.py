@@ -116,7 +116,8 @@ def _error_line(argv, capsys) -> str:
 UNHONOURED_ARGV = [
     ["--server", "127.0.0.1:1"], ["--http-server", "127.0.0.1:2"], ["--peer", "kserve"],
     ["--peer-python", sys.executable], ["--concurrency", "4"], ["--duration", "1"], ["--workers", "2"],
-    ["--protocol", "grpc"], ["--client-processes", "2"], ["--rounds", "2"], ["--max-requests", "10"], ["--quick"],
+    ["--instances", "2"], ["--protocol", "grpc"], ["--client-processes", "2"], ["--rounds", "2"],
+    ["--max-requests", "10"], ["--quick"],
 ]
 
 

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from bench.serve import main
+from bench.serve.cli import build_parser, resolve_config
 from bench.serve.clients import choose_inputs, softmax
 from bench.serve.config import MAX_BATCH, PROG, RAW_MIN_CALLS, ROW_KEYS, TARGET_CONCURRENCY, Config, row
 from bench.serve.report import COLUMNS, evaluate_scaling, evaluate_targets
+from bench.serve.servers import server_command
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICK_TIMEOUT_S = 240  # the run itself takes ~20 s (export included) on the idle 2-core machine
@@ -139,6 +141,8 @@ def test_quick_json_rows_every_answer_matched(quick):
     (["--server", "127.0.0.1:1", "--batching", "on"], "--batching"),
     (["--server", "127.0.0.1:1", "--workers", "2"], "--workers: applies to the servers this tool starts"),
     (["--workers", "0,2"], "--workers: at least 1"),
+    (["--instances", "0"], "Invalid --instances: 0"),
+    (["--server", "127.0.0.1:1", "--instances", "2"], "--instances: applies to the servers this tool starts"),
     (["--model", "../x"], "invalid name"),
     (["--model-dir", "/nonexistent-dir"], "--model-dir"),
 ])
@@ -201,6 +205,23 @@ def test_workers_run_counts_the_cpu_of_every_worker(quick, tmp_path):
     assert r["errors"] == 0 and r["requests"] > 0
     # the work is done in the workers, children of the process started: their CPU is counted
     assert r["server_cpu"] is not None and r["server_cpu"] > 0.2, r
+
+
+def test_instances_reach_the_servers_started(quick, tmp_path):
+    """--instances 2: the servers run two model instances, each with its share of --threads."""
+    out = tmp_path / "rows.json"
+    result = subprocess.run([sys.executable, "-m", "bench.serve", "--quick", "--cache", str(quick["cache"]),
+                             "--instances", "2", "--threads", "2", "--batching", "on", "--concurrency", "4",
+                             "--duration", "1", "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=QUICK_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "server onnxruntime threads 2 over 2 model instances" in result.stdout
+    (r,) = [r for r in json.loads(out.read_text()) if r["kind"] == "served"]
+    assert r["errors"] == 0 and r["requests"] > 0
+    parser = build_parser()
+    cfg = resolve_config(parser, parser.parse_args(["--instances", "2", "--threads", "4"]))
+    command = server_command(cfg, "models", 16)
+    assert command[command.index("--instances") + 1] == "2" and command[command.index("--threads") + 1] == "2"
 
 
 def test_unservable_model_dir_is_one_line_exit_1(tmp_path, capsys):
@@ -457,6 +478,22 @@ def test_the_peer_gets_the_echo_gap_row_beside_this_servers():
     assert "served p50 - (echo p50 + raw p50) (kserve peer, grpc-infer): 1.000 ms" in text
     assert "batching on / kserve (grpc-infer, 1 client): QPS 0.83x, p50 1.20x, p99 1.20x; served p50 - (echo p50 " \
            "+ raw p50) 1.500 vs 1.000 ms" in text
+
+
+def test_the_peer_ratio_under_load_names_the_cpu_budget(monkeypatch):
+    """Under load, each side's CPU per answer (server, clients) and the QPS this server would reach
+    with every core busy at its cost: what bounds a throughput ratio on a machine the clients share."""
+    from bench.serve import report as report_module
+
+    monkeypatch.setattr(report_module.os, "cpu_count", lambda: 2)
+    mine = row(kind="served", concurrency=16, qps=500.0, server_cpu=1.0, client_cpu=0.5)
+    theirs = row(kind="served", concurrency=16, qps=400.0, server_cpu=0.8, client_cpu=0.4)
+    note = report_module._cpu_budget(mine, theirs, "kserve")
+    assert note == ("CPU ms per answer, server + its clients: this server 2.00 + 1.00, kserve 2.00 + 1.00; with all 2 "
+                    "cores busy at that cost this server would answer 667 QPS, 1.67x kserve's 400")
+    assert report_module._cpu_budget(row(kind="served", concurrency=1, qps=500.0, server_cpu=1.0, client_cpu=0.5),
+                                     theirs, "kserve") is None  # one client waits; no core is the limit
+    assert report_module._cpu_budget(mine, dict(theirs, server_cpu=None), "kserve") is None
 
 
 @pytest.mark.parametrize("argv, message", [
