@@ -423,7 +423,19 @@ def to_int8(model: Any, calib: Iterator[np.ndarray], method: str, workdir: str, 
                 made = {(): variants["int8"], **{tuple(names): variants[k] for k, names in classes.items()}}
                 times = _interleaved_fastest_ms(variants, batches[0][:1], threads, timing_rounds)
                 measured = {k: round(times[k] / times["int8"], 3) for k in classes}
-                excluded = [n for k, names in classes.items() if measured[k] < AUTO_FP32_IF_BELOW for n in names]
+                chosen = [k for k in classes if measured[k] < AUTO_FP32_IF_BELOW]
+                if len(chosen) > 1:
+                    # Each class was timed alone; together they put Quantize/Dequantize pairs around
+                    # more float convs, so the combination is timed too, against the best single
+                    # class and all-int8.
+                    best, both = min(chosen, key=lambda k: measured[k]), "+".join(chosen)
+                    names = [n for k in chosen for n in classes[k]]
+                    made[tuple(names)] = variants[both] = quantize(names, "keep-chosen.onnx")
+                    again = _interleaved_fastest_ms({k: variants[k] for k in ("int8", best, both)},
+                                                    batches[0][:1], threads, timing_rounds)
+                    measured[both] = round(again[both] / again["int8"], 3)
+                    chosen = pick_auto(chosen, best, {k: again[k] / again["int8"] for k in (best, both)})
+                excluded = [n for k in chosen for n in classes[k]]
         dst = made.get(tuple(excluded)) or quantize(excluded, "int8.onnx")
     quantized = onnx.load(dst)
     onnx.checker.check_model(quantized, full_check=True)
@@ -434,6 +446,17 @@ def to_int8(model: Any, calib: Iterator[np.ndarray], method: str, workdir: str, 
         raise VerificationError(f"--int8-exclude {exclude}: {disagreement}")
     return quantized, Int8Choice(exclude=exclude, excluded=tuple(excluded), measured=measured, calib_method=method,
                                  calib_images=sum(len(b) for b in batches), scale_shift_convs=scale_shifts)
+
+
+def pick_auto(chosen: list[str], best: str, ratios: dict[str, float]) -> list[str]:
+    """What auto keeps fp32 once the classes measured faster fp32 one by one (``chosen``, several)
+    were timed together (``ratios``: the best single class's and the combination's time over
+    all-int8's, in one run): the faster of the two, none unless it is clearly faster than all-int8."""
+    both = "+".join(chosen)
+    pick = both if ratios[both] <= ratios[best] else best
+    if ratios[pick] >= AUTO_FP32_IF_BELOW:
+        return []
+    return chosen if pick == both else [best]
 
 
 def _interleaved_fastest_ms(paths: dict[str, str], x: np.ndarray, threads: int, rounds: int) -> dict[str, float]:

@@ -138,6 +138,21 @@ def test_bound_names_the_largest_kind(profiled, model):
     assert prof["bound"] in out
 
 
+def test_bound_with_a_target_names_the_kind_furthest_over_it():
+    """resnext50_32x4d's profile at batch 1 (bench.export, 2 threads): its group=1 int8 convs are the
+    largest kind but already at 0.3x their fp32 time; the grouped ones, at 1.1x, keep it over 0.5x."""
+    from bench.export import bound_of
+
+    kinds = [dict(kind=KIND_GROUP1, int8_ms=14.589, fp32_ms=49.197, share=0.477),
+             dict(kind=KIND_GROUPED, int8_ms=8.546, fp32_ms=7.569, share=0.279),
+             dict(kind=KIND_KEPT, int8_ms=4.171, fp32_ms=4.821, share=0.136),
+             dict(kind=KIND_QDQ, int8_ms=1.016, fp32_ms=0.0, share=0.033)]
+    assert bound_of(kinds, 0.5, [8, 16, 32]) == (
+        f"bound: {KIND_GROUPED} (8, 16, 32 channels per group), 28% of the int8 time, 1.1x their fp32 time; "
+        "4.8 ms over what 0.5x their fp32 time allows")
+    assert bound_of(kinds, None).startswith(f"bound: {KIND_GROUP1}, 48% of the int8 time, 0.3x")
+
+
 def test_model_without_target_prints_no_verdict(profiled):
     row, _, out = profiled["densenet_mini"]
     assert row["target"] is None and row["target_met"] is None

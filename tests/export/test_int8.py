@@ -18,7 +18,7 @@ import export.onnx as exp
 from contract.metadata import read_metadata
 from export import ExportConfig, UserError, export
 from export.config import SilentReporter
-from export.convert import AUTO_FP32_IF_BELOW, export_model, grouped_conv_classes
+from export.convert import AUTO_FP32_IF_BELOW, export_model, grouped_conv_classes, pick_auto
 from export.verify import GraphAudit, kept_float_disagreement
 from tests.export.digits import fit_resnext_mini, stacked
 from zoo.checkpoint import save_checkpoint
@@ -117,6 +117,8 @@ def test_auto_choices_run_float_in_a_trained_model(tmp_path, digits_checkpoint, 
     """auto's per-node choice, made deterministic: a threshold every measured ratio lies under keeps
     every grouped conv fp32, and exactly those run float; each sits between two quantized convs."""
     monkeypatch.setattr(convert, "AUTO_FP32_IF_BELOW", math.inf)
+    # and of the classes timed together or the best alone, the combination
+    monkeypatch.setattr(convert, "pick_auto", lambda chosen, best, ratios: chosen)
     result = int8_export(tmp_path, "resnext_mini", "auto", checkpoint=digits_checkpoint)
     convs, _ = convs_in_model("resnext_mini")
     grouped = [m for m in create_model("resnext_mini").modules()
@@ -169,14 +171,28 @@ def test_auto_keeps_fp32_exactly_the_grouped_convs_it_measured_slower(tmp_path):
     choice, audit = result.int8, result.audit
     model = create_model("resnext_mini").eval()
     grouped = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and 1 < m.groups < m.in_channels]
-    # one class per channels-per-group count, every grouped conv in one, each measured once
+    # one class per channels-per-group count, every grouped conv in one, each measured once; when
+    # several were faster fp32, their combination was measured too
     per_class = {f"{m.in_channels // m.groups} ch/group" for m in grouped}
-    assert set(choice.measured) == per_class and all(r > 0 for r in choice.measured.values())
-    slower_in_int8 = [k for k, ratio in choice.measured.items() if ratio < AUTO_FP32_IF_BELOW]
-    assert len(choice.excluded) == sum(m.in_channels // m.groups in {int(k.split()[0]) for k in slower_in_int8}
-                                       for m in grouped)
+    faster_fp32 = [k for k in sorted(per_class, key=lambda k: int(k.split()[0]))
+                   if choice.measured[k] < AUTO_FP32_IF_BELOW]
+    together = {"+".join(faster_fp32)} if len(faster_fp32) > 1 else set()
+    assert set(choice.measured) == per_class | together and all(r > 0 for r in choice.measured.values())
+    # what it kept fp32: every conv of those classes, or of the best one alone, or none
+    size = {k: sum(f"{m.in_channels // m.groups} ch/group" == k for m in grouped) for k in per_class}
+    allowed = {sum(size[k] for k in faster_fp32)} | ({size[k] for k in faster_fp32} | {0} if together else set())
+    assert len(choice.excluded) in allowed, (choice.measured, choice.excluded)
     assert (audit.integer_convs, audit.float_convs) == (convs - len(choice.excluded), len(choice.excluded)), audit
     assert (audit.integer_matmuls, audit.float_matmuls) == (1, 0)
+
+
+def test_auto_keeps_the_combination_only_when_it_beats_the_best_class_alone():
+    chosen = ["8 ch/group", "16 ch/group"]
+    both = "8 ch/group+16 ch/group"
+    assert pick_auto(chosen, "8 ch/group", {"8 ch/group": 0.90, both: 0.85}) == chosen
+    assert pick_auto(chosen, "8 ch/group", {"8 ch/group": 0.90, both: 1.02}) == ["8 ch/group"]
+    # timed again beside all-int8, neither is clearly faster any more: all int8
+    assert pick_auto(chosen, "8 ch/group", {"8 ch/group": 0.97, both: 0.99}) == []
 
 
 def test_grouped_conv_classes_leave_out_dense_and_depthwise_convs():
