@@ -1,9 +1,11 @@
-"""A resnext_mini fitted in seconds on digits: logits with real margins for the export tests."""
+"""A resnext_mini fitted in seconds on digits (logits with real margins for the export tests), and
+the checkpoint a model is written to."""
 from __future__ import annotations
 
 import torch
 
-from zoo.registry import create_model
+from zoo.checkpoint import save_checkpoint
+from zoo.registry import create_model, get_model_spec
 
 
 def stacked(dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,3 +38,17 @@ def fit_resnext_mini(x: torch.Tensor, y: torch.Tensor, steps: int, classes: int 
     finally:
         torch.set_num_threads(threads)
     return model.eval()
+
+
+def make_checkpoint(path, model, name: str, norm: str = "bn", data: str | None = "synthetic",
+                    input_size=None, classes=None, mean=None, std=None) -> str:
+    spec = get_model_spec(name)
+    input_size = list(input_size or spec.input_size)
+    head = model.fc if hasattr(model, "fc") else model.classifier
+    classes = classes or [f"pattern{i}" for i in range(head.out_features)]
+    save_checkpoint(path, dict(
+        model=model.state_dict(), model_name=name,
+        model_args=dict(num_classes=len(classes), norm=norm, gn_groups=32, in_chans=input_size[0]),
+        classes=list(classes), input_size=input_size, mean=list(mean or spec.mean), std=list(std or spec.std),
+        data=data, epoch=1, config=dict(seed=0, val_fraction=0.2)))
+    return str(path)

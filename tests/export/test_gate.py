@@ -20,8 +20,7 @@ from export import ExportConfig, ExportResult, VerificationError
 from export import export as run_export
 from export.config import SilentReporter
 from export.verify import ort_session
-from zoo.checkpoint import save_checkpoint
-from tests.export.digits import fit_resnext_mini, stacked
+from tests.export.digits import fit_resnext_mini, make_checkpoint, stacked
 from zoo.data import build_datasets
 
 INPUT_SIZE = (3, 16, 16)
@@ -37,11 +36,8 @@ def digits_checkpoint(tmp_path_factory):
     val_x, val_y = stacked(bundle.val)
     model = fit_resnext_mini(torch.cat([train_x, val_x]), torch.cat([train_y, val_y]), steps=60)
     path = tmp_path_factory.mktemp("gate") / "digits.pt"
-    save_checkpoint(path, dict(
-        model=model.state_dict(), model_name="resnext_mini",
-        model_args=dict(num_classes=10, norm="bn", gn_groups=32, in_chans=INPUT_SIZE[0]),
-        classes=list(bundle.classes), input_size=list(INPUT_SIZE), mean=list(bundle.mean), std=list(bundle.std),
-        data="digits", epoch=1, config=dict(seed=0, val_fraction=0.2)))
+    make_checkpoint(path, model, "resnext_mini", data="digits", input_size=INPUT_SIZE, classes=bundle.classes,
+                    mean=bundle.mean, std=bundle.std)
     return dict(path=str(path), val_images=len(bundle.val))
 
 

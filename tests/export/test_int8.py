@@ -20,8 +20,7 @@ from export import ExportConfig, UserError, export
 from export.config import SilentReporter
 from export.convert import AUTO_FP32_IF_BELOW, export_model, grouped_conv_classes, pick_auto
 from export.verify import GraphAudit, kept_float_disagreement
-from tests.export.digits import fit_resnext_mini, stacked
-from zoo.checkpoint import save_checkpoint
+from tests.export.digits import fit_resnext_mini, make_checkpoint, stacked
 from zoo.data import build_datasets
 from zoo.nn import fold_batchnorm
 from zoo.registry import create_model
@@ -44,12 +43,8 @@ def digits_checkpoint(tmp_path_factory) -> str:
     x, y = stacked(bundle.train)
     model = fit_resnext_mini(x, y, steps=60)
     path = tmp_path_factory.mktemp("int8") / "digits.pt"
-    save_checkpoint(path, dict(
-        model=model.state_dict(), model_name="resnext_mini",
-        model_args=dict(num_classes=10, norm="bn", gn_groups=32, in_chans=size[0]),
-        classes=list(bundle.classes), input_size=list(size), mean=list(bundle.mean), std=list(bundle.std),
-        data="digits", epoch=1, config=dict(seed=0, val_fraction=0.2)))
-    return str(path)
+    return make_checkpoint(path, model, "resnext_mini", data="digits", input_size=size, classes=bundle.classes,
+                           mean=bundle.mean, std=bundle.std)
 
 
 def convs_in_model(name: str) -> tuple[int, int]:

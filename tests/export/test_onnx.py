@@ -25,11 +25,10 @@ from export import ExportConfig, VerificationError, export
 from export.config import SilentReporter
 from export.convert import FP16_CPU_NOTE, count_batchnorm_with_statistics
 from export.verify import ort_session
-from tests.export.digits import fit_resnext_mini, stacked
+from tests.export.digits import fit_resnext_mini, make_checkpoint, stacked
 from contract._proto.inference.model_config_pb2 import DataType, ModelConfig
 from contract.metadata import decode_metadata, read_metadata
 from tests.conftest import MINI_MODELS, randomize_bn_stats
-from zoo.checkpoint import save_checkpoint
 from zoo.data import build_datasets
 from zoo.registry import create_model, get_model_spec
 
@@ -45,20 +44,6 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     code = exp.main([*argv, *FAST])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def make_checkpoint(path, model, name: str, norm: str = "bn", data: str | None = "synthetic",
-                    input_size=None, classes=None, mean=None, std=None) -> str:
-    spec = get_model_spec(name)
-    input_size = list(input_size or spec.input_size)
-    head = model.fc if hasattr(model, "fc") else model.classifier
-    classes = classes or [f"pattern{i}" for i in range(head.out_features)]
-    save_checkpoint(path, dict(
-        model=model.state_dict(), model_name=name,
-        model_args=dict(num_classes=len(classes), norm=norm, gn_groups=32, in_chans=input_size[0]),
-        classes=list(classes), input_size=input_size, mean=list(mean or spec.mean), std=list(std or spec.std),
-        data=data, epoch=1, config=dict(seed=0, val_fraction=0.2)))
-    return str(path)
 
 
 def summary(out: str) -> dict[str, str]:
