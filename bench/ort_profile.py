@@ -8,7 +8,6 @@ with the operator in ``args.op_name``). :func:`read_trace` is the parser alone.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -49,25 +48,22 @@ KERNEL_SUFFIX = "_kernel_time"
 
 
 def read_trace(path: str, skip_runs: int = 0) -> tuple[list[NodeTime], int]:
-    """(node kernel times in ms per run, runs counted) from a trace written by ``end_profiling()``.
+    """(node kernel times in ms per run, runs counted) from a trace written by ``end_profiling()``
+    (events split per run by :func:`bench.roofline.profile_runs`).
 
     The first ``skip_runs`` runs are left out: a session's first run also plans and grows its
     memory arena, which the kernel times of that run carry.
     """
-    with open(path) as f:
-        events = json.load(f)
-    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
-    if len(starts) <= skip_runs:
-        raise ValueError(f"{path}: {len(starts)} run(s) in the trace, none left after skipping {skip_runs}")
-    since = starts[skip_runs]
+    from bench.roofline import profile_runs
+
+    runs = profile_runs(path, skip_runs)
+    if not runs:
+        raise ValueError(f"{path}: no run left in the trace after skipping {skip_runs}")
     total: dict[tuple[str, str], float] = defaultdict(float)
-    for e in events:
-        name = e.get("name", "")
-        if e.get("cat") != "Node" or not name.endswith(KERNEL_SUFFIX) or e["ts"] < since:
-            continue
-        total[name[:-len(KERNEL_SUFFIX)], e.get("args", {}).get("op_name", "?")] += e["dur"] / 1e3
-    runs = len(starts) - skip_runs
-    return [NodeTime(name, op, ms / runs) for (name, op), ms in total.items()], runs
+    for run in runs:
+        for e in run:
+            total[e["name"][:-len(KERNEL_SUFFIX)], e.get("args", {}).get("op_name", "?")] += float(e["dur"]) / 1e3
+    return [NodeTime(name, op, ms / len(runs)) for (name, op), ms in total.items()], len(runs)
 
 
 def profile(path: str, feed: dict[str, Any], threads: int, runs: int, workdir: str, warmup: int = 1,
