@@ -68,15 +68,10 @@ class BatchResult:
     inference_s: float  # the batch's onnxruntime call
 
 
-# Guards Pending._on_done against a finish racing on_done (one lock for all: held for two lines).
-_CALLBACKS = threading.Lock()
-
-
 class Pending:
     """A submitted request: :meth:`wait` returns its :class:`BatchResult` or raises."""
 
-    __slots__ = ("x", "deadline", "is_active", "enqueued", "_done", "_result", "_error", "_abandoned", "_inline",
-                 "_on_done")
+    __slots__ = ("x", "deadline", "is_active", "enqueued", "_done", "_result", "_error", "_abandoned", "_inline")
 
     def __init__(self, x: np.ndarray, deadline: float | None, is_active: Callable[[], bool] | None) -> None:
         self.x = x
@@ -89,24 +84,6 @@ class Pending:
         self._abandoned = False
         # The batcher whose idle model this request claimed at submit: wait() runs it on the calling thread.
         self._inline: Batcher | None = None
-        self._on_done: Callable[[], None] | None = None
-
-    @property
-    def done(self) -> bool:
-        """It ran (or failed): :meth:`wait` returns at once."""
-        return self._done.is_set()
-
-    def on_done(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (on the batcher's thread, or here when it is done already) once it is
-        done, exactly once: how a caller on an event loop waits without a thread. Not for a
-        request that claimed an idle model (``inline``): nothing would run it."""
-        if self._inline is not None:
-            raise RuntimeError("a request on an inline batcher runs in wait(); it has no callback")
-        with _CALLBACKS:
-            if not self._done.is_set():
-                self._on_done = callback
-                return
-        callback()
 
     @property
     def abandoned(self) -> bool:
@@ -128,11 +105,7 @@ class Pending:
 
     def _finish(self, result: BatchResult | None = None, error: BaseException | None = None) -> None:
         self._result, self._error = result, error
-        with _CALLBACKS:
-            self._done.set()
-            callback, self._on_done = self._on_done, None
-        if callback is not None:
-            callback()
+        self._done.set()
 
     def wait(self, timeout: float | None = None) -> BatchResult:
         """Block until the batch ran. Raises DeadlineExceeded when ``timeout`` passes first."""

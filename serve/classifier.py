@@ -100,14 +100,20 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     # ------------------------------------------------------------------ RPCs
 
-    async def Classify(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        """On the server's event loop (:meth:`serve.core.ServingCore.call_on_loop`): the request
-        waits for its batch without a thread; an encoded image is decoded on a worker thread."""
+    def Classify(self, request: Any, context: grpc.ServicerContext) -> Any:
         t0 = time.perf_counter()
-        return await self.core.call_on_loop(
-            context, request.model, "Classify", request.request_id,
-            lambda deadline, is_active: self._prepare(request, deadline, is_active, t0),
-            lambda job: [job.pending], self._complete, offload=request.WhichOneof("input") == "image")
+        release = self.core.acquire_for(context, request.model)
+        deadline = deadline_of(context)
+        try:
+            answer = self._complete(self._prepare(request, deadline, context.is_active, t0), deadline)
+        except Exception as e:
+            answer = status_of(e, "Classify", request.request_id)
+        finally:
+            release()
+        if isinstance(answer, RequestError):
+            self.core.metrics.count(self.core.label(request.model), answer.code.name)
+            context.abort(answer.code, answer.message)
+        return answer
 
     def ClassifyStream(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
         release = self.core.acquire_for(context, "")

@@ -13,7 +13,6 @@ Imports neither torch nor zoo.
 """
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import os
@@ -30,11 +29,10 @@ from contract import repository as layout
 from contract.names import is_model_name, split_model_ref
 from serve import preprocess
 from serve.batching import Batcher, BatchResult, Pending
-from serve.errors import RequestError, status_of
+from serve.errors import RequestError
 from serve.metrics import UNKNOWN_MODEL, Metrics
 from serve import runtime
 from serve.statistics import ModelStatistics, Statistics
-from serve.rpc import Wakeups
 from serve.runtime import CUDA, Model, Repository, RepositoryError
 
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
@@ -572,81 +570,6 @@ class ServingCore:
         the model raised."""
         timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         return pending.wait(timeout)
-
-    async def call_on_loop(self, context: grpc.aio.ServicerContext, name: str, what: str, request_id: str,
-                           prepare: Callable[[float | None, Callable[[], bool]], Any],
-                           rows: Callable[[Any], Sequence[Pending]], complete: Callable[[Any, float | None], Any],
-                           on_cancel: Callable[[Any], None] | None = None, offload: bool = False) -> Any:
-        """One unary inference call on the server's event loop (:mod:`serve.rpc`), with no thread
-        of its own while it waits for its batch: a concurrency slot for model ``name``;
-        ``prepare(deadline, is_active)`` checks the request and queues its rows (on a worker thread
-        with ``offload``: decoding and resizing images would hold the loop up); ``rows(job)`` are
-        its queued rows, waited for; ``complete(job, deadline)`` is the answer. A failure is
-        answered as :func:`serve.errors.status_of` says (``what`` and ``request_id`` name it in the
-        log); a cancelled call's rows are skipped, and ``on_cancel(job)`` runs."""
-        try:
-            release = self.acquire(name)
-        except RequestError as e:
-            await context.abort(e.code, e.message)
-        deadline = deadline_of(context)
-        alive = [True]  # the queued rows ask it: a cancelled call's rows are dropped, not run
-
-        def is_active() -> bool:
-            return alive[0]
-        job = None
-        try:
-            if offload:
-                job = await asyncio.get_running_loop().run_in_executor(None, prepare, deadline, is_active)
-            else:
-                job = prepare(deadline, is_active)
-            await self._settled(rows(job), deadline)
-            answer = complete(job, deadline)
-        except asyncio.CancelledError:
-            alive[0] = False
-            if job is not None and on_cancel is not None:
-                on_cancel(job)
-            raise
-        except Exception as e:
-            answer = status_of(e, what, request_id)
-        finally:
-            release()
-        if isinstance(answer, RequestError):
-            self.metrics.count(self.label(name), answer.code.name)
-            await context.abort(answer.code, answer.message)
-        return answer
-
-    async def _settled(self, pending: Sequence[Pending], deadline: float | None) -> None:
-        """Wait on the running event loop until every one of ``pending`` ran, or ``deadline``
-        passed (the caller's wait then answers DEADLINE_EXCEEDED). The loop is woken once for
-        them, by the last to finish, and shares that wake-up with the rest of the batch
-        (:class:`serve.rpc.Wakeups`)."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        left = [p for p in pending if not p.done]
-        if not left:
-            return
-        wakeups = Wakeups.of(loop)
-        lock, count = threading.Lock(), [len(left)]
-
-        def wake() -> None:  # on the loop
-            if not future.done():
-                future.set_result(None)
-
-        def row_done() -> None:  # on a batcher thread: each row's callback runs once
-            with lock:
-                count[0] -= 1
-                last = count[0] == 0
-            if last:
-                wakeups.call(wake)
-        for p in left:
-            p.on_done(row_done)
-        # The loop's clock is time.monotonic, the deadline's too.
-        timer = None if deadline is None else loop.call_at(deadline, wake)
-        try:
-            await future
-        finally:
-            if timer is not None:
-                timer.cancel()
 
     def run(self, model: Model, batch: np.ndarray, deadline: float | None,
             is_active: Callable[[], bool] | None = None, started: float | None = None) -> Row:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import inspect
 import os
 import socket
 import ssl
@@ -94,14 +93,6 @@ class _Call:
     def end(self) -> None:
         for callback in self._callbacks:
             callback()
-
-
-class _LoopCall(_Call):
-    """:class:`_Call` for a servicer method written for the event loop (``async def``: it awaits
-    ``context.abort``)."""
-
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:  # type: ignore[override]
-        raise RequestError(code, details)
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -290,14 +281,7 @@ class HttpApi:
         self.refusing = False  # set once the server stops taking new requests
 
     async def call(self, request: web.Request, method: Callable[[Any, Any], Any], message: Any) -> Any:
-        """``method(message, context)`` in the pool, or on this loop when it is a coroutine function
-        (it waits for its batch without a thread); a RequestError leaves as the HTTP error."""
-        if inspect.iscoroutinefunction(method):
-            on_loop = _LoopCall(request)
-            try:
-                return await method(message, on_loop)
-            finally:
-                on_loop.end()
+        """``method(message, context)`` in the pool; a RequestError leaves as the HTTP error."""
         call = _Call(request)
 
         def run() -> Any:

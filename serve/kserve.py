@@ -254,15 +254,20 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ------------------------------------------------------------------ inference
 
-    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        """On the server's event loop (:meth:`serve.core.ServingCore.call_on_loop`): the request
-        waits for its batch without a thread; UINT8 pixels are resized on a worker thread."""
+    def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
         t0 = time.perf_counter()
-        return await self.core.call_on_loop(
-            context, request.model_name, "ModelInfer", request.id,
-            lambda deadline, is_active: self._prepare(request, deadline, is_active, t0),
-            lambda job: job.submitted.pending, self._complete, on_cancel=lambda job: self.core.abandon(job.submitted),
-            offload=any(t.datatype == "UINT8" for t in request.inputs))
+        release = self.core.acquire_for(context, request.model_name)
+        deadline = deadline_of(context)
+        try:
+            answer = self._complete(self._prepare(request, deadline, context.is_active, t0), deadline)
+        except Exception as e:
+            answer = status_of(e, "ModelInfer", request.id)
+        finally:
+            release()
+        if isinstance(answer, RequestError):
+            self.core.metrics.count(self.core.label(request.model_name), answer.code.name)
+            context.abort(answer.code, answer.message)
+        return answer
 
     def ModelStreamInfer(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
         """Answers in request order; a request that fails is answered with its error_message and
@@ -295,7 +300,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             else:
                 yield pb.ModelStreamInferResponse(infer_response=answer)
 
-    def _prepare(self, request: Any, deadline: float | None, is_active: Callable[[], bool] | None, t0: float) -> _Job:
+    def _prepare(self, request: Any, deadline: float | None, is_active: Callable[[], bool], t0: float) -> _Job:
         """A request checked and its rows queued on the model's batcher."""
         model = self.core.resolve(request.model_name, parse_version(request.model_version))
         raw = len(request.raw_input_contents) > 0

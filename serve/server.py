@@ -32,12 +32,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from serve import classifier, kserve, preprocess, rpc
+from serve import classifier, kserve, preprocess
 from serve.core import MODEL_CONTROL_MODES, ServingCore
 from serve.statistics import Statistics
 from serve.http import HttpServer
 from serve.metrics import Metrics
-from serve.rpc import LoopThread
 from serve.runtime import Repository, RepositoryError
 
 log = logging.getLogger("serve")
@@ -73,8 +72,8 @@ OPEN_METHODS = (f"/{health.SERVICE_NAME}/", f"/{KSERVE_SERVICE}/ServerLive", f"/
 
 def _aborting_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same kind (unary/stream) as ``handler`` that fails every call."""
-    async def abort(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(code, message)
+    def abort(_request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(code, message)
 
     kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
              (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
@@ -83,7 +82,7 @@ def _aborting_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, mes
                 response_serializer=handler.response_serializer)
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Requires ``authorization: Bearer TOKEN`` metadata on every call except health checks."""
 
     def __init__(self, token: str, open_methods: tuple[str, ...] = OPEN_METHODS) -> None:
@@ -92,16 +91,16 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         self._expected = f"Bearer {token}".encode()
         self._open = open_methods
 
-    async def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
+    def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
         if handler_call_details.method.startswith(self._open):
-            return await continuation(handler_call_details)
+            return continuation(handler_call_details)
         value = None
         for key, v in handler_call_details.invocation_metadata or ():
             if key == "authorization":
                 value = v.encode() if isinstance(v, str) else v
         if value is not None and hmac.compare_digest(value, self._expected):
-            return await continuation(handler_call_details)
-        handler = await continuation(handler_call_details)
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
         if handler is None:  # unknown method: let grpc answer UNIMPLEMENTED
             return None
         message = ("missing 'authorization: Bearer <token>' metadata" if value is None
@@ -115,13 +114,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 class Server:
     """The running parts: the gRPC server, the serving core, health. Made by :func:`create_server`."""
 
-    def __init__(self, grpc_server: grpc.aio.Server, loop: LoopThread, pool: futures.ThreadPoolExecutor,
-                 core: ServingCore, health_servicer: Any, metrics_address: tuple[str, int] | None,
-                 http: HttpServer | None = None, poll_secs: float | None = None) -> None:
+    def __init__(self, grpc_server: grpc.Server, core: ServingCore, health_servicer: Any,
+                 metrics_address: tuple[str, int] | None, http: HttpServer | None = None,
+                 poll_secs: float | None = None) -> None:
         self._poll_secs = poll_secs  # --model-control-mode poll
         self._poller: threading.Thread | None = None
         self.grpc_server, self.core, self.health, self.metrics = grpc_server, core, health_servicer, core.metrics
-        self._loop, self._pool = loop, pool  # the loop gRPC runs on; the threads of the synchronous handlers
         self.http = http  # the HTTP/REST port (serve.http), or None when it is off
         self.http_port: int | None = http.port if http is not None else None
         self._metrics_address = metrics_address
@@ -129,7 +127,7 @@ class Server:
         self._stop_begun = False
         self._end_drain = threading.Event()  # set: what is left of the drain is skipped
         self._hurry = False  # stop_now(): no drain, no grace
-        self._grpc_stopped = threading.Event()  # set once every call ended
+        self._grpc_stopped: threading.Event | None = None  # grpc's own, set once every call ended
         self._grpc_stop_called = threading.Event()
         self._closing = False
         self._closed = threading.Event()
@@ -156,7 +154,7 @@ class Server:
             except OSError as e:  # e.g. the port is taken: name it, not just "[Errno 98]"
                 raise RuntimeError(f"cannot serve metrics on {host}:{port} (--metrics-port): "
                                    f"{e.strerror or e}") from None
-        self._loop.run(self.grpc_server.start())
+        self.grpc_server.start()
         if self.http is not None:
             self.http.start()
         if self._poll_secs is not None:
@@ -200,8 +198,7 @@ class Server:
         finally:  # whatever interrupts the drain, the server still stops
             if self.http is not None:
                 self.http.begin_stop()
-            stopping = self._loop.submit(self.grpc_server.stop(0 if self._hurry else grace))
-            stopping.add_done_callback(lambda _: self._grpc_stopped.set())
+            self._grpc_stopped = self.grpc_server.stop(0 if self._hurry else grace)
             self._grpc_stop_called.set()
 
     def stop_now(self) -> None:
@@ -213,7 +210,7 @@ class Server:
         self._hurry = True
         self._end_drain.set()
         if self._grpc_stop_called.is_set():
-            self._loop.submit(self.grpc_server.stop(0))
+            self.grpc_server.stop(0)
 
     def stop(self, grace: float | None = 5.0, drain_delay: float = 0.0) -> None:
         """:meth:`begin_stop`, wait for in-flight calls to finish, then release everything.
@@ -221,6 +218,7 @@ class Server:
         self.begin_stop(grace, drain_delay)
         if self.http is not None:  # its requests in flight finish while gRPC's do
             self.http.stop(0 if self._hurry else grace)
+        assert self._grpc_stopped is not None
         _wait(self._grpc_stopped)
         with self._lock:
             closing, self._closing = self._closing, True
@@ -232,14 +230,11 @@ class Server:
                 self._poller.join(30)  # a load under way finishes before the batchers close
             self.core.close()
             self.metrics.close()
-            self._pool.shutdown(wait=False)
-            self._loop.close()
         finally:
             self._closed.set()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
-        """True once every call ended after a stop; False when ``timeout`` passed first."""
-        return _wait(self._grpc_stopped, timeout)
+        return self.grpc_server.wait_for_termination(timeout)
 
 
 def _wait(event: threading.Event, timeout: float | None = None) -> bool:
@@ -348,19 +343,14 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
                # Off: a second server on a taken port must fail, not share it.
                ("grpc.so_reuseport", 1 if reuse_port else 0)]
     interceptors = [BearerTokenInterceptor(token)] if token else []
-    pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc")
-    loop = LoopThread()
-
-    async def build() -> grpc.aio.Server:  # on the loop it will serve on
-        return grpc.aio.server(migration_thread_pool=pool, interceptors=interceptors, options=options)
-    server = loop.run(build())
-    registrar = rpc.Registrar(server, pool)
-    classifier.pb_grpc.add_ClassifierServicer_to_server(classifier.ClassifierServicer(core), registrar)
-    kserve.pb_grpc.add_GRPCInferenceServiceServicer_to_server(kserve.KServeServicer(core), registrar)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+                         interceptors=interceptors, options=options, maximum_concurrent_rpcs=workers)
+    classifier.pb_grpc.add_ClassifierServicer_to_server(classifier.ClassifierServicer(core), server)
+    kserve.pb_grpc.add_GRPCInferenceServiceServicer_to_server(kserve.KServeServicer(core), server)
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True,
         experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ["", CLASSIFIER_SERVICE, KSERVE_SERVICE, *names]:
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
@@ -380,7 +370,6 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
         port = 0
     if port == 0:  # older grpc versions report a failed bind as port 0 instead of raising
         core.close()
-        loop.close()
         raise RuntimeError(f"cannot listen on {address}: the port is taken "
                            "or the host is not an address of this machine")
     http = None
@@ -389,10 +378,9 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
             http = HttpServer(core, host, http_port, workers=workers, max_body=max_message_bytes, tls=tls, token=token,
                               reuse_port=reuse_port)
         except (OSError, ssl.SSLError) as e:
-            loop.run(server.stop(None))
-            loop.close()
+            server.stop(None)
             core.close()
             raise RuntimeError(f"cannot listen on {host}:{http_port} (--http-port): {e.strerror or e}") from None
     metrics_address = (host, metrics_port) if metrics_port is not None else None
-    return Server(server, loop, pool, core, health_servicer, metrics_address, http,
+    return Server(server, core, health_servicer, metrics_address, http,
                   poll_secs if model_control == "poll" else None), port

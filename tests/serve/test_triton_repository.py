@@ -372,7 +372,8 @@ def test_warmup_runs_batch_1_and_the_limit_before_serving(exported):
     try:
         assert sorted(model.session.sizes) == [1, 6]  # before the server ever started
     finally:
-        server.stop(grace=None)  # never started: stopping releases what create_server made
+        server.grpc_server.stop(None)
+        server.core.close()
 
 
 def test_config_model_warmup_samples_are_run(root, channel):
