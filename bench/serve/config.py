@@ -62,6 +62,8 @@ P99_OVER_LONE_TARGET = 2.0  # p99 with batching at TARGET_CONCURRENCY / p50 of o
 OVERHEAD_TARGET = 1.10  # served p50 at one client / raw session.run p50
 HTTP_OVER_GRPC_TARGET = 1.3  # HTTP binary p50 / gRPC p50 (the same operation: ModelInfer when measured), one client
 ECHO_GAP_TARGET_MS = 0.3  # served p50 at one client - (bare gRPC echo p50 + raw session.run p50)
+PEER_QPS_TARGET = 1.5  # QPS over the peer's at TARGET_CONCURRENCY clients (--peer)
+CPU_PROBE_S = 1.0  # seconds of session.run per batch size for the model's CPU per row (at least 3 calls)
 MISMATCH = "MISMATCH"  # the error code of a wrong answer
 
 # Every JSON row has every key (None where it does not apply), so the rows load as one table.
@@ -72,7 +74,7 @@ ROW_KEYS = (
     "server_queue_p50_ms", "server_inference_p50_ms", "server_other_p50_ms", "transport_p50_ms",
     "serving_cost_p50_ms", "inference_busy", "server_cpu", "client_cpu", "target", "value", "threshold", "met", "note",
     "protocol", "tail_ratio", "echo_p50_ms", "echo_gap_ms", "unit", "qps_ratio", "p50_ratio", "p99_ratio",
-    "peer_echo_gap_ms", "cpu_note",
+    "peer_echo_gap_ms", "cpu_note", "cpu_per_row_ms",
 )
 
 

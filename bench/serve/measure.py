@@ -20,6 +20,7 @@ from bench.serve.config import (
     HOST,
     HTTP_PROTOCOLS,
     PEER_PROTOCOLS,
+    CPU_PROBE_S,
     MAX_BATCH,
     MISMATCH,
     PROG,
@@ -130,6 +131,25 @@ def measure_raw(run: Callable[[np.ndarray], np.ndarray], inputs: list[np.ndarray
         n += 1
 
 
+def model_cpu_per_row(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batches: Sequence[int],
+                      seconds: float = CPU_PROBE_S, cpu_clock: Callable[[], float] = time.process_time,
+                      ) -> dict[int, float]:
+    """CPU ms per row of ``run`` (session.run) at each batch size: copies of ``x`` run for
+    ``seconds`` (at least 3 calls), this process's CPU time (onnxruntime's threads are in it) over
+    the rows. When the cores are the limit, a row's CPU batched against alone is all that batching
+    can gain; onnxruntime's intra-op threads cost CPU of their own at batch 1."""
+    out = {}
+    for b in batches:
+        xb = np.ascontiguousarray(np.repeat(x[None], b, axis=0))
+        run(xb)  # untimed: onnxruntime's first call at this shape
+        calls, start, began = 0, cpu_clock(), time.perf_counter()
+        while calls < 3 or time.perf_counter() - began < seconds:
+            run(xb)
+            calls += 1
+        out[b] = (cpu_clock() - start) * 1e3 / (calls * b)
+    return out
+
+
 def pct(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if len(values) else None
 
@@ -169,8 +189,10 @@ def _log(text: str) -> None:
     print(f"{PROG}: {text}", file=sys.stderr, flush=True)
 
 
-def measure(cfg: Config, root: str, model: Any) -> tuple[list[Setting], common.Samples, int]:
-    """Start the servers and clients, measure raw and every setting in rounds, stop everything."""
+def measure(cfg: Config, root: str, model: Any) -> tuple[list[Setting], common.Samples, int, dict[int, float]]:
+    """Start the servers and clients, measure raw and every setting in rounds, stop everything.
+    Also returns the model's CPU ms per row at batch 1 and at the largest batch a server here
+    runs (:func:`model_cpu_per_row`, measured before the rounds, with every server idle)."""
     max_c = max(cfg.concurrency)
     processes = min(cfg.client_processes, max_c)
     round_s = cfg.duration_s / cfg.rounds
@@ -228,6 +250,9 @@ def measure(cfg: Config, root: str, model: Any) -> tuple[list[Setting], common.S
         raw = common.Samples()
         for _ in range(2):  # untimed: onnxruntime's first calls on this shape
             model.run(first_inputs[0][None])
+        cpu_per_row = model_cpu_per_row(model.run, first_inputs[0],
+                                        sorted({1, *(b for b in max_batches.values() if b)}),
+                                        min(CPU_PROBE_S, round_s * RAW_SHARE))
         for r in range(cfg.rounds):
             measure_raw(model.run, first_inputs, round_s * RAW_SHARE, raw)
             k = r % len(settings)
@@ -239,7 +264,7 @@ def measure(cfg: Config, root: str, model: Any) -> tuple[list[Setting], common.S
                 measure_setting(s, pool, round_s, math.ceil(cfg.max_requests / cfg.rounds))
                 _log(f"round {r + 1}/{cfg.rounds}: {s.label}: {len(s.data['latency_ms']) - before} answers, "
                      f"{sum(s.errors.values())} errors so far")
-    return settings, raw, processes
+    return settings, raw, processes, cpu_per_row
 
 
 def add_echo_gaps(rows: list[dict[str, Any]]) -> None:

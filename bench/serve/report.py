@@ -12,6 +12,7 @@ from bench.serve.config import (
     HTTP_OVER_GRPC_TARGET,
     OVERHEAD_TARGET,
     P99_OVER_LONE_TARGET,
+    PEER_QPS_TARGET,
     QUICK_CONCURRENCY,
     TARGET_CONCURRENCY,
     Config,
@@ -133,6 +134,8 @@ def evaluate_peer(settings: list[Any], cfg: Config, rows: Sequence[dict[str, Any
             if r["kind"] == "served" and r["concurrency"] == 1 and r["workers"] == 1}
     served = {(r["batching"], r["protocol"], r["concurrency"]): r for r in rows
               if r["kind"] == "served" and r["workers"] == 1}
+    raw = next((r for r in rows if r["kind"] == "raw"), None)
+    cpu_per_row = (raw or {}).get("cpu_per_row_ms") or {}
     out = []
     for s in settings:
         k = peer.get((s.protocol, s.concurrency))
@@ -156,14 +159,19 @@ def evaluate_peer(settings: list[Any], cfg: Config, rows: Sequence[dict[str, Any
                        echo_gap_ms=gaps.get((s.batching, s.protocol)) if s.concurrency == 1 else None,
                        peer_echo_gap_ms=gaps.get((cfg.peer, s.protocol)) if s.concurrency == 1 else None,
                        cpu_note=_cpu_budget(served.get((s.batching, s.protocol, s.concurrency)),
-                                            served.get((cfg.peer, s.protocol, s.concurrency)), cfg.peer)))
+                                            served.get((cfg.peer, s.protocol, s.concurrency)), cfg.peer,
+                                            cpu_per_row.get(str(s.max_batch)))))
     return out
 
 
-def _cpu_budget(mine: dict[str, Any] | None, theirs: dict[str, Any] | None, peer: str) -> str | None:
+def _cpu_budget(mine: dict[str, Any] | None, theirs: dict[str, Any] | None, peer: str,
+                model_row_ms: float | None = None) -> str | None:
     """What bounds a throughput ratio when the machine's cores are the limit: each server's CPU per
     answer (its own and its clients'), and the QPS this server would reach were every core busy at
-    that cost, over the peer's measured QPS."""
+    that cost, over the peer's measured QPS. With ``model_row_ms`` (the model's CPU per row at this
+    server's largest batch, :func:`bench.serve.measure.model_cpu_per_row`), also what reaching
+    PEER_QPS_TARGET x the peer's QPS at the peer's cost leaves for everything but the model: the
+    server's own work per answer (gRPC, Python, batching) must fit in it."""
     if mine is None or theirs is None or mine["concurrency"] == 1:
         return None
     cost = {}
@@ -173,10 +181,17 @@ def _cpu_budget(mine: dict[str, Any] | None, theirs: dict[str, Any] | None, peer
         cost[name] = (1e3 * r["server_cpu"] / r["qps"], 1e3 * r["client_cpu"] / r["qps"])
     cores = os.cpu_count() or 1
     ceiling = cores * 1e3 / sum(cost["this server"])
-    return ("CPU ms per answer, server + its clients: " + ", ".join(f"{k} {s:.2f} + {c:.2f}" for k, (s, c) in
+    note = ("CPU ms per answer, server + its clients: " + ", ".join(f"{k} {s:.2f} + {c:.2f}" for k, (s, c) in
                                                                        cost.items())
             + f"; with all {cores} cores busy at that cost this server would answer {ceiling:.0f} QPS, "
               f"{ceiling / theirs['qps']:.2f}x {peer}'s {theirs['qps']:.0f}")
+    if model_row_ms:
+        server, clients = cost["this server"]
+        allowed = sum(cost[peer]) / PEER_QPS_TARGET
+        note += (f"; {PEER_QPS_TARGET:g}x {peer}'s QPS at its cost allows this server {allowed:.2f} ms per answer: "
+                 f"less the model batched ({model_row_ms:.2f} ms a row) and its clients ({clients:.2f}), "
+                 f"{allowed - model_row_ms - clients:.2f} ms for serving, which takes {server - model_row_ms:.2f}")
+    return note
 
 
 def http_reference(protocols: list[str]) -> str | None:
@@ -316,6 +331,19 @@ def write_json(path: str, rows: list[dict[str, Any]]) -> None:
     atomic_write(path, json.dumps([{k: _json_safe(v) for k, v in r.items()} for r in rows], indent=1))
 
 
+def _cpu_per_row_text(raw: dict[str, Any]) -> str:
+    """The model's CPU per row by batch size, and what a full batch saves over its rows alone."""
+    per_row = {int(b): ms for b, ms in (raw.get("cpu_per_row_ms") or {}).items()}
+    if not per_row:
+        return ""
+    text = "; CPU per row (all its threads): " + ", ".join(f"batch {b} {ms:.2f} ms"
+                                                            for b, ms in sorted(per_row.items()))
+    largest = max(per_row)
+    if largest > 1 and 1 in per_row and per_row[1]:
+        text += f" (batch {largest} costs {per_row[largest] / per_row[1]:.2f}x its rows run alone)"
+    return text
+
+
 def report(cfg: Config, model: Any, rows: list[dict[str, Any]], processes: int, info: dict[str, str]) -> str:
     """The terminal report: context, raw session.run, the table, its legend and the targets."""
     served = [r for r in rows if r["kind"] == "served"]
@@ -334,7 +362,7 @@ def report(cfg: Config, model: Any, rows: list[dict[str, Any]], processes: int, 
         + f", {cfg.rounds} rounds, {cfg.duration_s:g} s measured per setting; "
         f"{info['cpu']}, {info['cores']} cores, loadavg {info.get('loadavg', '?')} at start, {end_load} at end",
         f"raw session.run at batch 1 ({cfg.threads} threads, this process, same inputs): p50 {raw['p50_ms']:.2f} ms, "
-        f"p95 {raw['p95_ms']:.2f} ms over {raw['requests']} calls",
+        f"p95 {raw['p95_ms']:.2f} ms over {raw['requests']} calls" + _cpu_per_row_text(raw),
         f"bare gRPC echo (its own process, one client, the input's bytes in, {len(ECHO_REPLY)} bytes back): "
         + (f"p50 {echo['p50_ms']:.3f} ms, p99 {echo['p99_ms']:.3f} ms over {echo['requests']} calls"
            if echo and echo["p50_ms"] is not None else "no answer"),

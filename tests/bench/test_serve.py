@@ -568,3 +568,38 @@ def test_http_client_reopens_a_keep_alive_connection_the_server_closed_while_idl
         listener.close()
     thread.join(10)
     assert len(connections) == 2
+
+
+def test_model_cpu_per_row_divides_cpu_time_by_the_rows_run():
+    """CPU per row at each batch size: the process's CPU time over every row run (a fake clock
+    that charges 2 ms a row and 1 ms a call, so batching shows its saving)."""
+    from bench.serve.measure import model_cpu_per_row
+
+    cpu, shapes = [0.0], []
+
+    def run(x):
+        shapes.append(x.shape)
+        cpu[0] += 1e-3 + 2e-3 * len(x)
+        return x
+
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    per_row = model_cpu_per_row(run, x, [1, 4], seconds=0.0, cpu_clock=lambda: cpu[0])
+    assert per_row == pytest.approx({1: 3.0, 4: 2.25})
+    assert set(shapes) == {(1, 2, 3), (4, 2, 3)} and shapes.count((4, 2, 3)) >= 4  # 3 timed calls and the untimed
+
+
+def test_the_cpu_budget_says_what_the_peer_target_leaves_for_serving(monkeypatch):
+    """With the model's CPU per row batched: what PEER_QPS_TARGET x the peer's QPS at the peer's
+    cost leaves for this server's own work per answer, beside what that work takes now."""
+    from bench.serve import report as report_module
+
+    monkeypatch.setattr(report_module.os, "cpu_count", lambda: 2)
+    mine = row(kind="served", concurrency=16, qps=500.0, server_cpu=1.0, client_cpu=0.5)
+    theirs = row(kind="served", concurrency=16, qps=400.0, server_cpu=1.2, client_cpu=0.6)
+    note = report_module._cpu_budget(mine, theirs, "kserve", model_row_ms=1.2)
+    assert note.endswith("; 1.5x kserve's QPS at its cost allows this server 3.00 ms per answer: less the model "
+                         "batched (1.20 ms a row) and its clients (1.00), 0.80 ms for serving, which takes 0.80")
+    raw = row(kind="raw", cpu_per_row_ms={"1": 1.5, "16": 1.2})
+    assert report_module._cpu_per_row_text(raw) == ("; CPU per row (all its threads): batch 1 1.50 ms, batch 16 "
+                                                    "1.20 ms (batch 16 costs 0.80x its rows run alone)")
+    assert report_module._cpu_per_row_text(row(kind="raw")) == ""
