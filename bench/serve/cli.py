@@ -240,7 +240,7 @@ def run(cfg: Config) -> int:
                     concurrency=1, rounds=cfg.rounds, requests=len(raw.times_ms), p50_ms=raw.median_ms,
                     p95_ms=pct(raw.times_ms, 95), p99_ms=pct(raw.times_ms, 99),
                     mean_ms=float(np.mean(raw.times_ms)), raw_p50_ms=raw.median_ms,
-                    cpu_per_row_ms={str(b): ms for b, ms in cpu_per_row.items()}))
+                    cpu_per_row_ms=cpu_per_row))  # by batch size (JSON writes the keys as strings)
     served = [r for r in rows if r["kind"] == "served"]
     rows += evaluate_targets(served, cfg) + evaluate_scaling(served, cfg) + evaluate_protocols(served, cfg)
     rows += evaluate_peer(settings, cfg, rows)

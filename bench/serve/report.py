@@ -160,7 +160,7 @@ def evaluate_peer(settings: list[Any], cfg: Config, rows: Sequence[dict[str, Any
                        peer_echo_gap_ms=gaps.get((cfg.peer, s.protocol)) if s.concurrency == 1 else None,
                        cpu_note=_cpu_budget(served.get((s.batching, s.protocol, s.concurrency)),
                                             served.get((cfg.peer, s.protocol, s.concurrency)), cfg.peer,
-                                            cpu_per_row.get(str(s.max_batch)))))
+                                            cpu_per_row.get(s.max_batch))))
     return out
 
 
@@ -333,7 +333,7 @@ def write_json(path: str, rows: list[dict[str, Any]]) -> None:
 
 def _cpu_per_row_text(raw: dict[str, Any]) -> str:
     """The model's CPU per row by batch size, and what a full batch saves over its rows alone."""
-    per_row = {int(b): ms for b, ms in (raw.get("cpu_per_row_ms") or {}).items()}
+    per_row = raw.get("cpu_per_row_ms") or {}
     if not per_row:
         return ""
     text = "; CPU per row (all its threads): " + ", ".join(f"batch {b} {ms:.2f} ms"

@@ -599,7 +599,7 @@ def test_the_cpu_budget_says_what_the_peer_target_leaves_for_serving(monkeypatch
     note = report_module._cpu_budget(mine, theirs, "kserve", model_row_ms=1.2)
     assert note.endswith("; 1.5x kserve's QPS at its cost allows this server 3.00 ms per answer: less the model "
                          "batched (1.20 ms a row) and its clients (1.00), 0.80 ms for serving, which takes 0.80")
-    raw = row(kind="raw", cpu_per_row_ms={"1": 1.5, "16": 1.2})
+    raw = row(kind="raw", cpu_per_row_ms={1: 1.5, 16: 1.2})
     assert report_module._cpu_per_row_text(raw) == ("; CPU per row (all its threads): batch 1 1.50 ms, batch 16 "
                                                     "1.20 ms (batch 16 costs 0.80x its rows run alone)")
     assert report_module._cpu_per_row_text(row(kind="raw")) == ""
