@@ -29,7 +29,7 @@ import subprocess
 import sys
 import threading
 import warnings
-from typing import Any, Sequence
+from typing import Sequence
 
 from PIL import Image
 
@@ -39,6 +39,7 @@ from serve.preprocess import MAX_IMAGE_PIXELS
 from serve.ready import PROG, http_part, parse_ready_line, ready_line, workers_ready_line
 from serve.ready import address as _address
 from serve.runtime import PROVIDER_CHOICES, RepositoryError, available_cores, load_repository
+from serve.signals import Signals
 from serve.server import (
     DEFAULT_BATCH_TIMEOUT_MS,
     DEFAULT_INSTANCES,
@@ -227,15 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
 
-    stop = threading.Event()
-
-    def on_signal(*_: Any) -> None:  # the first stops gracefully, a second at once (never waits: a handler)
-        if stop.is_set():
-            server.stop_now()
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+    signals = Signals().install()
     default = server.default_model
     models = ", ".join(describe(m) + (" (default)" if m.name == default else "") for m in repo.all())
     providers = ", ".join(sorted({m.provider for m in repo.all()})) or ", ".join(repo.providers)
@@ -259,10 +252,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: warning: listening on {args.host} without TLS and a token: anyone who reaches it can use it",
               file=sys.stderr, flush=True)
     parent = int(os.environ.get(PARENT_ENV, "0") or 0)
-    while not stop.wait(0.5):
+    while not signals.wait(1, 0.5):
         if parent and os.getppid() != parent:  # the --workers parent is gone
             print(f"{PROG}: parent process {parent} exited", file=sys.stderr, flush=True)
             break
+    signals.on(2, server.stop_now, name="second-signal")  # the first stops gracefully, a second at once
     if args.drain_delay > 0:
         print(f"{PROG}: draining: health NOT_SERVING, serving {args.drain_delay:g} s more", flush=True)
     server.begin_stop(args.grace, args.drain_delay)
@@ -323,9 +317,9 @@ class _Worker:
                 self.line = line
                 self.ready.set()
 
-    def wait_ready(self, stop: threading.Event) -> bool:
-        """True once it listens; False if it exited first or ``stop`` was set."""
-        while not stop.is_set():
+    def wait_ready(self, signals: Signals) -> bool:
+        """True once it listens; False if it exited first or a signal arrived."""
+        while not signals.count:
             if self.ready.wait(0.1):
                 return True
             if self.proc.poll() is not None:
@@ -348,18 +342,15 @@ class _Worker:
 def run_workers(args: argparse.Namespace, argv: list[str], warn_exposed: bool = False,
                 http_port: int | None = None) -> int:
     """``--workers N``: N ``python -m serve`` processes on one port; returns the exit status."""
-    stop = threading.Event()
+    signals = Signals().install()
     workers: list[_Worker] = []
 
-    def on_signal(*_: Any) -> None:  # a second signal is passed on: the workers stop at once
-        if stop.is_set():
-            for w in workers:
-                if w.proc.poll() is None:
-                    w.proc.send_signal(signal.SIGTERM)
-        stop.set()
+    def pass_on() -> None:  # a second signal is passed on: the workers stop at once
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGTERM)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+    signals.on(2, pass_on, name="second-signal")
     reserved = None
     port = args.port
     if port == 0:
@@ -381,9 +372,9 @@ def run_workers(args: argparse.Namespace, argv: list[str], warn_exposed: bool = 
         # The first worker alone: a bad repository or a taken port fails once, with one message.
         for index in range(args.workers):
             workers.append(_Worker(index, _worker_argv(argv, args, index, port, http_port)))
-            if index == 0 and not workers[0].wait_ready(stop):
+            if index == 0 and not workers[0].wait_ready(signals):
                 break
-        started = all(w.wait_ready(stop) for w in workers) and len(workers) == args.workers
+        started = all(w.wait_ready(signals) for w in workers) and len(workers) == args.workers
     finally:
         if reserved is not None:
             reserved.close()
@@ -398,13 +389,13 @@ def run_workers(args: argparse.Namespace, argv: list[str], warn_exposed: bool = 
             print(f"{PROG}: warning: listening on {args.host} without TLS and a token: "
                   "anyone who reaches it can use it", file=sys.stderr, flush=True)
         failed = None
-        while not stop.wait(0.5):
+        while not signals.wait(1, 0.5):
             failed = next((w for w in workers if w.proc.poll() is not None), None)
             if failed is not None:
                 print(f"{PROG}: error: worker {failed.index} (pid {failed.proc.pid}) exited with status "
                       f"{failed.proc.returncode}; stopping the others", file=sys.stderr, flush=True)
                 break
-    elif not stop.is_set():
+    elif not signals.count:
         bad = next((w for w in workers if w.proc.poll() is not None), workers[-1])
         print(f"{PROG}: error: worker {bad.index} exited with status {bad.proc.returncode} before it was ready",
               file=sys.stderr, flush=True)

@@ -544,15 +544,16 @@ class HttpServer:
                 await site.stop()
         self._on_loop(close())
 
-    def stop(self, grace: float | None) -> None:
-        """:meth:`begin_stop`, wait up to ``grace`` seconds for requests in flight, then close."""
+    def stop(self, grace: float | None, hurried: Callable[[], bool] = lambda: False) -> None:
+        """:meth:`begin_stop`, wait up to ``grace`` seconds for requests in flight (less once
+        ``hurried()`` turns true), then close."""
         if self._loop is None:
             self.sock.close()
             self.pool.shutdown(wait=False)
             return
         self.begin_stop()
         end = time.monotonic() + (grace or 0.0)
-        while self.api.inflight and time.monotonic() < end:
+        while self.api.inflight and time.monotonic() < end and not hurried():
             time.sleep(0.02)
         if self._runner is not None:
             self._on_loop(self._runner.cleanup(), timeout=30)

@@ -198,18 +198,21 @@ class Server:
         finally:  # whatever interrupts the drain, the server still stops
             if self.http is not None:
                 self.http.begin_stop()
-            self._grpc_stopped = self.grpc_server.stop(0 if self._hurry else grace)
-            self._grpc_stop_called.set()
+            with self._lock:  # a stop_now() either comes before (no grace) or sees the stop called
+                self._grpc_stopped = self.grpc_server.stop(0 if self._hurry else grace)
+                self._grpc_stop_called.set()
 
     def stop_now(self) -> None:
         """Skip what is left of the drain and of the grace: calls in flight are cancelled.
 
-        Safe from a signal handler (it never waits): ``python -m serve`` calls it on a second
-        SIGTERM/SIGINT.
+        From any thread but a signal handler (it takes locks the interrupted thread may hold):
+        ``python -m serve`` calls it from a watcher thread on a second SIGTERM/SIGINT.
         """
-        self._hurry = True
+        with self._lock:
+            self._hurry = True
+            called = self._grpc_stop_called.is_set()
         self._end_drain.set()
-        if self._grpc_stop_called.is_set():
+        if called:
             self.grpc_server.stop(0)
 
     def stop(self, grace: float | None = 5.0, drain_delay: float = 0.0) -> None:
@@ -217,7 +220,7 @@ class Server:
         Returns once all of that is done, whichever caller did it."""
         self.begin_stop(grace, drain_delay)
         if self.http is not None:  # its requests in flight finish while gRPC's do
-            self.http.stop(0 if self._hurry else grace)
+            self.http.stop(0 if self._hurry else grace, hurried=lambda: self._hurry)
         assert self._grpc_stopped is not None
         _wait(self._grpc_stopped)
         with self._lock:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
-import threading
 from concurrent import futures
 from typing import Any, Sequence
 
@@ -37,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from bench.serve.protocols import ECHO_METHOD, ECHO_REPLY
     from serve.client import MAX_MESSAGE_BYTES
+    from serve.signals import Signals
 
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
     p.add_argument("--host", default="127.0.0.1")
@@ -50,12 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     server.start()
-    stop = threading.Event()
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, lambda *_: stop.set())
+    signals = Signals().install()
     parent = os.getppid()
     print(f"{PROG}: listening on {args.host}:{port}", flush=True)
-    while not stop.wait(PARENT_POLL_S):
+    while not signals.wait(1, PARENT_POLL_S):
         if os.getppid() != parent:  # orphaned: whoever started it cannot stop it any more
             break
     server.stop(0)
