@@ -12,8 +12,9 @@ its own on the one queue, and as many batches run at once as there are instances
 its batch while the others run theirs. A request that finds its
 model idle and nothing queued runs on the thread that waits for it (no hand-over to the worker and
 back: two thread wake-ups, and on few cores the scheduling jitter that comes with them); batching
-happens only under contention, as with Triton's default ``max_queue_delay`` of 0 (``inline=True``;
-off by default; one instance only). One model call per instance runs at a time either way. A model call that raises
+happens only under contention, as with Triton's default ``max_queue_delay`` of 0 (``inline=True``,
+one instance only, and a submit that may claim: the server's unary calls, never a stream's
+read-ahead). One model call per instance runs at a time either way. A model call that raises
 is logged here, once for its whole batch, under a request id per request; each caller gets
 :class:`BatchFailed` with its own id (:mod:`serve.errors` answers INTERNAL with that id and logs
 nothing more).
@@ -172,13 +173,16 @@ class Batcher:
         return len(self.runs)
 
     def submit(self, x: np.ndarray, deadline: float | None = None,
-               is_active: Callable[[], bool] | None = None) -> Pending:
-        """Queue one input (no batch axis). ``deadline`` is a ``time.monotonic()`` time."""
+               is_active: Callable[[], bool] | None = None, may_claim: bool = True) -> Pending:
+        """Queue one input (no batch axis). ``deadline`` is a ``time.monotonic()`` time.
+        ``may_claim``: on an ``inline`` batcher, the request may claim the idle model (its
+        caller must then :meth:`Pending.wait` for it, or mark it abandoned: until then nothing
+        else runs); False: it always queues."""
         if self._closed:
             raise ShuttingDown("server is shutting down")
         item = Pending(x, deadline, is_active)
         with self._idle:
-            if self.inline and not self._busy and self._queue.empty():
+            if may_claim and self.inline and not self._busy and self._queue.empty():
                 self._busy = True
                 item._inline = self
                 return item

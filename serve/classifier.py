@@ -51,8 +51,10 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self.core = core
 
     def _prepare(self, request: Any, deadline: float | None, is_active: Callable[[], bool] | None,
-                 t0: float) -> _Job:
-        """Resolve, decode, preprocess and queue one request."""
+                 t0: float, inline: bool = False) -> _Job:
+        """Resolve, decode, preprocess and queue one request (``inline``: it may claim the idle
+        model, :meth:`serve.core.ServingCore.submit`: only for a caller that waits for it at once,
+        never a stream's read-ahead)."""
         core = self.core
         model = core.resolve(request.model, request.version)
         if request.top_k < 0:
@@ -76,7 +78,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         else:
             x = core.transform(image, model)
             preprocess_s = time.perf_counter() - t
-        pending = core.submit(model, x, deadline, is_active)
+        pending = core.submit(model, x, deadline, is_active, inline)
         return _Job(request, model, top_k, pending, t0, decode_s, preprocess_s)
 
     def _complete(self, job: _Job, deadline: float | None) -> Any:
@@ -105,7 +107,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         release = self.core.acquire_for(context, request.model)
         deadline = deadline_of(context)
         try:
-            answer = self._complete(self._prepare(request, deadline, context.is_active, t0), deadline)
+            answer = self._complete(self._prepare(request, deadline, context.is_active, t0, inline=True), deadline)
         except Exception as e:
             answer = status_of(e, "Classify", request.request_id)
         finally:

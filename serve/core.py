@@ -317,14 +317,14 @@ class ServingCore:
                 self.statistics.executed(model.name, model.version, len(batch), time.perf_counter() - start)
             return out
 
-        # Batcher(inline=True) (an idle model runs on the request's own thread) is not used: measured
-        # with bench.serve against the batcher thread, one client lost 7-30% QPS, the model call itself
-        # being slower on the rotating gRPC handler threads than on the batcher's one thread.
+        # inline: a unary call that finds its model idle runs it on its own handler thread (no hand-off
+        # to the batcher's thread and back); with several instances the batcher's workers run every batch.
         batcher = Batcher(
             [functools.partial(run, instance=i) for i in range(len(model.sessions))], max_batch=self.max_batch,
             timeout_s=self.batch_timeout_s, max_queue=self.max_concurrency * self.stream_window,
             name=f"{model.name}:{model.version}",
-            on_batch=lambda n, name=model.name: self.metrics.observe_batch(name, n))
+            on_batch=lambda n, name=model.name: self.metrics.observe_batch(name, n),
+            inline=len(model.sessions) == 1)
         with self._own_lock:
             self._own[id(model)] = (model, batcher)  # the model held: its id is not reused meanwhile
         return batcher
@@ -560,10 +560,12 @@ class ServingCore:
                                         self.max_image_pixels)
 
     def submit(self, model: Model, x: np.ndarray, deadline: float | None,
-               is_active: Callable[[], bool] | None = None) -> Pending:
+               is_active: Callable[[], bool] | None = None, inline: bool = False) -> Pending:
         """Queue one input ``[C, H, W]`` on its model's batcher. Raises the batcher's QueueFull or
-        ShuttingDown (:func:`serve.errors.status_of` turns them into the client's answer)."""
-        return self.batcher_of(model).submit(x, deadline, is_active)
+        ShuttingDown (:func:`serve.errors.status_of` turns them into the client's answer).
+        ``inline``: when the model is idle and nothing waits, the input claims it and runs on the
+        thread that waits for it (:meth:`serve.batching.Pending.wait`), which must then wait."""
+        return self.batcher_of(model).submit(x, deadline, is_active, may_claim=inline)
 
     def wait(self, pending: Pending, deadline: float | None) -> BatchResult:
         """The batch result of a submitted input. Raises DeadlineExceeded, ShuttingDown, or what
@@ -579,14 +581,16 @@ class ServingCore:
         return self.finish(self.begin(model, batch, deadline, is_active, started), deadline)
 
     def begin(self, model: Model, batch: np.ndarray, deadline: float | None,
-              is_active: Callable[[], bool] | None = None, started: float | None = None) -> Submitted:
+              is_active: Callable[[], bool] | None = None, started: float | None = None,
+              inline: bool = False) -> Submitted:
         """The first half of :meth:`run`: the rows queued, not waited for (a stream queues its
-        next request while an earlier one runs)."""
+        next request while an earlier one runs). ``inline``: a row may claim the idle model
+        (:meth:`submit`)."""
         submitted = time.perf_counter()
         job = Submitted(model, [], submitted if started is None else started, submitted)
         try:
             for row in batch:
-                job.pending.append(self.submit(model, row, deadline, is_active))
+                job.pending.append(self.submit(model, row, deadline, is_active, inline))
         except BaseException:
             self.abandon(job)
             raise

@@ -259,7 +259,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         release = self.core.acquire_for(context, request.model_name)
         deadline = deadline_of(context)
         try:
-            answer = self._complete(self._prepare(request, deadline, context.is_active, t0), deadline)
+            answer = self._complete(self._prepare(request, deadline, context.is_active, t0, inline=True), deadline)
         except Exception as e:
             answer = status_of(e, "ModelInfer", request.id)
         finally:
@@ -300,13 +300,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             else:
                 yield pb.ModelStreamInferResponse(infer_response=answer)
 
-    def _prepare(self, request: Any, deadline: float | None, is_active: Callable[[], bool], t0: float) -> _Job:
-        """A request checked and its rows queued on the model's batcher."""
+    def _prepare(self, request: Any, deadline: float | None, is_active: Callable[[], bool], t0: float,
+                 inline: bool = False) -> _Job:
+        """A request checked and its rows queued on the model's batcher (``inline``: a row may
+        claim the idle model, :meth:`serve.core.ServingCore.submit`: only for a caller that
+        waits for it at once, never a stream's read-ahead)."""
         model = self.core.resolve(request.model_name, parse_version(request.model_version))
         raw = len(request.raw_input_contents) > 0
         batch = self._input(request, model, raw)
         k = self._classification(request)
-        return _Job(request, model, raw, k, t0, self.core.begin(model, batch, deadline, is_active, t0))
+        return _Job(request, model, raw, k, t0, self.core.begin(model, batch, deadline, is_active, t0, inline))
 
     def _complete(self, job: _Job, deadline: float | None) -> Any:
         """The answer of a prepared request, once its rows ran."""

@@ -16,6 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
+from serve._proto.inference import grpc_predict_v2_pb2 as kpb
+from serve._proto.inference import grpc_predict_v2_pb2_grpc as kpb_grpc
 from serve._proto.zoo.serving.v1 import classifier_pb2 as pb
 from serve._proto.zoo.serving.v1 import classifier_pb2_grpc as pb_grpc
 from serve.runtime import load_repository
@@ -424,3 +426,43 @@ def test_client_api_with_tls_and_token(repo, tls_files):
             with pytest.raises(ClientError) as info:
                 c.classify(png_bytes(random_image(1)), model="resnext_mini")
             assert info.value.code == CODE.UNAUTHENTICATED
+
+
+def test_an_idle_model_runs_a_lone_call_on_its_own_thread_and_streams_on_the_batcher(exported):
+    """A unary call that finds its model idle and nothing queued runs it on the thread that took
+    the call (no hand-off to the batcher's thread and back); a stream's rows never do (its
+    read-ahead queues rows no caller is waiting on yet); under contention unary calls batch."""
+    repo = load_repository(exported.root, providers="cpu", threads=1, models=["resnext_mini"])
+    model = repo.get("resnext_mini")
+    gate, ran_on = Gate(model.run), []
+    model.run = lambda x, *instance: (ran_on.append((threading.current_thread().name, len(x))), gate(x, *instance))[1]
+    x = np.zeros(INPUT_SIZE, np.float32)
+    with running(repo, max_batch=8) as (server, port), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        s = pb_grpc.ClassifierStub(channel)
+        assert s.Classify(tensor_request(x), timeout=30).batch_size == 1
+        assert [list(s.ClassifyStream(iter([tensor_request(x)]), timeout=30))[0].response.batch_size] == [1]
+        infer = kpb_grpc.GRPCInferenceServiceStub(channel)
+        request = kpb.ModelInferRequest(model_name="resnext_mini", raw_input_contents=[x[None].tobytes()])
+        request.inputs.add(name="input", datatype="FP32", shape=[1, *INPUT_SIZE])
+        assert infer.ModelInfer(request, timeout=30).outputs
+        stream_answer = next(infer.ModelStreamInfer(iter([request]), timeout=30))
+        assert not stream_answer.error_message and stream_answer.infer_response.outputs
+        # Contention: while a lone call holds the model, three more are submitted: they queue.
+        batcher = server.core.batchers[("resnext_mini", 1)]
+        submitted, submit = [], batcher.submit
+        batcher.submit = lambda *a, **k: (submitted.append(1), submit(*a, **k))[1]
+        gate.open.clear()
+        gate.entered.clear()
+        blocker = s.Classify.future(tensor_request(x), timeout=30)
+        assert gate.entered.wait(30)
+        waiting = [s.Classify.future(tensor_request(x), timeout=30) for _ in range(3)]
+        end = time.monotonic() + 30
+        while len(submitted) < 4:
+            assert time.monotonic() < end, "the calls never reached the batcher"
+            time.sleep(0.01)
+        gate.open.set()
+        assert blocker.result().batch_size == 1 and sum(w.result().batch_size > 1 for w in waiting) >= 2
+    (unary, _), (stream, _), (infer_unary, _), (infer_stream, _), (lone, _), *rest = ran_on
+    assert all(name.startswith("grpc") for name in (unary, infer_unary, lone)), ran_on
+    assert stream.startswith("batcher") and infer_stream.startswith("batcher"), ran_on
+    assert rest and all(name.startswith("batcher") for name, _ in rest), ran_on
