@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,12 +26,8 @@ UNKNOWN_MODEL = "unknown"
 PERCENTILES = (50, 90, 99)
 
 
-@dataclass
-class _Sample:
-    total_s: float
-    queue_s: float
-    inference_s: float
-    batch_size: int
+# What the window keeps per request: (total_s, queue_s, inference_s, batch_size).
+_FIELDS = ("total", "queue", "inference", "batch_size")
 
 
 class Metrics:
@@ -57,8 +52,11 @@ class Metrics:
                            "size (a multiply-add counts as 2), from its export", ["model", "version"],
                            registry=self.registry)
         self._lock = threading.Lock()
-        self._windows: dict[str, collections.deque[_Sample]] = {}
+        self._windows: dict[str, collections.deque[tuple[float, float, float, int]]] = {}
         self._counts: dict[str, int] = collections.Counter()
+        # Per model, the labelled series observe() updates: labels() takes a lock and builds a
+        # key on every call, on every request's path. Series are never removed, so they keep.
+        self._series: dict[str, tuple[Any, Any, Any, Any]] = {}
         self._http: Any = None
 
     def count(self, model: str, code: str) -> None:
@@ -67,15 +65,21 @@ class Metrics:
 
     def observe(self, model: str, total_s: float, queue_s: float, inference_s: float, batch_size: int) -> None:
         """One successful request: counted, into the histograms and the model's window."""
-        self.count(model, "OK")
-        self.total.labels(model).observe(total_s)
-        self.queue.labels(model).observe(queue_s)
-        self.inference.labels(model).observe(inference_s)
+        series = self._series.get(model)
+        if series is None:
+            series = self._series[model] = (self.requests.labels(model or UNKNOWN_MODEL, "OK"),
+                                            self.total.labels(model), self.queue.labels(model),
+                                            self.inference.labels(model))
+        ok, total, queued, inference = series
+        ok.inc()
+        total.observe(total_s)
+        queued.observe(queue_s)
+        inference.observe(inference_s)
         with self._lock:
             win = self._windows.get(model)
             if win is None:
                 win = self._windows[model] = collections.deque(maxlen=self.window)
-            win.append(_Sample(total_s, queue_s, inference_s, batch_size))
+            win.append((total_s, queue_s, inference_s, batch_size))
             self._counts[model] += 1
 
     def set_flops(self, model: str, version: int, flops: int) -> None:
@@ -96,13 +100,13 @@ class Metrics:
             samples = list(self._windows.get(model, ()))
             served = self._counts.get(model, 0)
         out: dict[str, Any] = {"count": len(samples), "total_requests": served}
-        for key in ("total", "queue", "inference"):
+        columns = np.array(samples, dtype=np.float64).reshape(-1, len(_FIELDS))
+        for i, key in enumerate(_FIELDS[:3]):
             if samples:
-                values = np.array([getattr(s, f"{key}_s") for s in samples]) * 1e6
-                out[key] = dict(zip(PERCENTILES, np.percentile(values, PERCENTILES).tolist()))
+                out[key] = dict(zip(PERCENTILES, np.percentile(columns[:, i] * 1e6, PERCENTILES).tolist()))
             else:
                 out[key] = dict.fromkeys(PERCENTILES, 0.0)
-        out["mean_batch_size"] = float(np.mean([s.batch_size for s in samples])) if samples else 0.0
+        out["mean_batch_size"] = float(columns[:, 3].mean()) if samples else 0.0
         return out
 
     def serve_http(self, host: str, port: int) -> int:
