@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 PROG = "bench.serve.echo"
 _READY_RE = re.compile(re.escape(PROG) + r": listening on (\S+):(\d+)$")
-THREADS = 4  # handler threads: one client at a time is all the bench sends it
+THREADS = 4  # handler threads: its handler returns at once, so a few keep up with any number of clients
 PARENT_POLL_S = 1.0
 
 

@@ -81,7 +81,7 @@ class Setting:
     @property
     def label(self) -> str:
         if self.protocol == ECHO:
-            return "bare gRPC echo, 1 client"
+            return f"bare gRPC echo, {self.concurrency} client{'s' if self.concurrency > 1 else ''}"
         return (f"{server_label(self.batching, self.workers)}, {self.protocol}, "
                 f"{self.concurrency} client{'s' if self.concurrency > 1 else ''}")
 
@@ -241,6 +241,8 @@ def measure(cfg: Config, root: str, model: Any) -> tuple[list[Setting], common.S
             settings += _peer_settings(cfg, peer, deadline)
         # The bare round trip, in the rounds like every setting: its p50 is what any gRPC answer costs here.
         settings.append(Setting("-", 1, None, echo_target, echo_server, protocol=ECHO))
+        if peer is not None and max_c > 1:  # under load too: its CPU per call is the floor of any gRPC server here
+            settings.append(Setting("-", max_c, None, echo_target, echo_server, protocol=ECHO))
         _log(f"{cfg.model} {'x'.join(map(str, model.input_size))} from {model.path}; "
              + ", ".join(f"{server_label(b, w)} at {t}" + (f" (http {http_targets[b, w]})"
                                                              if (b, w) in http_targets else "")
@@ -270,7 +272,7 @@ def measure(cfg: Config, root: str, model: Any) -> tuple[list[Setting], common.S
 def add_echo_gaps(rows: list[dict[str, Any]]) -> None:
     """Each one-client served row's gap: served p50 - (echo p50 + raw p50), what serving costs beyond
     a bare gRPC round trip and the inference itself."""
-    echo = next((r for r in rows if r["kind"] == "echo"), None)
+    echo = next((r for r in rows if r["kind"] == "echo" and r["concurrency"] == 1), None)
     if echo is None or echo["p50_ms"] is None:
         return
     for r in rows:

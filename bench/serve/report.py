@@ -136,6 +136,8 @@ def evaluate_peer(settings: list[Any], cfg: Config, rows: Sequence[dict[str, Any
               if r["kind"] == "served" and r["workers"] == 1}
     raw = next((r for r in rows if r["kind"] == "raw"), None)
     cpu_per_row = (raw or {}).get("cpu_per_row_ms") or {}
+    echo_ms = {r["concurrency"]: 1e3 * r["server_cpu"] / r["qps"] for r in rows
+               if r["kind"] == "echo" and r["qps"] and r["server_cpu"] is not None}
     out = []
     for s in settings:
         k = peer.get((s.protocol, s.concurrency))
@@ -160,18 +162,20 @@ def evaluate_peer(settings: list[Any], cfg: Config, rows: Sequence[dict[str, Any
                        peer_echo_gap_ms=gaps.get((cfg.peer, s.protocol)) if s.concurrency == 1 else None,
                        cpu_note=_cpu_budget(served.get((s.batching, s.protocol, s.concurrency)),
                                             served.get((cfg.peer, s.protocol, s.concurrency)), cfg.peer,
-                                            cpu_per_row.get(s.max_batch))))
+                                            cpu_per_row.get(s.max_batch), echo_ms.get(s.concurrency))))
     return out
 
 
 def _cpu_budget(mine: dict[str, Any] | None, theirs: dict[str, Any] | None, peer: str,
-                model_row_ms: float | None = None) -> str | None:
+                model_row_ms: float | None = None, echo_ms: float | None = None) -> str | None:
     """What bounds a throughput ratio when the machine's cores are the limit: each server's CPU per
     answer (its own and its clients'), and the QPS this server would reach were every core busy at
     that cost, over the peer's measured QPS. With ``model_row_ms`` (the model's CPU per row at this
     server's largest batch, :func:`bench.serve.measure.model_cpu_per_row`), also what reaching
     PEER_QPS_TARGET x the peer's QPS at the peer's cost leaves for everything but the model: the
-    server's own work per answer (gRPC, Python, batching) must fit in it."""
+    server's own work per answer (gRPC, Python, batching) must fit in it. With ``echo_ms`` (the bare
+    gRPC echo server's CPU per call under the same number of clients), that floor beside it: a
+    server on grpc's Python server cannot serve for less."""
     if mine is None or theirs is None or mine["concurrency"] == 1:
         return None
     cost = {}
@@ -191,6 +195,10 @@ def _cpu_budget(mine: dict[str, Any] | None, theirs: dict[str, Any] | None, peer
         note += (f"; {PEER_QPS_TARGET:g}x {peer}'s QPS at its cost allows this server {allowed:.2f} ms per answer: "
                  f"less the model batched ({model_row_ms:.2f} ms a row) and its clients ({clients:.2f}), "
                  f"{allowed - model_row_ms - clients:.2f} ms for serving, which takes {server - model_row_ms:.2f}")
+        if echo_ms is not None:
+            left = allowed - model_row_ms - clients
+            note += (f"; a bare gRPC echo server takes {echo_ms:.2f} ms per call at {mine['concurrency']} clients"
+                     + (": the room left is below what gRPC alone costs here" if left < echo_ms else ""))
     return note
 
 
@@ -350,7 +358,8 @@ def report(cfg: Config, model: Any, rows: list[dict[str, Any]], processes: int, 
     raw = next(r for r in rows if r["kind"] == "raw")
     targets = [r for r in rows if r["kind"] == "target"]
     scaling = [r for r in rows if r["kind"] == "scaling"]
-    echo = next((r for r in rows if r["kind"] == "echo"), None)
+    echoes = [r for r in rows if r["kind"] == "echo"]
+    echo = next((r for r in echoes if r["concurrency"] == 1), None)
     protocols = [r for r in rows if r["kind"] == "protocol"]
     peers = [r for r in rows if r["kind"] == "peer"]
     end_load = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
@@ -365,7 +374,11 @@ def report(cfg: Config, model: Any, rows: list[dict[str, Any]], processes: int, 
         f"p95 {raw['p95_ms']:.2f} ms over {raw['requests']} calls" + _cpu_per_row_text(raw),
         f"bare gRPC echo (its own process, one client, the input's bytes in, {len(ECHO_REPLY)} bytes back): "
         + (f"p50 {echo['p50_ms']:.3f} ms, p99 {echo['p99_ms']:.3f} ms over {echo['requests']} calls"
-           if echo and echo["p50_ms"] is not None else "no answer"),
+           if echo and echo["p50_ms"] is not None else "no answer")
+        + "".join(f"; at {r['concurrency']} clients {r['qps']:.0f} QPS, p50 {r['p50_ms']:.3f} ms"
+                  + (f", {1e3 * r['server_cpu'] / r['qps']:.2f} ms of its CPU per call" if r["server_cpu"] is not None
+                     else "")
+                  for r in echoes if r["concurrency"] > 1 and r["qps"] and r["p50_ms"] is not None),
         format_table(served),
         "ms, client-observed; the parts are p50s of their own (they need not add up): srv queue = arrival to its "
         "batch's start (batching on: up to the batch timeout), srv infer = its batch's session.run, srv other = "
@@ -406,7 +419,7 @@ def report(cfg: Config, model: Any, rows: list[dict[str, Any]], processes: int, 
         for t in scaling:
             lines.append(f"  {t['target']}: {t['value']:.2f}x")
             lines.append(f"    detail: {t['note']}")
-    failed = sum(r["errors"] for r in served + ([echo] if echo else []))
+    failed = sum(r["errors"] for r in served + echoes)
     if failed:
         lines.append(f"{failed} requests failed or did not match their input (errors column)")
     return "\n".join(lines)

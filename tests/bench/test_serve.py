@@ -603,3 +603,44 @@ def test_the_cpu_budget_says_what_the_peer_target_leaves_for_serving(monkeypatch
     assert report_module._cpu_per_row_text(raw) == ("; CPU per row (all its threads): batch 1 1.50 ms, batch 16 "
                                                     "1.20 ms (batch 16 costs 0.80x its rows run alone)")
     assert report_module._cpu_per_row_text(row(kind="raw")) == ""
+
+
+def test_the_cpu_budget_sets_the_bare_echo_beside_the_room_left(monkeypatch):
+    """Under load with a peer, the bare gRPC echo server's CPU per call at the same clients is the
+    floor of any server on grpc's Python server: said beside the room the peer target leaves, and
+    flagged when that room is below it. The echo row at that concurrency is the one used."""
+    from types import SimpleNamespace
+
+    from bench.serve import report as report_module
+    from bench.serve.measure import Setting, setting_row
+
+    monkeypatch.setattr(report_module.os, "cpu_count", lambda: 2)
+    mine = row(kind="served", concurrency=16, qps=500.0, server_cpu=1.0, client_cpu=0.5)
+    theirs = row(kind="served", concurrency=16, qps=400.0, server_cpu=1.2, client_cpu=0.6)
+    note = report_module._cpu_budget(mine, theirs, "kserve", model_row_ms=1.2, echo_ms=0.3)
+    assert note.endswith("0.80 ms for serving, which takes 0.80; a bare gRPC echo server takes 0.30 ms per call "
+                         "at 16 clients")
+    note = report_module._cpu_budget(mine, theirs, "kserve", model_row_ms=1.2, echo_ms=0.9)
+    assert note.endswith("takes 0.90 ms per call at 16 clients: the room left is below what gRPC alone costs here")
+
+    cfg = Config(model="m", model_dir=None, cache="c", server=None, threads=2, concurrency=[1, 16], duration_s=2,
+                 batching=["on"], workers=[1], client_processes=2, rounds=1, max_requests=10, seed=0,
+                 json_path=None, protocols=["grpc-infer"], peer="kserve")
+
+    def setting(batching, protocol, concurrency, qps, server_cpu):
+        s = Setting(batching, concurrency, MAX_BATCH["on"] if batching == "on" else None, "t", None,
+                    protocol=protocol)
+        s.windows_s, s.server_cpu_s, s.client_cpu_s = 1.0, server_cpu, 0.5
+        s.data["latency_ms"] = [1.0] * qps
+        s.per_round = [dict(qps=float(qps), p50_ms=1.0, p99_ms=1.0)]
+        return s
+
+    settings = [setting("on", "grpc-infer", 16, 500, 1.0), setting("kserve", "grpc-infer", 16, 400, 1.2),
+                setting("-", "echo", 1, 1000, 0.5), setting("-", "echo", 16, 2000, 0.6)]
+    rows = [setting_row(s, cfg, 1.0, 2) for s in settings]
+    rows.append(row(kind="raw", model="m", p50_ms=1.0, p95_ms=1.0, requests=3, cpu_per_row_ms={1: 1.5, 16: 1.2}))
+    [peer] = report_module.evaluate_peer(settings, cfg, rows)
+    assert peer["cpu_note"].endswith("a bare gRPC echo server takes 0.30 ms per call at 16 clients")  # not 0.50
+    text = report_module.report(cfg, SimpleNamespace(input_size=(3, 4, 4)), rows, 2, {"cpu": "cpu", "cores": "2"})
+    assert "; at 16 clients 2000 QPS, p50 1.000 ms, 0.30 ms of its CPU per call" in text
+    assert [s.label for s in settings[2:]] == ["bare gRPC echo, 1 client", "bare gRPC echo, 16 clients"]
