@@ -56,7 +56,10 @@ its own) serves the same model file, and each Open Inference Protocol ``--protoc
 (``grpc-infer``, ``http``, ``http-json``: it has no Classify) is measured on it too, by the same
 clients in the same rounds; each of this tool's one-worker settings is paired with the peer's of
 the same protocol and clients, and its QPS, p50 and p99 over the peer's are taken round by round
-(the median over the rounds is reported, and every round's).
+(the median over the rounds is reported, and every round's). Under load, a ``bound:`` line says
+what limits the QPS ratio when the cores do: each side's CPU per answer, the room 1.5x the peer's
+QPS leaves for serving beside what serving takes, and the bare echo's own CPU per call measured
+at the same clients (in the rounds too): the floor of a server on grpc's Python server.
 
 Exit status: 0 when every request was answered correctly, 1 when any failed or mismatched (the
 table is printed either way) or the benchmark could not run (one line), 2 for bad options.
@@ -73,6 +76,15 @@ and :mod:`~bench.serve.cli` (the options and one run, called by ``__main__``).
 """
 from __future__ import annotations
 
-from bench.serve.cli import main
+from typing import Sequence
 
 __all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.serve ARGV``. Imported on call: ``python -m bench.serve.echo`` imports this
+    package first, and a package that imported its submodules would have imported the echo too
+    (runpy warns when the module it is about to run is already in ``sys.modules``)."""
+    from bench.serve.cli import main as run
+
+    return run(argv)
