@@ -160,6 +160,7 @@ class Batcher:
         self._closed = False
         self._idle = threading.Condition()
         self._busy = False  # a model call (or a claim on the idle model by a submitted request) is under way
+        self._held = False  # the worker holds a request taken off the queue and waits to run it
         self._running = len(runs)  # workers not stopped yet
         self._threads = [threading.Thread(target=self._loop, args=(r,), daemon=True,
                                           name=f"batcher-{name}" + (f"-{i}" if len(runs) > 1 else ""))
@@ -182,7 +183,7 @@ class Batcher:
             raise ShuttingDown("server is shutting down")
         item = Pending(x, deadline, is_active)
         with self._idle:
-            if may_claim and self.inline and not self._busy and self._queue.empty():
+            if may_claim and self.inline and not self._busy and not self._held and self._queue.empty():
                 self._busy = True
                 item._inline = self
                 return item
@@ -207,8 +208,11 @@ class Batcher:
 
     def _claim(self) -> None:
         with self._idle:
+            # The request just taken off the queue goes first: a submit that finds the queue empty
+            # meanwhile must not claim the model ahead of it.
+            self._held = True
             self._idle.wait_for(lambda: not self._busy)
-            self._busy = True
+            self._busy, self._held = True, False
 
     def _release(self) -> None:
         with self._idle:

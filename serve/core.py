@@ -584,10 +584,13 @@ class ServingCore:
               is_active: Callable[[], bool] | None = None, started: float | None = None,
               inline: bool = False) -> Submitted:
         """The first half of :meth:`run`: the rows queued, not waited for (a stream queues its
-        next request while an earlier one runs). ``inline``: a row may claim the idle model
-        (:meth:`submit`)."""
+        next request while an earlier one runs). ``inline``: a request of one row may claim the
+        idle model (:meth:`submit`); rows of a larger one always queue, together: a row that
+        claimed the model would run only once :meth:`finish` reached it, after the rows queued
+        before it, which the worker cannot run while the claim holds the model."""
         submitted = time.perf_counter()
         job = Submitted(model, [], submitted if started is None else started, submitted)
+        inline = inline and len(batch) == 1
         try:
             for row in batch:
                 job.pending.append(self.submit(model, row, deadline, is_active, inline))

@@ -58,8 +58,9 @@ clients in the same rounds; each of this tool's one-worker settings is paired wi
 the same protocol and clients, and its QPS, p50 and p99 over the peer's are taken round by round
 (the median over the rounds is reported, and every round's). Under load, a ``bound:`` line says
 what limits the QPS ratio when the cores do: each side's CPU per answer, the room 1.5x the peer's
-QPS leaves for serving beside what serving takes, and the bare echo's own CPU per call measured
-at the same clients (in the rounds too): the floor of a server on grpc's Python server.
+QPS leaves for serving beside what serving takes, and, at the run's largest number of clients,
+the bare echo's own CPU per call measured there (in the rounds too): the floor of a server on
+grpc's Python server.
 
 Exit status: 0 when every request was answered correctly, 1 when any failed or mismatched (the
 table is printed either way) or the benchmark could not run (one line), 2 for bad options.

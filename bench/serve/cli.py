@@ -49,7 +49,7 @@ class _Terminated(BaseException):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import bench.serve  # its docstring describes the tool; here, not at the top: the package imports this module
+    import bench.serve  # its docstring describes the tool
 
     cores = os.cpu_count() or 1
     p = argparse.ArgumentParser(prog=PROG, description=(bench.serve.__doc__ or "").split("\n")[0],

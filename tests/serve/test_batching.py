@@ -325,6 +325,29 @@ def test_inline_requests_batch_on_the_worker_under_contention(make):
     assert rec.threads[-1] is threading.current_thread()
 
 
+def test_a_request_the_worker_holds_is_not_overtaken_by_a_later_claim(make):
+    """Once the worker has taken a request off the queue and waits for the model, a request
+    submitted as the model comes free queues behind it instead of claiming the model: it would
+    overtake, and a caller that waits for the earlier request first (as a call of several rows
+    does) would wait on a model its own claim holds."""
+    gate = threading.Event()
+    rec = ThreadRecorder(gate)
+    b = make(rec, max_batch=4, timeout_s=0.0, inline=True)
+    first = b.submit(np.full(2, 100.0))  # claims the idle model
+    queued = b.submit(np.full(2, 1.0), may_claim=False)  # queues; the worker takes it and waits for the model
+    end = time.monotonic() + HANG_S
+    while not b._held:
+        assert time.monotonic() < end, "the worker never took the queued request"
+        time.sleep(0.001)
+    gate.set()
+    first.wait(HANG_S)  # runs on this thread and gives the model back...
+    later = b.submit(np.full(2, 2.0))  # ...and this, submitted at once, finds it free: it must still queue
+    assert queued.wait(HANG_S).logits[0] == 2.0
+    assert later.wait(HANG_S).logits[0] == 4.0
+    assert rec.seen == [200.0, 2.0, 4.0]
+    assert rec.threads[0] is threading.current_thread() and all(t is b._threads[0] for t in rec.threads[1:])
+
+
 def test_inline_failure_is_reported_like_a_batch_failure(make, caplog):
     boom = RuntimeError("onnxruntime exploded")
     calls: list[int] = []

@@ -462,6 +462,13 @@ def test_an_idle_model_runs_a_lone_call_on_its_own_thread_and_streams_on_the_bat
             time.sleep(0.01)
         gate.open.set()
         assert blocker.result().batch_size == 1 and sum(w.result().batch_size > 1 for w in waiting) >= 2
+        # A call of several rows never claims the idle model row by row: all its rows go to the batcher.
+        before = len(ran_on)
+        pair = kpb.ModelInferRequest(model_name="resnext_mini", raw_input_contents=[np.stack([x, x]).tobytes()])
+        pair.inputs.add(name="input", datatype="FP32", shape=[2, *INPUT_SIZE])
+        assert infer.ModelInfer(pair, timeout=30).raw_output_contents
+        assert sum(rows for _, rows in ran_on[before:]) == 2, ran_on
+        assert all(name.startswith("batcher") for name, _ in ran_on[before:]), ran_on
     (unary, _), (stream, _), (infer_unary, _), (infer_stream, _), (lone, _), *rest = ran_on
     assert all(name.startswith("grpc") for name in (unary, infer_unary, lone)), ran_on
     assert stream.startswith("batcher") and infer_stream.startswith("batcher"), ran_on
