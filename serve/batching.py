@@ -160,7 +160,10 @@ class Batcher:
         self._closed = False
         self._idle = threading.Condition()
         self._busy = False  # a model call (or a claim on the idle model by a submitted request) is under way
-        self._held = False  # the worker holds a request taken off the queue and waits to run it
+        # inline: requests queued or taken off the queue by the worker and not yet gathered into a
+        # batch. A submit claims the model only when this is 0: one it finds empty would overtake a
+        # request the worker holds while it waits for the model.
+        self._ahead = 0
         self._running = len(runs)  # workers not stopped yet
         self._threads = [threading.Thread(target=self._loop, args=(r,), daemon=True,
                                           name=f"batcher-{name}" + (f"-{i}" if len(runs) > 1 else ""))
@@ -182,16 +185,23 @@ class Batcher:
         if self._closed:
             raise ShuttingDown("server is shutting down")
         item = Pending(x, deadline, is_active)
-        with self._idle:
-            if may_claim and self.inline and not self._busy and not self._held and self._queue.empty():
-                self._busy = True
-                item._inline = self
-                return item
+        if self.inline:
+            with self._idle:
+                if may_claim and not self._busy and not self._ahead:
+                    self._busy = True
+                    item._inline = self
+                    return item
+                self._put(item)
+                self._ahead += 1
+        else:
+            self._put(item)
+        return item
+
+    def _put(self, item: Pending) -> None:
         try:
             self._queue.put_nowait(item)
         except queue.Full:
             raise QueueFull(f"{self.name}: {self._queue.maxsize} requests already waiting") from None
-        return item
 
     def close(self, timeout: float | None = None) -> None:
         """Run what is queued, then stop the worker; later submits raise ShuttingDown."""
@@ -208,11 +218,8 @@ class Batcher:
 
     def _claim(self) -> None:
         with self._idle:
-            # The request just taken off the queue goes first: a submit that finds the queue empty
-            # meanwhile must not claim the model ahead of it.
-            self._held = True
             self._idle.wait_for(lambda: not self._busy)
-            self._busy, self._held = True, False
+            self._busy = True
 
     def _release(self) -> None:
         with self._idle:
@@ -280,6 +287,9 @@ class Batcher:
     def _take(self, first: Pending, run: Callable[[np.ndarray], np.ndarray]) -> bool:
         """Gather a batch behind ``first``, drop the expired, run the rest. True: the batcher was closed."""
         batch, stop = self._gather(first)
+        if self.inline:  # the model is claimed: nothing submitted now can overtake these
+            with self._idle:
+                self._ahead -= len(batch)
         now = time.monotonic()
         live = []
         for item in batch:

@@ -326,17 +326,16 @@ def test_inline_requests_batch_on_the_worker_under_contention(make):
 
 
 def test_a_request_the_worker_holds_is_not_overtaken_by_a_later_claim(make):
-    """Once the worker has taken a request off the queue and waits for the model, a request
-    submitted as the model comes free queues behind it instead of claiming the model: it would
-    overtake, and a caller that waits for the earlier request first (as a call of several rows
-    does) would wait on a model its own claim holds."""
+    """A request the worker has taken off the queue (the queue is empty) and not yet run goes
+    first: one submitted as the model comes free queues behind it instead of claiming the model
+    and overtaking it."""
     gate = threading.Event()
     rec = ThreadRecorder(gate)
     b = make(rec, max_batch=4, timeout_s=0.0, inline=True)
     first = b.submit(np.full(2, 100.0))  # claims the idle model
     queued = b.submit(np.full(2, 1.0), may_claim=False)  # queues; the worker takes it and waits for the model
     end = time.monotonic() + HANG_S
-    while not b._held:
+    while b._queue.qsize():
         assert time.monotonic() < end, "the worker never took the queued request"
         time.sleep(0.001)
     gate.set()
