@@ -318,13 +318,14 @@ class ServingCore:
             return out
 
         # inline: a unary call that finds its model idle runs it on its own handler thread (no hand-off
-        # to the batcher's thread and back); with several instances the batcher's workers run every batch.
+        # to the batcher's thread and back); with several instances the batcher's workers run every
+        # batch, and with a batch timeout every call waits for its batch to fill, as it asks.
         batcher = Batcher(
             [functools.partial(run, instance=i) for i in range(len(model.sessions))], max_batch=self.max_batch,
             timeout_s=self.batch_timeout_s, max_queue=self.max_concurrency * self.stream_window,
             name=f"{model.name}:{model.version}",
             on_batch=lambda n, name=model.name: self.metrics.observe_batch(name, n),
-            inline=len(model.sessions) == 1)
+            inline=len(model.sessions) == 1 and self.batch_timeout_s == 0)
         with self._own_lock:
             self._own[id(model)] = (model, batcher)  # the model held: its id is not reused meanwhile
         return batcher

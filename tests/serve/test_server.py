@@ -473,3 +473,18 @@ def test_an_idle_model_runs_a_lone_call_on_its_own_thread_and_streams_on_the_bat
     assert all(name.startswith("grpc") for name in (unary, infer_unary, lone)), ran_on
     assert stream.startswith("batcher") and infer_stream.startswith("batcher"), ran_on
     assert rest and all(name.startswith("batcher") for name, _ in rest), ran_on
+
+
+def test_with_a_batch_timeout_a_lone_call_waits_on_the_batcher(exported):
+    """``--batch-timeout-ms`` above 0 asks every call to wait for its batch to fill: an idle model
+    is not claimed on the call's own thread (that would run it alone at once)."""
+    repo = load_repository(exported.root, providers="cpu", threads=1, models=["resnext_mini"])
+    model = repo.get("resnext_mini")
+    run, ran_on = model.run, []
+    model.run = lambda x, *instance: (ran_on.append(threading.current_thread().name), run(x, *instance))[1]
+    x = np.zeros(INPUT_SIZE, np.float32)
+    with running(repo, max_batch=8, batch_timeout_ms=1) as (_, port), \
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        before = len(ran_on)
+        assert pb_grpc.ClassifierStub(channel).Classify(tensor_request(x), timeout=30).batch_size == 1
+        assert len(ran_on) == before + 1 and ran_on[-1].startswith("batcher"), ran_on
