@@ -103,19 +103,8 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     # ------------------------------------------------------------------ RPCs
 
     def Classify(self, request: Any, context: grpc.ServicerContext) -> Any:
-        t0 = time.perf_counter()
-        release = self.core.acquire_for(context, request.model)
-        deadline = deadline_of(context)
-        try:
-            answer = self._complete(self._prepare(request, deadline, context.is_active, t0, inline=True), deadline)
-        except Exception as e:
-            answer = status_of(e, "Classify", request.request_id)
-        finally:
-            release()
-        if isinstance(answer, RequestError):
-            self.core.metrics.count(self.core.label(request.model), answer.code.name)
-            context.abort(answer.code, answer.message)
-        return answer
+        return self.core.unary(context, request.model, "Classify", request.request_id, lambda deadline, t0: (
+            self._complete(self._prepare(request, deadline, context.is_active, t0, inline=True), deadline)))
 
     def ClassifyStream(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
         release = self.core.acquire_for(context, "")

@@ -29,7 +29,7 @@ from contract import repository as layout
 from contract.names import is_model_name, split_model_ref
 from serve import preprocess
 from serve.batching import Batcher, BatchResult, Pending
-from serve.errors import RequestError
+from serve.errors import RequestError, status_of
 from serve.metrics import UNKNOWN_MODEL, Metrics
 from serve import runtime
 from serve.statistics import ModelStatistics, Statistics
@@ -548,6 +548,25 @@ class ServingCore:
             context.abort(e.code, e.message)
         context.add_callback(release)
         return release
+
+    def unary(self, context: grpc.ServicerContext, name: str, what: str, request_id: str,
+              answer: Callable[[float | None, float], Any]) -> Any:
+        """One unary inference call (Classify, ModelInfer) for model ``name``: a concurrency slot,
+        ``answer(deadline, started)`` for the response, and any failure as the client's status
+        (:func:`serve.errors.status_of`), counted, then the call aborted with it."""
+        started = time.perf_counter()
+        release = self.acquire_for(context, name)
+        deadline = deadline_of(context)
+        try:
+            result = answer(deadline, started)
+        except Exception as e:
+            result = status_of(e, what, request_id)
+        finally:
+            release()
+        if isinstance(result, RequestError):
+            self.metrics.count(self.label(name), result.code.name)
+            context.abort(result.code, result.message)
+        return result
 
     def batch_limit(self, model: Model) -> int:
         """Rows one request may carry: config.pbtxt's max_batch_size, else ``--max-batch``."""

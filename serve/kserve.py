@@ -255,19 +255,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     # ------------------------------------------------------------------ inference
 
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
-        t0 = time.perf_counter()
-        release = self.core.acquire_for(context, request.model_name)
-        deadline = deadline_of(context)
-        try:
-            answer = self._complete(self._prepare(request, deadline, context.is_active, t0, inline=True), deadline)
-        except Exception as e:
-            answer = status_of(e, "ModelInfer", request.id)
-        finally:
-            release()
-        if isinstance(answer, RequestError):
-            self.core.metrics.count(self.core.label(request.model_name), answer.code.name)
-            context.abort(answer.code, answer.message)
-        return answer
+        return self.core.unary(context, request.model_name, "ModelInfer", request.id, lambda deadline, t0: (
+            self._complete(self._prepare(request, deadline, context.is_active, t0, inline=True), deadline)))
 
     def ModelStreamInfer(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
         """Answers in request order; a request that fails is answered with its error_message and

@@ -136,8 +136,8 @@ def evaluate_peer(settings: list[Any], cfg: Config, rows: Sequence[dict[str, Any
               if r["kind"] == "served" and r["workers"] == 1}
     raw = next((r for r in rows if r["kind"] == "raw"), None)
     cpu_per_row = (raw or {}).get("cpu_per_row_ms") or {}
-    echo_ms = {r["concurrency"]: 1e3 * r["server_cpu"] / r["qps"] for r in rows
-               if r["kind"] == "echo" and r["qps"] and r["server_cpu"] is not None}
+    echo_ms = {r["concurrency"]: _server_cpu_ms_per_call(r) for r in rows
+               if r["kind"] == "echo" and _server_cpu_ms_per_call(r) is not None}
     out = []
     for s in settings:
         k = peer.get((s.protocol, s.concurrency))
@@ -164,6 +164,11 @@ def evaluate_peer(settings: list[Any], cfg: Config, rows: Sequence[dict[str, Any
                                             served.get((cfg.peer, s.protocol, s.concurrency)), cfg.peer,
                                             cpu_per_row.get(s.max_batch), echo_ms.get(s.concurrency))))
     return out
+
+
+def _server_cpu_ms_per_call(r: dict[str, Any]) -> float | None:
+    """The server's CPU ms per answer of a measured row (None without its CPU or answers)."""
+    return 1e3 * r["server_cpu"] / r["qps"] if r["qps"] and r["server_cpu"] is not None else None
 
 
 def _cpu_budget(mine: dict[str, Any] | None, theirs: dict[str, Any] | None, peer: str,
@@ -376,8 +381,8 @@ def report(cfg: Config, model: Any, rows: list[dict[str, Any]], processes: int, 
         + (f"p50 {echo['p50_ms']:.3f} ms, p99 {echo['p99_ms']:.3f} ms over {echo['requests']} calls"
            if echo and echo["p50_ms"] is not None else "no answer")
         + "".join(f"; at {r['concurrency']} clients {r['qps']:.0f} QPS, p50 {r['p50_ms']:.3f} ms"
-                  + (f", {1e3 * r['server_cpu'] / r['qps']:.2f} ms of its CPU per call" if r["server_cpu"] is not None
-                     else "")
+                  + (f", {_server_cpu_ms_per_call(r):.2f} ms of its CPU per call"
+                     if _server_cpu_ms_per_call(r) is not None else "")
                   for r in echoes if r["concurrency"] > 1 and r["qps"] and r["p50_ms"] is not None),
         format_table(served),
         "ms, client-observed; the parts are p50s of their own (they need not add up): srv queue = arrival to its "
