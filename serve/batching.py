@@ -21,6 +21,7 @@ nothing more).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -79,7 +80,11 @@ class Pending:
         self.deadline = deadline  # time.monotonic() seconds, or None
         self.is_active = is_active
         self.enqueued = time.monotonic()
-        self._done = threading.Event()
+        # A latch: held until _finish releases it. A bare lock, not an Event: an Event is a
+        # Condition with a lock of its own, and its wait builds a waiter lock each time; on every
+        # request's path, under the GIL all threads share.
+        self._done = threading.Lock()
+        self._done.acquire()
         self._result: BatchResult | None = None
         self._error: BaseException | None = None
         self._abandoned = False
@@ -106,14 +111,17 @@ class Pending:
 
     def _finish(self, result: BatchResult | None = None, error: BaseException | None = None) -> None:
         self._result, self._error = result, error
-        self._done.set()
+        with contextlib.suppress(RuntimeError):  # finished before: only the answer is replaced
+            self._done.release()
 
     def wait(self, timeout: float | None = None) -> BatchResult:
         """Block until the batch ran. Raises DeadlineExceeded when ``timeout`` passes first."""
         inline, self._inline = self._inline, None
         if inline is not None:
             inline._run_inline(self, timeout)
-        elif not self._done.wait(timeout):
+        elif self._done.acquire(timeout=-1 if timeout is None else timeout):
+            self._done.release()  # stays open: a later wait returns at once, as an Event's would
+        else:
             self.abandoned = True
             raise DeadlineExceeded("deadline exceeded while waiting in the batch queue")
         if self._error is not None:

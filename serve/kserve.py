@@ -329,12 +329,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _input(self, request: Any, model: Model, raw: bool) -> np.ndarray:
         """The request's one input as a model-ready float32 batch ``[N, C, H, W]``."""
-        names = [t.name for t in request.inputs]
-        if len(names) != 1 or names[0] != INPUT_NAME:
+        if len(request.inputs) != 1 or request.inputs[0].name != INPUT_NAME:
+            names = [t.name for t in request.inputs]
             raise RequestError(_INVALID, f"model {shown(model.name)} takes one input named {INPUT_NAME!r}; "
                                          f"the request has {', '.join(shown(n) for n in names) or 'none'}")
         tensor = request.inputs[0]
-        for key in tensor.parameters:
+        for key in tensor.parameters if tensor.parameters else ():  # most requests have none: skip the iterator
             if key.startswith("shared_memory"):
                 raise RequestError(_INVALID, "shared-memory inputs are not supported by this server: "
                                              "send the tensor in raw_input_contents or contents")
@@ -348,7 +348,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         if datatype not in DATATYPES:
             raise RequestError(_INVALID, f"input {INPUT_NAME!r} datatype {shown(datatype)} is not supported: expected "
                                          "FP32 [N, C, H, W] (also FP16, or UINT8 [N, H, W, C] pixels)")
-        shape = [int(d) for d in tensor.shape]
+        shape = list(tensor.shape)  # int64s: Python ints already
         limit = self.core.batch_limit(model)
         c, h, w = model.input_size
         if datatype == "UINT8":

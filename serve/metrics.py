@@ -6,13 +6,17 @@ always describe the same requests. Each server owns its own registry (tests run 
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
+import itertools
 import threading
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 # Recent successful requests kept per model for GetLatencyReport.
 LATENCY_WINDOW = 2048
@@ -28,6 +32,62 @@ PERCENTILES = (50, 90, 99)
 
 # What the window keeps per request: (total_s, queue_s, inference_s, batch_size).
 _FIELDS = ("total", "queue", "inference", "batch_size")
+# The histograms: (name, help, bucket bounds); a model's figures keep them in this order.
+_HISTOGRAMS = (
+    ("zoo_serve_request_latency_seconds", "Server-side latency of successful requests", LATENCY_BUCKETS),
+    ("zoo_serve_queue_latency_seconds", "Time a request waited for its batch to run", LATENCY_BUCKETS),
+    ("zoo_serve_inference_latency_seconds", "onnxruntime time of the batch a request ran in", LATENCY_BUCKETS),
+    ("zoo_serve_batch_size", "Requests per onnxruntime call", BATCH_BUCKETS),
+)
+_TOTAL, _QUEUE, _INFERENCE, _BATCH = range(len(_HISTOGRAMS))
+_REQUESTS = ("zoo_serve_requests", "Classify and ModelInfer requests by model and gRPC status code")
+
+
+class _Figures:
+    """One model's counts: requests per status code, and per histogram the observations in each
+    bucket (not cumulative; the last is +Inf) and their sum."""
+
+    __slots__ = ("codes", "buckets", "sums")
+
+    def __init__(self) -> None:
+        self.codes: dict[str, int] = collections.Counter()
+        self.buckets = [[0] * (len(bounds) + 1) for _, _, bounds in _HISTOGRAMS]
+        self.sums = [0.0] * len(_HISTOGRAMS)
+
+    def add(self, which: int, value: float) -> None:
+        # bisect_left: the first bound >= value, Prometheus's "le" (a value on a bound counts in it).
+        self.buckets[which][bisect.bisect_left(_HISTOGRAMS[which][2], value)] += 1
+        self.sums[which] += value
+
+
+class _Collector:
+    """The request counter and histograms, as a scrape finds them (Prometheus's Counter and
+    Histogram classes take two locks and scan the buckets in Python per observation: four
+    observations a request; here one lock, a bisection each, and the sums made at scrape time)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Any:
+        with self.metrics._lock:
+            figures = {m: (dict(f.codes), [list(b) for b in f.buckets], list(f.sums))
+                       for m, f in self.metrics._figures.items()}
+        requests = CounterMetricFamily(*_REQUESTS, labels=["model", "code"])
+        for model, (codes, _, _) in figures.items():
+            for code, n in codes.items():
+                requests.add_metric([model, code], n)
+        yield requests
+        for i, (name, help_text, bounds) in enumerate(_HISTOGRAMS):
+            family = HistogramMetricFamily(name, help_text, labels=["model"])
+            for model, (codes, buckets, sums) in figures.items():
+                if i != _BATCH and not codes.get("OK"):  # a model with failures only has no latencies
+                    continue
+                if i == _BATCH and not any(buckets[i]):
+                    continue
+                cumulative = list(itertools.accumulate(buckets[i]))
+                family.add_metric([model], [(floatToGoString(b), n) for b, n in zip(bounds, cumulative)]
+                                  + [("+Inf", cumulative[-1])], sums[i])
+            yield family
 
 
 class Metrics:
@@ -36,46 +96,37 @@ class Metrics:
     def __init__(self, window: int = LATENCY_WINDOW) -> None:
         self.registry = CollectorRegistry()
         self.window = window
-        self.requests = Counter("zoo_serve_requests", "Classify and ModelInfer requests by model and gRPC status code",
-                                ["model", "code"], registry=self.registry)
-        self.total = Histogram("zoo_serve_request_latency_seconds", "Server-side latency of successful requests",
-                               ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.queue = Histogram("zoo_serve_queue_latency_seconds", "Time a request waited for its batch to run",
-                               ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.inference = Histogram("zoo_serve_inference_latency_seconds",
-                                   "onnxruntime time of the batch a request ran in", ["model"],
-                                   buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.batch_size = Histogram("zoo_serve_batch_size", "Requests per onnxruntime call", ["model"],
-                                    buckets=BATCH_BUCKETS, registry=self.registry)
         # One series per loaded model version; versions exported before zoo.flops have none.
         self.flops = Gauge("zoo_serve_model_flops", "FLOPs of one forward pass at batch 1 and the model's input "
                            "size (a multiply-add counts as 2), from its export", ["model", "version"],
                            registry=self.registry)
         self._lock = threading.Lock()
+        self._figures: dict[str, _Figures] = {}
         self._windows: dict[str, collections.deque[tuple[float, float, float, int]]] = {}
         self._counts: dict[str, int] = collections.Counter()
-        # Per model, the labelled series observe() updates: labels() takes a lock and builds a
-        # key on every call, on every request's path. Series are never removed, so they keep.
-        self._series: dict[str, tuple[Any, Any, Any, Any]] = {}
+        self.registry.register(_Collector(self))
         self._http: Any = None
+
+    def _of(self, model: str) -> _Figures:
+        """``model``'s figures (under the lock)."""
+        figures = self._figures.get(model)
+        if figures is None:
+            figures = self._figures[model] = _Figures()
+        return figures
 
     def count(self, model: str, code: str) -> None:
         """One finished request with status ``code`` (e.g. ``"OK"``, ``"INVALID_ARGUMENT"``)."""
-        self.requests.labels(model or UNKNOWN_MODEL, code).inc()
+        with self._lock:
+            self._of(model or UNKNOWN_MODEL).codes[code] += 1
 
     def observe(self, model: str, total_s: float, queue_s: float, inference_s: float, batch_size: int) -> None:
         """One successful request: counted, into the histograms and the model's window."""
-        series = self._series.get(model)
-        if series is None:
-            series = self._series[model] = (self.requests.labels(model or UNKNOWN_MODEL, "OK"),
-                                            self.total.labels(model), self.queue.labels(model),
-                                            self.inference.labels(model))
-        ok, total, queued, inference = series
-        ok.inc()
-        total.observe(total_s)
-        queued.observe(queue_s)
-        inference.observe(inference_s)
         with self._lock:
+            figures = self._of(model or UNKNOWN_MODEL)
+            figures.codes["OK"] += 1
+            figures.add(_TOTAL, total_s)
+            figures.add(_QUEUE, queue_s)
+            figures.add(_INFERENCE, inference_s)
             win = self._windows.get(model)
             if win is None:
                 win = self._windows[model] = collections.deque(maxlen=self.window)
@@ -91,7 +142,8 @@ class Metrics:
             self.flops.remove(model, str(version))
 
     def observe_batch(self, model: str, size: int) -> None:
-        self.batch_size.labels(model).observe(size)
+        with self._lock:
+            self._of(model).add(_BATCH, size)
 
     def report(self, model: str) -> dict[str, Any]:
         """``{"count", "total_requests", "total"|"queue"|"inference": {p50, p90, p99} in us,

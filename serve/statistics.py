@@ -17,7 +17,8 @@ class Duration:
 
     def add(self, seconds: float) -> None:
         self.count += 1
-        self.ns += max(0, round(seconds * 1e9))
+        if seconds > 0:  # int(): round() costs twice as much on every request's path, for a nanosecond
+            self.ns += int(seconds * 1e9)
 
 
 @dataclass
@@ -53,7 +54,10 @@ class Statistics:
         self._models: dict[tuple[str, int], ModelStatistics] = {}
 
     def _of(self, name: str, version: int) -> ModelStatistics:
-        return self._models.setdefault((name, version), ModelStatistics())
+        s = self._models.get((name, version))
+        if s is None:  # not setdefault: that builds a ModelStatistics (seven objects) on every call
+            s = self._models[(name, version)] = ModelStatistics()
+        return s
 
     def executed(self, name: str, version: int, batch_size: int, seconds: float) -> None:
         with self._lock:

@@ -38,3 +38,28 @@ def test_a_model_not_served_yet_reports_zeros():
     report = Metrics().report("nothing")
     assert report["count"] == 0 and report["total_requests"] == 0 and report["mean_batch_size"] == 0.0
     assert all(v == 0.0 for key in ("total", "queue", "inference") for v in report[key].values())
+
+
+def test_buckets_are_cumulative_and_a_value_on_a_bound_counts_in_it():
+    m = Metrics()
+    # Request latencies: 1 ms exactly (a bound: its bucket, Prometheus's "le"), 1.5 ms, 20 s (past the last bound).
+    for total in (0.001, 0.0015, 20.0):
+        m.observe("a", total, 0.0, 0.0, 1)
+    for size in (1, 5, 5, 16):  # batch sizes: 5 falls between the bounds 4 and 6
+        m.observe_batch("a", size)
+    m.count("b", "NOT_FOUND")  # a model with failures only
+    value = m.registry.get_sample_value
+    bucket = "zoo_serve_request_latency_seconds_bucket"
+    assert value(bucket, {"model": "a", "le": "0.0005"}) == 0
+    assert value(bucket, {"model": "a", "le": "0.001"}) == 1
+    assert value(bucket, {"model": "a", "le": "0.002"}) == 2
+    assert value(bucket, {"model": "a", "le": "10.0"}) == 2
+    assert value(bucket, {"model": "a", "le": "+Inf"}) == 3
+    assert value("zoo_serve_request_latency_seconds_count", {"model": "a"}) == 3
+    sizes = "zoo_serve_batch_size_bucket"
+    assert [value(sizes, {"model": "a", "le": le}) for le in ("1.0", "4.0", "6.0", "12.0", "16.0", "+Inf")] == \
+        [1, 1, 3, 3, 4, 4]
+    assert value("zoo_serve_batch_size_sum", {"model": "a"}) == 27
+    assert value("zoo_serve_requests_total", {"model": "b", "code": "NOT_FOUND"}) == 1
+    assert value("zoo_serve_request_latency_seconds_count", {"model": "b"}) is None  # no latencies of failures
+    assert value("zoo_serve_batch_size_count", {"model": "b"}) is None
