@@ -120,7 +120,7 @@ def _batchings(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def evaluate_peer(settings: list[Any], cfg: Config, rows: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
-    """Each one-worker server's setting over the ``--peer``'s with the same protocol and clients:
+    """Each server setting (``--workers`` ones too) over the ``--peer``'s with the same protocol and clients:
     QPS, p50 and p99 ratios taken round by round (the two measured minutes apart at most, in
     rotating order), their median over the rounds; above 1 for QPS, below 1 for p50 and p99
     favours this server. At one client, the echo gaps of both (``echo_gap_ms`` this server's,
@@ -132,8 +132,7 @@ def evaluate_peer(settings: list[Any], cfg: Config, rows: Sequence[dict[str, Any
     peer = {(s.protocol, s.concurrency): s for s in settings if s.batching == cfg.peer}
     gaps = {(r["batching"], r["protocol"]): r["echo_gap_ms"] for r in rows
             if r["kind"] == "served" and r["concurrency"] == 1 and r["workers"] == 1}
-    served = {(r["batching"], r["protocol"], r["concurrency"]): r for r in rows
-              if r["kind"] == "served" and r["workers"] == 1}
+    served = {(r["batching"], r["protocol"], r["concurrency"], r["workers"]): r for r in rows if r["kind"] == "served"}
     raw = next((r for r in rows if r["kind"] == "raw"), None)
     cpu_per_row = (raw or {}).get("cpu_per_row_ms") or {}
     echo_ms = {r["concurrency"]: _server_cpu_ms_per_call(r) for r in rows
@@ -141,8 +140,9 @@ def evaluate_peer(settings: list[Any], cfg: Config, rows: Sequence[dict[str, Any
     out = []
     for s in settings:
         k = peer.get((s.protocol, s.concurrency))
-        if k is None or s is k or s.workers != 1 or s.batching == cfg.peer:
+        if k is None or s is k or s.batching == cfg.peer:
             continue
+        one = s.workers == 1  # the echo gap and the model's CPU per row (raw's threads) are one process's figures
         paired: dict[str, list[float]] = {"qps": [], "p50_ms": [], "p99_ms": []}
         for mine, theirs in zip(s.per_round, k.per_round):
             for key, values in paired.items():
@@ -152,17 +152,18 @@ def evaluate_peer(settings: list[Any], cfg: Config, rows: Sequence[dict[str, Any
         medians = {key: statistics.median(v) if v else None for key, v in paired.items()}
         note = "; ".join(f"{key.removesuffix('_ms')} per round " + " ".join(f"{v:.2f}" for v in values)
                          for key, values in paired.items())
-        out.append(row(kind="peer", model=cfg.model, batching=s.batching, max_batch=s.max_batch, workers=1,
+        out.append(row(kind="peer", model=cfg.model, batching=s.batching, max_batch=s.max_batch, workers=s.workers,
                        concurrency=s.concurrency, protocol=s.protocol, rounds=len(paired["qps"]),
-                       target=f"{server_label(s.batching, 1)} / {cfg.peer} ({s.protocol}, {s.concurrency} client"
-                              f"{'s' if s.concurrency > 1 else ''})",
+                       target=f"{server_label(s.batching, s.workers)} / {cfg.peer} ({s.protocol}, {s.concurrency} "
+                              f"client{'s' if s.concurrency > 1 else ''})",
                        value=medians["p50_ms"], qps_ratio=medians["qps"], p50_ratio=medians["p50_ms"],
                        p99_ratio=medians["p99_ms"], unit="x", note=note,
-                       echo_gap_ms=gaps.get((s.batching, s.protocol)) if s.concurrency == 1 else None,
-                       peer_echo_gap_ms=gaps.get((cfg.peer, s.protocol)) if s.concurrency == 1 else None,
-                       cpu_note=_cpu_budget(served.get((s.batching, s.protocol, s.concurrency)),
-                                            served.get((cfg.peer, s.protocol, s.concurrency)), cfg.peer,
-                                            cpu_per_row.get(s.max_batch), echo_ms.get(s.concurrency))))
+                       echo_gap_ms=gaps.get((s.batching, s.protocol)) if s.concurrency == 1 and one else None,
+                       peer_echo_gap_ms=gaps.get((cfg.peer, s.protocol)) if s.concurrency == 1 and one else None,
+                       cpu_note=_cpu_budget(served.get((s.batching, s.protocol, s.concurrency, s.workers)),
+                                            served.get((cfg.peer, s.protocol, s.concurrency, 1)), cfg.peer,
+                                            cpu_per_row.get(s.max_batch) if one else None,
+                                            echo_ms.get(s.concurrency))))
     return out
 
 

@@ -644,3 +644,36 @@ def test_the_cpu_budget_sets_the_bare_echo_beside_the_room_left(monkeypatch):
     text = report_module.report(cfg, SimpleNamespace(input_size=(3, 4, 4)), rows, 2, {"cpu": "cpu", "cores": "2"})
     assert "; at 16 clients 2000 QPS, p50 1.000 ms, 0.30 ms of its CPU per call" in text
     assert [s.label for s in settings[2:]] == ["bare gRPC echo, 1 client", "bare gRPC echo, 16 clients"]
+
+
+def test_a_server_with_workers_is_paired_with_the_peer_too():
+    """``--workers 2`` is how this server uses both cores for one model: its setting gets a paired
+    ratio of its own, named by its workers, with no echo gap and no model-CPU room (those are one
+    process's figures: raw session.run runs with all the threads, a worker with half)."""
+    from bench.serve.measure import Setting, setting_row
+    from bench.serve.report import evaluate_peer
+
+    cfg = Config(model="m", model_dir=None, cache="c", server=None, threads=2, concurrency=[1, 16], duration_s=2,
+                 batching=["on"], workers=[1, 2], client_processes=2, rounds=2, max_requests=10, seed=0,
+                 json_path=None, protocols=["grpc-infer"], peer="kserve")
+
+    def setting(batching, workers, concurrency, rounds_qps):
+        s = Setting(batching, concurrency, MAX_BATCH["on"] if batching == "on" else None, "t", None,
+                    workers=workers, protocol="grpc-infer")
+        s.windows_s, s.server_cpu_s, s.client_cpu_s = 2.0, 2.0, 1.0
+        s.data["latency_ms"] = [1e3 / q for q in rounds_qps]
+        s.per_round = [dict(qps=q, p50_ms=1e3 / q, p99_ms=2e3 / q) for q in rounds_qps]
+        return s
+
+    settings = [setting("on", w, c, [w * 100.0 * c, w * 100.0 * c]) for w in (1, 2) for c in (1, 16)]
+    settings += [setting("kserve", 1, c, [80.0 * c, 80.0 * c]) for c in (1, 16)]
+    rows = [setting_row(s, cfg, 1.0, 2) for s in settings]
+    rows.append(row(kind="raw", model="m", p50_ms=1.0, p95_ms=1.0, requests=3, cpu_per_row_ms={16: 1.0}))
+    paired = {(r["workers"], r["concurrency"]): r for r in evaluate_peer(settings, cfg, rows)}
+    assert sorted(paired) == [(1, 1), (1, 16), (2, 1), (2, 16)]
+    assert paired[2, 16]["qps_ratio"] == pytest.approx(2.5) and paired[1, 16]["qps_ratio"] == pytest.approx(1.25)
+    assert paired[2, 16]["target"] == "batching on, 2 workers / kserve (grpc-infer, 16 clients)"
+    assert "CPU ms per answer" in paired[2, 16]["cpu_note"]
+    assert "less the model batched" not in paired[2, 16]["cpu_note"]
+    assert "less the model batched" in paired[1, 16]["cpu_note"]
+    assert paired[2, 1]["echo_gap_ms"] is None
