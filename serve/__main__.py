@@ -302,7 +302,10 @@ class _Worker:
     def __init__(self, index: int, command: list[str]) -> None:
         self.index = index
         env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, bufsize=1)
+        # A process group of its own: a terminal's Ctrl-C goes to the foreground group, and a worker
+        # in the parent's would count it and then the parent's SIGTERM as a second signal, cancelling
+        # its calls instead of draining them. The parent alone hears it and passes it on once.
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, bufsize=1, process_group=0)
         self.ready = threading.Event()
         self.line = ""
         self._thread = threading.Thread(target=self._forward, name=f"worker-{index}-output", daemon=True)
@@ -346,9 +349,11 @@ def run_workers(args: argparse.Namespace, argv: list[str], warn_exposed: bool = 
     workers: list[_Worker] = []
 
     def pass_on() -> None:  # a second signal is passed on: the workers stop at once
+        # As SIGINT: the first went as SIGTERM from the main loop, maybe moments ago, and a signal
+        # still pending absorbs another of its kind, so a second SIGTERM could reach a worker as one.
         for w in workers:
             if w.proc.poll() is None:
-                w.proc.send_signal(signal.SIGTERM)
+                w.proc.send_signal(signal.SIGINT)
 
     signals.on(2, pass_on, name="second-signal")
     reserved = None
