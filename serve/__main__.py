@@ -305,7 +305,9 @@ class _Worker:
         # A process group of its own: a terminal's Ctrl-C goes to the foreground group, and a worker
         # in the parent's would count it and then the parent's SIGTERM as a second signal, cancelling
         # its calls instead of draining them. The parent alone hears it and passes it on once.
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, bufsize=1, process_group=0)
+        # (A session of its own, which makes one: Popen's process_group needs Python 3.11.)
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, bufsize=1,
+                                     start_new_session=True)
         self.ready = threading.Event()
         self.line = ""
         self._thread = threading.Thread(target=self._forward, name=f"worker-{index}-output", daemon=True)

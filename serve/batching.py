@@ -119,7 +119,7 @@ class Pending:
         inline, self._inline = self._inline, None
         if inline is not None:
             inline._run_inline(self, timeout)
-        elif self._done.acquire(timeout=-1 if timeout is None else timeout):
+        elif self._done.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
             self._done.release()  # stays open: a later wait returns at once, as an Event's would
         else:
             self.abandoned = True

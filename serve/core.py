@@ -169,11 +169,10 @@ class ServingCore:
         """The served model a request names; RequestError (NOT_FOUND, INVALID_ARGUMENT) says why
         not. Looks in the in-memory table only: a name never reaches the filesystem."""
         name, version = split_model(name, version)
-        served = ", ".join(self.repo.names())
         if not name:
             if self.default_model is None:
                 raise RequestError(_INVALID, f"request names no model and this server serves several; "
-                                             f"set model to one of: {served}")
+                                             f"set model to one of: {', '.join(self.repo.names())}")
             name = self.default_model
         if version < 0:
             raise RequestError(_INVALID, f"invalid version {version}: 0 (newest) or a positive integer")
@@ -187,7 +186,7 @@ class ServingCore:
         if canonical:
             raise RequestError(_NOT_FOUND, f"{unknown_model(name)}; models are named exactly: "
                                            f"{' or '.join(repr(c) for c in canonical)} is served under that name")
-        raise RequestError(_NOT_FOUND, f"{unknown_model(name)}; this server serves: {served}")
+        raise RequestError(_NOT_FOUND, f"{unknown_model(name)}; this server serves: {', '.join(self.repo.names())}")
 
     def _version_missing(self, name: str, version: int) -> str:
         loaded = sorted(self.repo.models[name])

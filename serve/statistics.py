@@ -17,8 +17,8 @@ class Duration:
 
     def add(self, seconds: float) -> None:
         self.count += 1
-        if seconds > 0:  # int(): round() costs twice as much on every request's path, for a nanosecond
-            self.ns += int(seconds * 1e9)
+        if seconds > 0:  # int(x + 0.5): round() costs twice as much, on every request's path
+            self.ns += int(seconds * 1e9 + 0.5)
 
 
 @dataclass

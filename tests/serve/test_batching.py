@@ -159,6 +159,20 @@ def test_waiter_that_gives_up_is_skipped(make):
     assert 5.0 not in rec.seen
 
 
+def test_a_wait_past_its_deadline_gives_up_at_once_and_a_finished_one_answers_twice(make):
+    gate = threading.Event()
+    rec = Recorder(gate)
+    b = make(rec, max_batch=8, timeout_s=0.0)
+    first = b.submit(np.full(1, 1.0))
+    assert rec.started.wait(5)
+    late = b.submit(np.full(1, 5.0))
+    with pytest.raises(DeadlineExceeded):  # a deadline already gone: no wait, no error of another kind
+        late.wait(-0.5)
+    gate.set()
+    assert first.wait(HANG_S).logits[0] == 1.0
+    assert first.wait(HANG_S).logits[0] == 1.0  # a second wait answers at once, as the first
+
+
 def test_queue_is_bounded(make):
     gate = threading.Event()
     rec = Recorder(gate)

@@ -31,6 +31,12 @@ def test_figures_add_up_per_version():
     assert s.get("m", 1).success.count == 0 and s.held() == [("m", 2)]
 
 
+def test_durations_round_to_the_nearest_nanosecond():
+    s = Statistics()
+    s.succeeded("m", 1, 1.001, 0.0, 0.0, 0.0, 0.0)  # 1.001 * 1e9 is 1000999999.99... in binary
+    assert s.get("m", 1).success.ns == 1_001_000_000
+
+
 def test_a_negative_duration_counts_as_zero():
     s = Statistics()  # clocks read on two threads can cross by a hair
     s.succeeded("m", 1, 0.001, -1e-9, 0.0, 0.0, 0.0)
