@@ -633,13 +633,10 @@ class ServingCore:
             self.abandon(job)
             raise
         answered = time.perf_counter()
-        if len(results) == 1:  # most calls: one row, no stacking
-            r = results[0]
-            out = Row(r.logits[None].astype(np.float32, copy=False), r.queue_s, r.inference_s, r.batch_size)
-        else:
-            out = Row(np.stack([r.logits for r in results]).astype(np.float32, copy=False),
-                      max(r.queue_s for r in results), max(r.inference_s for r in results),
-                      max(r.batch_size for r in results))
+        # Most calls have one row: a view of it, not np.stack's copy.
+        logits = results[0].logits[None] if len(results) == 1 else np.stack([r.logits for r in results])
+        out = Row(logits.astype(np.float32, copy=False), max(r.queue_s for r in results),
+                  max(r.inference_s for r in results), max(r.batch_size for r in results))
         done = time.perf_counter()
         if self._serving(job.model):
             self.statistics.succeeded(job.model.name, job.model.version, done - job.started,

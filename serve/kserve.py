@@ -334,7 +334,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise RequestError(_INVALID, f"model {shown(model.name)} takes one input named {INPUT_NAME!r}; "
                                          f"the request has {', '.join(shown(n) for n in names) or 'none'}")
         tensor = request.inputs[0]
-        for key in tensor.parameters if tensor.parameters else ():  # most requests have none: skip the iterator
+        for key in tensor.parameters:
             if key.startswith("shared_memory"):
                 raise RequestError(_INVALID, "shared-memory inputs are not supported by this server: "
                                              "send the tensor in raw_input_contents or contents")

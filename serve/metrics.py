@@ -103,7 +103,6 @@ class Metrics:
         self._lock = threading.Lock()
         self._figures: dict[str, _Figures] = {}
         self._windows: dict[str, collections.deque[tuple[float, float, float, int]]] = {}
-        self._counts: dict[str, int] = collections.Counter()
         self.registry.register(_Collector(self))
         self._http: Any = None
 
@@ -131,7 +130,6 @@ class Metrics:
             if win is None:
                 win = self._windows[model] = collections.deque(maxlen=self.window)
             win.append((total_s, queue_s, inference_s, batch_size))
-            self._counts[model] += 1
 
     def set_flops(self, model: str, version: int, flops: int) -> None:
         self.flops.labels(model, str(version)).set(flops)
@@ -150,7 +148,8 @@ class Metrics:
         "mean_batch_size"}`` over the model's window (zeros when it is empty)."""
         with self._lock:
             samples = list(self._windows.get(model, ()))
-            served = self._counts.get(model, 0)
+            figures = self._figures.get(model)
+            served = figures.codes["OK"] if figures is not None else 0
         out: dict[str, Any] = {"count": len(samples), "total_requests": served}
         columns = np.array(samples, dtype=np.float64).reshape(-1, len(_FIELDS))
         for i, key in enumerate(_FIELDS[:3]):

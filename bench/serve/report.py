@@ -135,8 +135,8 @@ def evaluate_peer(settings: list[Any], cfg: Config, rows: Sequence[dict[str, Any
     served = {(r["batching"], r["protocol"], r["concurrency"], r["workers"]): r for r in rows if r["kind"] == "served"}
     raw = next((r for r in rows if r["kind"] == "raw"), None)
     cpu_per_row = (raw or {}).get("cpu_per_row_ms") or {}
-    echo_ms = {r["concurrency"]: _server_cpu_ms_per_call(r) for r in rows
-               if r["kind"] == "echo" and _server_cpu_ms_per_call(r) is not None}
+    echo_ms = {r["concurrency"]: ms for r in rows
+               if r["kind"] == "echo" and (ms := _server_cpu_ms_per_call(r)) is not None}
     out = []
     for s in settings:
         k = peer.get((s.protocol, s.concurrency))

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import urllib.request
+from typing import Callable
 
 import grpc
 import numpy as np
@@ -135,6 +136,21 @@ def start_workers(*argv: str, session: bool = False) -> tuple[subprocess.Popen, 
     raise AssertionError(f"no ready line: {lines} {proc.stderr.read()}")
 
 
+def stop_workers(proc: subprocess.Popen, *send: Callable[[], None], timeout: float = 60) -> str:
+    """Each of ``send`` (the signals), then the parent's exit, 0 (killed if it never comes: only a
+    hang reaches the timeout); returns its stdout."""
+    try:
+        for signal_it in send:
+            signal_it()
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    return out
+
+
 def infer_pid(port: int) -> int:
     """ModelInfer over a fresh connection: the pid of the worker the kernel gave it to."""
     x = np.zeros((1, *INPUT_SIZE), np.float32)
@@ -180,13 +196,11 @@ def test_workers_share_one_port_and_stop_on_sigterm(exported):
                 c.close()
             grew = sum(classify_count(url) > b for url, b in zip(metrics, before))
             assert grew == want_workers, (own, before, [classify_count(url) for url in metrics])
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
+        out = stop_workers(proc, lambda: proc.send_signal(signal.SIGTERM))
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # a check above failed
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, err
     assert out.count("python -m serve: stopped") == 3  # both workers, then the parent
     for pid in pids:  # the workers are gone, not orphaned
         with pytest.raises(ProcessLookupError):
@@ -223,16 +237,9 @@ def test_one_ctrl_c_drains_the_workers(exported):
     """A terminal sends Ctrl-C's SIGINT to the whole foreground process group: the workers must
     not count it besides the parent's forwarded SIGTERM as a second signal (which cancels calls in
     flight): one Ctrl-C drains."""
-    proc, _, pids, _ = start_workers("--model-dir", exported.root, "--model", MODEL, "--port", "0",
-                                     "--workers", "2", "--grace", "5", "--drain-delay", "0.5", session=True)
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
+    proc, _, _, _ = start_workers("--model-dir", exported.root, "--model", MODEL, "--port", "0",
+                                  "--workers", "2", "--grace", "5", "--drain-delay", "0.5", session=True)
+    out = stop_workers(proc, lambda: os.killpg(proc.pid, signal.SIGINT))
     stopped = _stop_lines(out)
     assert len(stopped) == 2 and not any("second signal" in line for line in stopped), out
     assert out.count("draining: health NOT_SERVING") == 2, out
@@ -243,16 +250,10 @@ def test_two_quick_signals_stop_the_workers_at_once(exported):
     sent back to back could merge at the parent itself): it passes both on, and each worker stops
     at once. (The second goes on as SIGINT, so it cannot merge with the first while that is still
     pending at a worker; that race is too narrow to provoke here.)"""
-    proc, _, pids, _ = start_workers("--model-dir", exported.root, "--model", MODEL, "--port", "0",
-                                     "--workers", "2", "--grace", "5", "--drain-delay", "60")
-    try:
-        proc.send_signal(signal.SIGTERM)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=40)  # well inside the 60 s drain a single signal asks for
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
+    proc, _, _, _ = start_workers("--model-dir", exported.root, "--model", MODEL, "--port", "0",
+                                  "--workers", "2", "--grace", "5", "--drain-delay", "60")
+    # A timeout well inside the 60 s drain a single signal asks for.
+    out = stop_workers(proc, lambda: proc.send_signal(signal.SIGTERM), lambda: proc.send_signal(signal.SIGINT),
+                       timeout=40)
     stopped = _stop_lines(out)
     assert len(stopped) == 2 and all("second signal" in line for line in stopped), out
