@@ -233,13 +233,13 @@ def run(cfg: Config) -> int:
     model = repo.get(cfg.model)
     assert model is not None
     info = common.machine_info()
-    settings, raw, processes, cpu_per_row = measure(cfg, root, model)
+    settings, raw, raw_idle, processes, cpu_per_row = measure(cfg, root, model)
     rows = [setting_row(s, cfg, raw.median_ms, processes) for s in settings]
-    add_echo_gaps(rows)
+    add_echo_gaps(rows, raw_idle.median_ms)
     rows.append(row(kind="raw", model=cfg.model, threads=cfg.threads, batching="raw session.run", max_batch=1,
                     concurrency=1, rounds=cfg.rounds, requests=len(raw.times_ms), p50_ms=raw.median_ms,
                     p95_ms=pct(raw.times_ms, 95), p99_ms=pct(raw.times_ms, 99),
-                    mean_ms=float(np.mean(raw.times_ms)), raw_p50_ms=raw.median_ms,
+                    mean_ms=float(np.mean(raw.times_ms)), raw_p50_ms=raw.median_ms, raw_idle_p50_ms=raw_idle.median_ms,
                     cpu_per_row_ms=cpu_per_row))  # by batch size (JSON writes the keys as strings)
     served = [r for r in rows if r["kind"] == "served"]
     rows += evaluate_targets(served, cfg) + evaluate_scaling(served, cfg) + evaluate_protocols(served, cfg)

@@ -35,6 +35,11 @@ ROUND_MIN_S, MAX_ROUNDS = 2.0, 4
 WARMUP_S = 0.5
 # Raw session.run gets this share of a round's length per round, and at least RAW_MIN_CALLS calls.
 RAW_SHARE, RAW_MIN_CALLS = 1.0, 5
+# Raw session.run again with the model left idle this long before each call, about one round trip
+# of a one-client server here: a model that waits between calls runs slower than in a tight loop
+# (cold caches, sleeping threads), and that part of a served call is the machine's, not serving's.
+# It gets IDLE_RAW_SHARE of a round's length per round (its sleeps included).
+IDLE_GAP_S, IDLE_RAW_SHARE = 0.001, 0.5
 # Inputs: flat per-channel colours plus noise. A random-init net sends white noise to one class
 # (resnext_mini: 64 of 64 noise inputs in class 766); flat colours reach several classes, so an
 # answer meant for another input usually shows in the class, and otherwise in the score.
@@ -74,7 +79,7 @@ ROW_KEYS = (
     "server_queue_p50_ms", "server_inference_p50_ms", "server_other_p50_ms", "transport_p50_ms",
     "serving_cost_p50_ms", "inference_busy", "server_cpu", "client_cpu", "target", "value", "threshold", "met", "note",
     "protocol", "tail_ratio", "echo_p50_ms", "echo_gap_ms", "unit", "qps_ratio", "p50_ratio", "p99_ratio",
-    "peer_echo_gap_ms", "cpu_note", "cpu_per_row_ms",
+    "peer_echo_gap_ms", "cpu_note", "cpu_per_row_ms", "raw_idle_p50_ms",
 )
 
 

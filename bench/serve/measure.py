@@ -19,6 +19,8 @@ from bench.serve.config import (
     ECHO,
     HOST,
     HTTP_PROTOCOLS,
+    IDLE_GAP_S,
+    IDLE_RAW_SHARE,
     PEER_PROTOCOLS,
     CPU_PROBE_S,
     MAX_BATCH,
@@ -121,12 +123,15 @@ def measure_setting(s: Setting, pool: ClientPool, seconds: float, max_requests: 
 
 
 def measure_raw(run: Callable[[np.ndarray], np.ndarray], inputs: list[np.ndarray], seconds: float,
-                samples: common.Samples) -> None:
-    """session.run at batch 1 on ``inputs`` in turn for ``seconds`` (at least RAW_MIN_CALLS calls)."""
+                samples: common.Samples, idle_s: float = 0.0) -> None:
+    """session.run at batch 1 on ``inputs`` in turn for ``seconds`` (at least RAW_MIN_CALLS calls),
+    each call after ``idle_s`` seconds of sleep (untimed), as a served model waits between calls."""
     stop = time.perf_counter() + seconds
     n = 0
     while n < RAW_MIN_CALLS or time.perf_counter() < stop:
         x = inputs[n % len(inputs)][None]
+        if idle_s:
+            time.sleep(idle_s)
         common.time_call(lambda: run(x), samples)
         n += 1
 
@@ -189,10 +194,12 @@ def _log(text: str) -> None:
     print(f"{PROG}: {text}", file=sys.stderr, flush=True)
 
 
-def measure(cfg: Config, root: str, model: Any) -> tuple[list[Setting], common.Samples, int, dict[int, float]]:
+def measure(cfg: Config, root: str, model: Any
+            ) -> tuple[list[Setting], common.Samples, common.Samples, int, dict[int, float]]:
     """Start the servers and clients, measure raw and every setting in rounds, stop everything.
-    Also returns the model's CPU ms per row at batch 1 and at the largest batch a server here
-    runs (:func:`model_cpu_per_row`, measured before the rounds, with every server idle)."""
+    Returns the settings, raw session.run in a tight loop and after IDLE_GAP_S idle before each
+    call, the client processes, and the model's CPU ms per row at batch 1 and at the largest batch
+    a server here runs (:func:`model_cpu_per_row`, measured before the rounds, every server idle)."""
     max_c = max(cfg.concurrency)
     processes = min(cfg.client_processes, max_c)
     round_s = cfg.duration_s / cfg.rounds
@@ -249,7 +256,7 @@ def measure(cfg: Config, root: str, model: Any) -> tuple[list[Setting], common.S
                          for (b, w), t in targets.items()) + f"; bare gRPC echo at {echo_target}"
              + f"; {processes} client processes with {', '.join(str(s['inputs']) for s in summaries)} inputs in "
              f"{', '.join(str(s['classes']) for s in summaries)} classes; {cfg.rounds} rounds of {round_s:g} s")
-        raw = common.Samples()
+        raw, raw_idle = common.Samples(), common.Samples()
         for _ in range(2):  # untimed: onnxruntime's first calls on this shape
             model.run(first_inputs[0][None])
         cpu_per_row = model_cpu_per_row(model.run, first_inputs[0],
@@ -257,6 +264,7 @@ def measure(cfg: Config, root: str, model: Any) -> tuple[list[Setting], common.S
                                         min(CPU_PROBE_S, round_s * RAW_SHARE))
         for r in range(cfg.rounds):
             measure_raw(model.run, first_inputs, round_s * RAW_SHARE, raw)
+            measure_raw(model.run, first_inputs, round_s * IDLE_RAW_SHARE, raw_idle, idle_s=IDLE_GAP_S)
             k = r % len(settings)
             order = settings[k:] + settings[:k]
             if r % 2:
@@ -266,12 +274,13 @@ def measure(cfg: Config, root: str, model: Any) -> tuple[list[Setting], common.S
                 measure_setting(s, pool, round_s, math.ceil(cfg.max_requests / cfg.rounds))
                 _log(f"round {r + 1}/{cfg.rounds}: {s.label}: {len(s.data['latency_ms']) - before} answers, "
                      f"{sum(s.errors.values())} errors so far")
-    return settings, raw, processes, cpu_per_row
+    return settings, raw, raw_idle, processes, cpu_per_row
 
 
-def add_echo_gaps(rows: list[dict[str, Any]]) -> None:
+def add_echo_gaps(rows: list[dict[str, Any]], raw_idle_p50: float | None = None) -> None:
     """Each one-client served row's gap: served p50 - (echo p50 + raw p50), what serving costs beyond
-    a bare gRPC round trip and the inference itself."""
+    a bare gRPC round trip and the inference itself; with ``raw_idle_p50`` (session.run after
+    IDLE_GAP_S idle) kept beside it, for the share of the gap that is the idle model's."""
     echo = next((r for r in rows if r["kind"] == "echo" and r["concurrency"] == 1), None)
     if echo is None or echo["p50_ms"] is None:
         return
@@ -279,6 +288,7 @@ def add_echo_gaps(rows: list[dict[str, Any]]) -> None:
         if r["kind"] == "served" and r["concurrency"] == 1 and r["p50_ms"] is not None and r["raw_p50_ms"]:
             r["echo_p50_ms"] = echo["p50_ms"]
             r["echo_gap_ms"] = r["p50_ms"] - (echo["p50_ms"] + r["raw_p50_ms"])
+            r["raw_idle_p50_ms"] = raw_idle_p50
 
 
 def _peer_settings(cfg: Config, peer: Any, deadline: float) -> list[Setting]:

@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 from bench.serve.config import (
     BATCHING_GAIN_TARGET,
     ECHO_GAP_TARGET_MS,
+    IDLE_GAP_S,
     HTTP_OVER_GRPC_TARGET,
     OVERHEAD_TARGET,
     P99_OVER_LONE_TARGET,
@@ -106,6 +107,11 @@ def _echo_targets(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any
             continue
         note = (f"served p50 {r['p50_ms']:.3f} ms vs bare gRPC echo p50 {r['echo_p50_ms']:.3f} ms + raw session.run "
                 f"p50 {r['raw_p50_ms']:.3f} ms; one-client tail p99/p50 {r['tail_ratio']:.2f}")
+        idle = r["raw_idle_p50_ms"]
+        if idle is not None:  # the model alone, slower when it waits between calls: the machine's share of the gap
+            note += (f"; the model alone after {IDLE_GAP_S * 1e3:g} ms idle: p50 {idle:.3f} ms "
+                     f"({idle - r['raw_p50_ms']:+.3f} ms of the gap), "
+                     f"served p50 - (echo p50 + that) {r['p50_ms'] - r['echo_p50_ms'] - idle:.3f} ms")
         out.append(row(kind="target", model=cfg.model, concurrency=1, batching=r["batching"], workers=r["workers"],
                        protocol=r["protocol"], unit="ms",
                        target=f"served p50 - (echo p50 + raw p50) ({server_label(r['batching'], 1)}, {r['protocol']})",
@@ -377,7 +383,9 @@ def report(cfg: Config, model: Any, rows: list[dict[str, Any]], processes: int, 
         + f", {cfg.rounds} rounds, {cfg.duration_s:g} s measured per setting; "
         f"{info['cpu']}, {info['cores']} cores, loadavg {info.get('loadavg', '?')} at start, {end_load} at end",
         f"raw session.run at batch 1 ({cfg.threads} threads, this process, same inputs): p50 {raw['p50_ms']:.2f} ms, "
-        f"p95 {raw['p95_ms']:.2f} ms over {raw['requests']} calls" + _cpu_per_row_text(raw),
+        f"p95 {raw['p95_ms']:.2f} ms over {raw['requests']} calls"
+        + (f"; after {IDLE_GAP_S * 1e3:g} ms idle before each call: p50 {raw['raw_idle_p50_ms']:.2f} ms"
+           if raw["raw_idle_p50_ms"] is not None else "") + _cpu_per_row_text(raw),
         f"bare gRPC echo (its own process, one client, the input's bytes in, {len(ECHO_REPLY)} bytes back): "
         + (f"p50 {echo['p50_ms']:.3f} ms, p99 {echo['p99_ms']:.3f} ms over {echo['requests']} calls"
            if echo and echo["p50_ms"] is not None else "no answer")

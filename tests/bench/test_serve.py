@@ -461,11 +461,11 @@ def test_the_peer_gets_the_echo_gap_row_beside_this_servers():
     settings += [setting("kserve", p, c, [2.5, 2.5, 3.0], [2.5, 2.5]) for p in cfg.protocols for c in (1, 4)]
     settings.append(setting("-", "echo", 1, [0.5, 0.5, 0.5], [0.5, 0.5]))
     rows = [setting_row(s, cfg, 1.0, 2) for s in settings]
-    add_echo_gaps(rows)
+    add_echo_gaps(rows, 1.25)
     served = [r for r in rows if r["kind"] == "served"]
     rows += evaluate_targets(served, cfg)
     rows += evaluate_peer(settings, cfg, rows)
-    rows.append(row(kind="raw", model="m", p50_ms=1.0, p95_ms=1.0, requests=3))
+    rows.append(row(kind="raw", model="m", p50_ms=1.0, p95_ms=1.0, requests=3, raw_idle_p50_ms=1.25))
     gaps = {(r["batching"], r["protocol"]): r["value"] for r in rows if r["kind"] == "target" and r["unit"] == "ms"}
     assert gaps == pytest.approx({("on", "grpc-infer"): 1.5, ("on", "http-json"): 1.5,
                                   ("kserve", "grpc-infer"): 1.0, ("kserve", "http-json"): 1.0})
@@ -476,8 +476,32 @@ def test_the_peer_gets_the_echo_gap_row_beside_this_servers():
         assert (r["echo_gap_ms"], r["peer_echo_gap_ms"]) == pytest.approx(want), r
     text = report(cfg, SimpleNamespace(input_size=(3, 4, 4)), rows, 2, {"cpu": "cpu", "cores": "2"})
     assert "served p50 - (echo p50 + raw p50) (kserve peer, grpc-infer): 1.000 ms" in text
+    # The idle model's share of each gap: served 3.0 - (echo 0.5 + idle raw 1.25), and the peer's 2.5 - 1.75.
+    assert "the model alone after 1 ms idle: p50 1.250 ms (+0.250 ms of the gap), served p50 - (echo p50 + that) " \
+           "1.250 ms" in text
+    assert "(+0.250 ms of the gap), served p50 - (echo p50 + that) 0.750 ms" in text
+    assert "after 1 ms idle before each call: p50 1.25 ms" in text
     assert "batching on / kserve (grpc-infer, 1 client): QPS 0.83x, p50 1.20x, p99 1.20x; served p50 - (echo p50 " \
            "+ raw p50) 1.500 vs 1.000 ms" in text
+
+
+def test_raw_after_idle_sleeps_before_each_call_untimed():
+    """The idle raw figure is session.run after the model waited: the sleep comes before each
+    call and stays out of the call's time."""
+    from bench._common import Samples
+    from bench.serve.measure import measure_raw
+
+    calls: list[float] = []
+
+    def run(x):
+        calls.append(time.perf_counter())
+        return x
+
+    samples = Samples()
+    measure_raw(run, [np.zeros((1, 2), np.float32)], 0.0, samples, idle_s=0.02)
+    assert len(calls) == len(samples.times_ms) == RAW_MIN_CALLS
+    assert min(np.diff(calls)) >= 0.02
+    assert max(samples.times_ms) < 20.0
 
 
 def test_the_peer_ratio_under_load_names_the_cpu_budget(monkeypatch):
