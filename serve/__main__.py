@@ -34,7 +34,7 @@ from typing import Sequence
 from PIL import Image
 
 from contract.cli import HelpFormatter
-from serve.core import MODEL_CONTROL_MODES, describe
+from serve.model_control import MODEL_CONTROL_MODES, describe
 from serve.preprocess import MAX_IMAGE_PIXELS
 from serve.ready import PROG, http_part, parse_ready_line, ready_line, workers_ready_line
 from serve.ready import address as _address
@@ -236,8 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     security = ("TLS" if tls else "plaintext") + (", bearer token" if token else "")
     ready = ready_line(args.host, port, f"({security}); models {models}; provider {providers}; "
                                         f"max batch {args.max_batch}, timeout {args.batch_timeout_ms:g} ms")
-    if server.core.warmed:
-        ready += f"; warmed up in {server.core.warmup_s:.2f} s"
+    if server.core.models.warmed:
+        ready += f"; warmed up in {server.core.models.warmup_s:.2f} s"
     elif not repo.warmup:
         ready += "; no warmup"
     if args.model_control_mode != "none":

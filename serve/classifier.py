@@ -15,8 +15,8 @@ from serve import preprocess
 from serve._proto.zoo.serving.v1 import classifier_pb2 as pb
 from serve._proto.zoo.serving.v1 import classifier_pb2_grpc as pb_grpc
 from serve.batching import Pending
-from serve.core import ServingCore, deadline_of, split_model, unknown_model
-from serve.errors import RequestError, status_of
+from serve.core import ServingCore, deadline_of, split_model
+from serve.errors import RequestError, status_of, unknown_model
 from serve.runtime import Model
 from serve.streams import pipelined
 
@@ -139,7 +139,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             infos.append(pb.ModelInfo(
                 name=m.name, version=m.version, labels=m.labels, input_size=list(m.input_size), mean=m.mean,
                 std=m.std, crop_pct=m.crop_pct, precision=m.meta["precision"], norm=m.meta["norm"],
-                provider=m.provider, max_batch=core.batchers[(m.name, m.version)].max_batch,
+                provider=m.provider, max_batch=core.models.batchers[(m.name, m.version)].max_batch,
                 is_default=m.name == core.default_model, source=m.meta["source"]))
         return pb.ListModelsResponse(models=infos, default_model=core.default_model or "")
 

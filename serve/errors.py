@@ -22,6 +22,16 @@ log = logging.getLogger("serve")
 INTERNAL_MESSAGE = "internal error"
 
 
+def shown(name: str, limit: int = 80) -> str:
+    """A client-supplied name, quoted and bounded, for messages."""
+    return repr(name if len(name) <= limit else name[:limit] + "...")
+
+
+def unknown_model(name: str) -> str:
+    """Triton's words for a model it does not serve (clients and their tests match them)."""
+    return f"Request for unknown model: {shown(name)} is not found"
+
+
 class RequestError(Exception):
     """A request that cannot be answered: its gRPC code and a message for the client."""
 

@@ -49,8 +49,8 @@ from google.protobuf import json_format
 from serve import classifier, kserve
 from serve._proto.inference import grpc_predict_v2_pb2 as kpb
 from serve._proto.zoo.serving.v1 import classifier_pb2 as cpb
-from serve.core import ServingCore, shown
-from serve.errors import HTTP_STATUS, RequestError, status_of
+from serve.core import ServingCore
+from serve.errors import HTTP_STATUS, RequestError, shown, status_of
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data extension

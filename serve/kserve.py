@@ -43,8 +43,8 @@ from contract.metadata import INPUT_NAME, OUTPUT_NAME
 from serve import preprocess
 from serve._proto.inference import grpc_predict_v2_pb2 as pb
 from serve._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from serve.core import ServingCore, Submitted, deadline_of, shown
-from serve.errors import RequestError, status_of
+from serve.core import ServingCore, Submitted, deadline_of
+from serve.errors import RequestError, shown, status_of
 from serve.runtime import Model
 from serve.streams import pipelined
 
@@ -197,7 +197,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         index = pb.RepositoryIndexResponse.ModelIndex
         return pb.RepositoryIndexResponse(models=[
             index(name=name, version=version, state=state, reason=reason)
-            for name, version, state, reason in self.core.repository_index(request.ready)])
+            for name, version, state, reason in self.core.models.repository_index(request.ready)])
 
     def RepositoryModelLoad(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._one_repository(request.repository_name, context)
@@ -205,7 +205,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             context.abort(_INVALID, f"load parameters ({', '.join(sorted(shown(k) for k in request.parameters))}) "
                                     "are not supported: a model loads from its files in the repository")
         try:
-            self.core.request_load(request.model_name)
+            self.core.models.request_load(request.model_name)
         except RequestError as e:
             context.abort(e.code, e.message)
         return pb.RepositoryModelLoadResponse()
@@ -213,7 +213,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def RepositoryModelUnload(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._one_repository(request.repository_name, context)
         try:
-            self.core.request_unload(request.model_name)
+            self.core.models.request_unload(request.model_name)
         except RequestError as e:
             context.abort(e.code, e.message)
         return pb.RepositoryModelUnloadResponse()
@@ -403,7 +403,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _limit_source(self, model: Model) -> str:
         if model.max_batch_size:
             return f"max_batch_size in {os.path.join(self.core.repo.root, model.name, 'config.pbtxt')}"
-        return f"the server's --max-batch {self.core.max_batch}"
+        return f"the server's --max-batch {self.core.models.max_batch}"
 
     def _pixels(self, pixels: np.ndarray, model: Model) -> np.ndarray:
         try:

@@ -33,7 +33,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serve import classifier, kserve, preprocess
-from serve.core import MODEL_CONTROL_MODES, ServingCore
+from serve.core import ServingCore
+from serve.model_control import MODEL_CONTROL_MODES
 from serve.statistics import Statistics
 from serve.http import HttpServer
 from serve.metrics import Metrics
@@ -165,7 +166,7 @@ class Server:
         """``--model-control-mode poll``: follow the repository until the drain begins."""
         while not self._end_drain.wait(self._poll_secs) and not self.core.stopping:
             try:
-                self.core.poll()
+                self.core.models.poll()
             except Exception:  # e.g. the repository directory itself vanished: say so, keep serving
                 log.exception("polling the model repository %s failed", self.core.repo.root)
 
@@ -231,7 +232,7 @@ class Server:
         try:
             if self._poller is not None:
                 self._poller.join(30)  # a load under way finishes before the batchers close
-            self.core.close()
+            self.core.models.close()
             self.metrics.close()
         finally:
             self._closed.set()
@@ -331,13 +332,12 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
 
     metrics = Metrics()
     stream_window = max(4, STREAM_WINDOW_FACTOR * max_batch)
-    core = ServingCore(repository, {}, metrics, default_model, max_concurrency, stream_window,
+    core = ServingCore(repository, metrics, default_model, max_concurrency, stream_window,
                        max_image_pixels, max_batch, Statistics(), batch_timeout_ms / 1e3, model_control)
     try:
-        for m in repository.all():  # warmed up before the server listens
-            core.batchers[(m.name, m.version)] = core.start_model(m)
+        core.models.start()  # warmed up before the server listens
     except RepositoryError as e:
-        core.close()
+        core.models.close()
         raise ValueError(str(e)) from None
 
     workers = max_concurrency + EXTRA_RPCS
@@ -360,7 +360,7 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
     def model_health(name: str, serving: bool) -> None:  # per model, as it is loaded and unloaded
         status = health_pb2.HealthCheckResponse
         health_servicer.set(name, status.SERVING if serving and not core.stopping else status.NOT_SERVING)
-    core.on_change = model_health
+    core.models.on_change = model_health
     reflection.enable_server_reflection((CLASSIFIER_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME,
                                          reflection.SERVICE_NAME), server)
 
@@ -372,7 +372,7 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
     except RuntimeError:  # grpc's message only says "Failed to bind"; its C core logged the reason
         port = 0
     if port == 0:  # older grpc versions report a failed bind as port 0 instead of raising
-        core.close()
+        core.models.close()
         raise RuntimeError(f"cannot listen on {address}: the port is taken "
                            "or the host is not an address of this machine")
     http = None
@@ -382,7 +382,7 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
                               reuse_port=reuse_port)
         except (OSError, ssl.SSLError) as e:
             server.stop(None)
-            core.close()
+            core.models.close()
             raise RuntimeError(f"cannot listen on {host}:{http_port} (--http-port): {e.strerror or e}") from None
     metrics_address = (host, metrics_port) if metrics_port is not None else None
     return Server(server, core, health_servicer, metrics_address, http,

@@ -177,7 +177,7 @@ def test_clients_that_disconnect_mid_request_leak_no_slot(exported):
     with running(repo, max_batch=2, batch_timeout_ms=0, max_concurrency=max_concurrency) as (server, port), \
             grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub, kstub = pb_grpc.ClassifierStub(channel), kpb_grpc.GRPCInferenceServiceStub(channel)
-        slots, batcher = server.core.slots, server.core.batchers[("resnext_mini", 1)]
+        slots, batcher = server.core.slots, server.core.models.batchers[("resnext_mini", 1)]
         infer = kpb.ModelInferRequest(model_name="resnext_mini", raw_input_contents=[np.stack([x, x]).tobytes()])
         infer.inputs.add(name="input", datatype="FP32", shape=[2, *INPUT_SIZE])
         for _ in range(rounds):

@@ -296,7 +296,7 @@ def test_expired_deadline_dropped_from_queue(exported):
         assert gate.entered.wait(10)
         err = call_error(s.Classify, tensor_request(x), timeout=0.2)
         assert err.code() == CODE.DEADLINE_EXCEEDED
-        queue = server.core.batchers[("resnext_mini", 1)]._queue
+        queue = server.core.models.batchers[("resnext_mini", 1)]._queue
         # Until the server, too, holds the queued request for expired (a bound only a hang reaches).
         end = time.monotonic() + 60
         while not all(item.expired(time.monotonic()) for item in list(queue.queue)):
@@ -448,7 +448,7 @@ def test_an_idle_model_runs_a_lone_call_on_its_own_thread_and_streams_on_the_bat
         stream_answer = next(infer.ModelStreamInfer(iter([request]), timeout=30))
         assert not stream_answer.error_message and stream_answer.infer_response.outputs
         # Contention: while a lone call holds the model, three more are submitted: they queue.
-        batcher = server.core.batchers[("resnext_mini", 1)]
+        batcher = server.core.models.batchers[("resnext_mini", 1)]
         submitted, submit = [], batcher.submit
         batcher.submit = lambda *a, **k: (submitted.append(1), submit(*a, **k))[1]
         gate.open.clear()

@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import serve.__main__ as serve_main
-import serve.core
+import serve.model_control
 import serve.server
 from serve._proto.inference import grpc_predict_v2_pb2 as kpb
 from serve._proto.inference import grpc_predict_v2_pb2_grpc as kpb_grpc
@@ -206,7 +206,7 @@ def test_poll_follows_the_repository(root, exported, want, channel):
         # A corrupt new version: logged, not served; version 2 goes on.
         os.makedirs(root / MODEL / "3")
         (root / MODEL / "3" / "model.onnx").write_bytes(b"garbage")
-        wait_for(lambda: "corrupt" in server.core.failures.get(MODEL, ""), "the failed load of version 3")
+        wait_for(lambda: "corrupt" in server.core.models.failures.get(MODEL, ""), "the failed load of version 3")
         time.sleep(0.5)  # a few polls; nothing may change
         assert stub.ModelInfer(infer_request()).model_version == "2"
         shutil.rmtree(root / MODEL / "3")
@@ -223,7 +223,7 @@ def test_a_request_that_looked_up_the_old_version_finishes_on_it(root, exported,
         core = server.core
         old = core.resolve(MODEL)
         add_version(root, 2, onnx_of(exported, OTHER))
-        core.request_load(MODEL)
+        core.models.request_load(MODEL)
         assert core.resolve(MODEL).version == 2
         np.testing.assert_allclose(core.run(old, X, None).logits, want[MODEL], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(core.run(core.resolve(MODEL), X, None).logits, want[OTHER], rtol=1e-5, atol=1e-5)
@@ -242,7 +242,7 @@ def test_a_version_reloaded_within_the_retire_delay_starts_its_statistics_over(r
     """Triton keeps statistics per loaded model instance: unload and load again, and the version
     counts from zero, however soon. Neither the old instance's figures, nor a request still
     finishing on it, nor its retirement later may touch the new instance's."""
-    monkeypatch.setattr(serve.core, "RETIRE_AFTER_S", 0.5)
+    monkeypatch.setattr(serve.model_control, "RETIRE_AFTER_S", 0.5)
     repo = load_repository(str(root), providers="cpu", threads=1, models=[MODEL])
     flops = float(repo.get(MODEL).meta["flops"])
     with running(repo, model_control="explicit") as (server, port):
@@ -258,7 +258,7 @@ def test_a_version_reloaded_within_the_retire_delay_starts_its_statistics_over(r
         core.run(old, X[:1], None)  # looked up before the unload: answered by the old instance
         assert _figures(stub, core.metrics) == ((0, 0, 0), {"1": flops})
         stub.ModelInfer(infer_request(X[:1]), timeout=WAIT_S)
-        wait_for(lambda: len(core._own) == len(core.repo.all()), "the old instance to retire")
+        wait_for(lambda: len(core.models._own) == len(core.repo.all()), "the old instance to retire")
         assert _figures(stub, core.metrics) == ((1, 1, 1), {"1": flops})
 
 
@@ -271,7 +271,7 @@ def rss_bytes() -> int:
 def test_hot_reload_under_load(root, exported, want, channel, monkeypatch):
     """Clients classify without pause while a new version is copied in and the old one removed,
     ten times: no request fails, the answers follow the versions, nothing is kept per reload."""
-    monkeypatch.setattr(serve.core, "RETIRE_AFTER_S", 0.3)
+    monkeypatch.setattr(serve.model_control, "RETIRE_AFTER_S", 0.3)
     repo = load_repository(str(root), providers="cpu", threads=1, models=[MODEL])
     # Odd versions answer as resnext_mini (version 1 is), even ones as densenet_mini: each reload switches.
     sources = {1: onnx_of(exported, MODEL), 0: onnx_of(exported, OTHER)}
@@ -311,8 +311,8 @@ def test_hot_reload_under_load(root, exported, want, channel, monkeypatch):
                 t.join(WAIT_S)
         core = server.core
         # Every retired version's batcher closes and lets its session go: only the served one is held.
-        wait_for(lambda: len(core._own) == len(core.repo.all()), "retired versions to be released")
-        assert sorted(core.batchers) == [(OTHER, 1), (MODEL, 11)]  # the poll found densenet_mini too
+        wait_for(lambda: len(core.models._own) == len(core.repo.all()), "retired versions to be released")
+        assert sorted(core.models.batchers) == [(OTHER, 1), (MODEL, 11)]  # the poll found densenet_mini too
         # Statistics and the FLOPs series of the unloaded versions are gone with them.
         assert set(core.statistics.held()) <= {(OTHER, 1), (MODEL, 11)}, core.statistics.held()
         flops = {s.labels["version"] for m in core.metrics.registry.collect() if m.name == "zoo_serve_model_flops"
@@ -342,7 +342,7 @@ def test_intra_op_threads_spin_only_when_asked_at_start_and_at_every_reload(root
     assert _spinning(repo.get(MODEL)) == want
     with running(repo, model_control="explicit") as (server, _):
         add_version(root, 2, onnx_of(exported, MODEL))
-        server.core.load(MODEL)
+        server.core.models.load(MODEL)
         assert server.core.repo.get(MODEL).version == 2
         assert _spinning(server.core.repo.get(MODEL)) == want
 
@@ -373,7 +373,7 @@ def test_warmup_runs_batch_1_and_the_limit_before_serving(exported):
         assert sorted(model.session.sizes) == [1, 6]  # before the server ever started
     finally:
         server.grpc_server.stop(None)
-        server.core.close()
+        server.core.models.close()
 
 
 def test_config_model_warmup_samples_are_run(root, channel):
@@ -425,7 +425,7 @@ def test_no_warmup_leaves_the_model_unrun_until_the_first_request(exported, want
     with running(repo, max_batch=6) as (server, port):
         stub, _ = channel(port)
         assert stub.ModelReady(kpb.ModelReadyRequest(name=MODEL), timeout=WAIT_S).ready
-        assert session_runs == [] and server.core.warmed == 0
+        assert session_runs == [] and server.core.models.warmed == 0
         got = logits_of(stub.ModelInfer(infer_request(), timeout=WAIT_S))
         np.testing.assert_allclose(got, want[MODEL], rtol=1e-4, atol=1e-5)
         assert sum(session_runs) == len(X)  # the request's rows were its first runs
@@ -443,7 +443,7 @@ def test_no_warmup_holds_for_versions_loaded_later(root, want, channel, session_
         stub, _ = channel(port)
         stub.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name=MODEL), timeout=WAIT_S)
         assert stub.ModelReady(kpb.ModelReadyRequest(name=MODEL), timeout=WAIT_S).ready
-        assert session_runs == [] and server.core.warmed == 0
+        assert session_runs == [] and server.core.models.warmed == 0
         np.testing.assert_allclose(logits_of(stub.ModelInfer(infer_request(), timeout=WAIT_S)), want[MODEL],
                                    rtol=1e-4, atol=1e-5)
 
@@ -608,7 +608,7 @@ def test_instance_group_count_is_the_sessions_each_warmed_and_serving(root, chan
     model.sessions[:] = [RecordingSession(s) for s in model.sessions]
     with running(repo, max_batch=4) as (server, port):
         assert [sorted(s.sizes) for s in model.sessions] == [[1, 4]] * count  # Triton warms every instance
-        assert server.core.batcher_of(model).instances == count
+        assert server.core.models.batcher_of(model).instances == count
         stub, _ = channel(port)
         config = stub.ModelConfig(kpb.ModelConfigRequest(name=MODEL)).config
         assert sum(g.count for g in config.instance_group) == count

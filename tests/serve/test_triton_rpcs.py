@@ -241,7 +241,7 @@ def test_stream_holds_back_a_client_that_sends_faster_than_the_model(exported, s
         gate.open.clear()
         answers = stub_for(port).ModelStreamInfer(produce(), timeout=60)
         assert gate.entered.wait(30)
-        queued = server.core.batchers[(MODEL, 1)]._queue
+        queued = server.core.models.batchers[(MODEL, 1)]._queue
         end = time.monotonic() + 30  # gRPC buffers what the client sends; wait until it sent all (only a hang fails)
         while len(sent) < 200 and time.monotonic() < end:
             time.sleep(0.05)
