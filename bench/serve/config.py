@@ -80,6 +80,7 @@ ROW_KEYS = (
     "serving_cost_p50_ms", "inference_busy", "server_cpu", "client_cpu", "target", "value", "threshold", "met", "note",
     "protocol", "tail_ratio", "echo_p50_ms", "echo_gap_ms", "unit", "qps_ratio", "p50_ratio", "p99_ratio",
     "peer_echo_gap_ms", "cpu_note", "cpu_per_row_ms", "raw_idle_p50_ms",
+    "worker_connections",
 )
 
 

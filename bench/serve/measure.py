@@ -79,6 +79,7 @@ class Setting:
     errors: collections.Counter = field(default_factory=collections.Counter)
     data: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
     per_round: list[dict[str, float | None]] = field(default_factory=list)  # qps, p50_ms, p99_ms of each window
+    worker_connections: list[list[int]] = field(default_factory=list)  # each window's, with --workers
 
     @property
     def label(self) -> str:
@@ -101,6 +102,9 @@ def measure_setting(s: Setting, pool: ClientPool, seconds: float, max_requests: 
     if s.server is not None:
         time.sleep(max(0.0, start_at - time.time()))
         cpu0 = s.server.cpu_seconds()
+        split = s.server.worker_connections(int(s.target.rpartition(":")[2]))  # the clients connected in the warm-up
+        if split is not None:
+            s.worker_connections.append(split)
         time.sleep(max(0.0, end_at - time.time()))
         cpu1 = s.server.cpu_seconds()
     results = pool.collect(used, end_at)
@@ -187,6 +191,7 @@ def setting_row(s: Setting, cfg: Config, raw_p50: float | None, processes: int) 
                inference_busy=min(1.0, s.inference_share_s / s.windows_s) if s.windows_s and d["batch"] else None,
                server_cpu=s.server_cpu_s / s.windows_s if s.server_cpu_s is not None and s.windows_s else None,
                client_cpu=s.client_cpu_s / s.windows_s if s.client_cpu_s is not None and s.windows_s else None,
+               worker_connections=s.worker_connections or None,
                note="request bound reached: window shortened" if s.capped else None)
 
 

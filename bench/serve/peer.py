@@ -20,7 +20,7 @@ takes no port 0: the ports are picked free here. Ready once its gRPC ``ServerRea
 ``KSERVE_LOGLEVEL=WARNING``, and uvicorn's access log in the script), as ``serve`` writes none.
 It stops by itself when the process that started it is gone. :class:`PeerServer` has the
 interface of :class:`bench.serve.servers.ServerProcess` (``label``, ``workers``, ``wait_ready``,
-``cpu_seconds``, ``stop``), so it slots in beside one.
+``cpu_seconds``, ``worker_connections``, ``stop``), so it slots in beside one.
 """
 from __future__ import annotations
 
@@ -154,6 +154,9 @@ class PeerServer:
 
     def cpu_seconds(self) -> float | None:
         return cpu_seconds(self.proc.pid)
+
+    def worker_connections(self, port: int) -> list[int] | None:
+        return None  # one process: KServe's --workers multiplies its REST server only
 
     def stop(self) -> None:
         """SIGTERM, wait for KServe's stop (its grace), SIGKILL after ``KILL_AFTER_S`` more."""

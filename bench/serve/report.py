@@ -402,6 +402,12 @@ def report(cfg: Config, model: Any, rows: list[dict[str, Any]], processes: int, 
         "echo p50 + raw p50), what serving adds beyond transport and inference; the server's parts come "
         "with Classify's answers only (grpc)",
     ]
+    split = [r for r in served if r["worker_connections"]]
+    if split:  # what a --workers setting's tail depends on: the kernel hashes connections, not requests
+        lines.append("connections held by each worker at each window's start (SO_REUSEPORT spreads connections, "
+                     "not requests, over the workers):")
+        lines += [f"  {server_label(r['batching'], r['workers'])}, {r['protocol']}, {r['concurrency']} clients: "
+                  + ", ".join("+".join(map(str, w)) for w in r["worker_connections"]) for r in split]
     if targets:
         lines.append("targets (measured, not asserted):")
         for t in targets:

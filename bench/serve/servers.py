@@ -33,6 +33,8 @@ from bench.serve.config import (
 )
 from serve.ready import parse_ready_line
 
+TCP_ESTABLISHED = "01"  # the st column of /proc/net/tcp
+
 
 def ensure_model(cfg: Config) -> str:
     """The repository root holding ``cfg.model``: ``--model-dir``, or ``--cache`` after exporting it
@@ -107,6 +109,17 @@ class ServerProcess:
         """CPU seconds so far of the server process and its ``--workers`` processes."""
         return cpu_seconds(self.proc.pid, children=self.workers > 1)
 
+    def worker_connections(self, port: int) -> list[int] | None:
+        """Open connections to ``port`` held by each ``--workers`` process, fewest first: the
+        kernel (SO_REUSEPORT) hashes each new connection to one worker, so a few long-lived
+        connections can split unevenly; None for a single process or where /proc cannot say."""
+        if self.workers < 2:
+            return None
+        try:
+            return sorted(connections_by_process(_children(self.proc.pid), port).values())
+        except OSError:
+            return None
+
     def stop(self) -> None:
         """SIGTERM, wait for its graceful stop, SIGKILL after ``KILL_AFTER_S`` more."""
         stop_process(self.proc, f"server ({self.label})", SERVER_GRACE_S)
@@ -127,6 +140,33 @@ def cpu_seconds(pid: int, children: bool = True) -> float | None:
         return total / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def connections_by_process(pids: list[int], port: int) -> dict[int, int]:
+    """For each of ``pids``, its established TCP connections whose local port is ``port``
+    (Linux /proc: the sockets of /proc/net/tcp and tcp6, matched to the processes' descriptors)."""
+    sockets = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as f:
+                next(f)  # the header
+                for line in f:
+                    fields = line.split()
+                    if int(fields[1].rpartition(":")[2], 16) == port and fields[3] == TCP_ESTABLISHED:
+                        sockets.add(f"socket:[{fields[9]}]")
+        except FileNotFoundError:  # no IPv6
+            continue
+    out = {}
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        count = 0
+        for fd in os.listdir(fd_dir):
+            try:
+                count += os.readlink(os.path.join(fd_dir, fd)) in sockets
+            except FileNotFoundError:  # closed meanwhile
+                continue
+        out[pid] = count
+    return out
 
 
 def stop_process(proc: subprocess.Popen, what: str, grace_s: float) -> None:

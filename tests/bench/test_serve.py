@@ -205,6 +205,9 @@ def test_workers_run_counts_the_cpu_of_every_worker(quick, tmp_path):
     assert r["errors"] == 0 and r["requests"] > 0
     # the work is done in the workers, children of the process started: their CPU is counted
     assert r["server_cpu"] is not None and r["server_cpu"] > 0.2, r
+    # each window's connections, one per client, over the two workers (the bench's own checks hold none)
+    assert r["worker_connections"] and all(len(w) == 2 and sum(w) == 4 for w in r["worker_connections"]), r
+    assert "connections held by each worker" in result.stdout
 
 
 def test_instances_reach_the_servers_started(quick, tmp_path):
@@ -701,3 +704,38 @@ def test_a_server_with_workers_is_paired_with_the_peer_too():
     assert "less the model batched" not in paired[2, 16]["cpu_note"]
     assert "less the model batched" in paired[1, 16]["cpu_note"]
     assert paired[2, 1]["echo_gap_ms"] is None
+
+
+def test_connections_are_counted_per_process_and_port():
+    """What a --workers setting's tail depends on: the established connections each process holds
+    on the server's port (the listening socket and the clients' own ends do not count)."""
+    import socket
+
+    from bench.serve.servers import connections_by_process
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    accepted = [listener.accept()[0] for _ in clients]
+    try:
+        assert connections_by_process([os.getpid()], port) == {os.getpid(): 3}
+        accepted.pop().close()
+        assert connections_by_process([os.getpid()], port) == {os.getpid(): 2}
+    finally:
+        for s in clients + accepted + [listener]:
+            s.close()
+
+
+def test_the_report_shows_each_windows_connections_per_worker():
+    from types import SimpleNamespace
+
+    from bench.serve.report import report
+
+    cfg = Config(model="m", model_dir=None, cache="c", server=None, threads=2, concurrency=[16], duration_s=2,
+                 batching=["on"], workers=[2], client_processes=2, rounds=2, max_requests=10, seed=0,
+                 json_path=None, protocols=["grpc-infer"])
+    served = row(kind="served", batching="on", workers=2, protocol="grpc-infer", concurrency=16, qps=100.0,
+                 p50_ms=1.0, p95_ms=1.0, p99_ms=1.0, errors=0, worker_connections=[[8, 8], [4, 12]])
+    raw = row(kind="raw", model="m", p50_ms=1.0, p95_ms=1.0, requests=3)
+    text = report(cfg, SimpleNamespace(input_size=(3, 4, 4)), [served, raw], 2, {"cpu": "cpu", "cores": "2"})
+    assert "  batching on, 2 workers, grpc-infer, 16 clients: 8+8, 4+12" in text
