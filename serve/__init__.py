@@ -3,7 +3,7 @@
 - :mod:`serve.runtime`: the model repository, onnxruntime sessions and providers
 - :mod:`serve.preprocess`: the image formats, size limits and wire tensors a server accepts
 - :mod:`serve.batching`: the dynamic batcher
-- :mod:`serve.core`: the serving core every protocol calls (names, slots, batchers, metrics, draining)
+- :mod:`serve.core`: the serving core every protocol calls (names, slots, running a request, draining)
 - :mod:`serve.model_control`: which versions are served (load, unload, poll, retire) and their batchers
 - :mod:`serve.errors`: the one table from exceptions to the status a client gets
 - :mod:`serve.classifier`: the ``zoo.serving.v1.Classifier`` servicer

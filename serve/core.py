@@ -1,4 +1,4 @@
-"""The serving core every protocol calls: models, batchers, metrics, concurrency slots, draining.
+"""The serving core every protocol calls: model names, concurrency slots, running a request, draining.
 
 A protocol's servicer (:mod:`serve.classifier`, :mod:`serve.kserve`) only translates its
 messages to these calls and the core's answers back; what a request may name, how many may run
@@ -92,7 +92,7 @@ class ServingCore:
         max_image_pixels: largest decoded image accepted.
         max_batch: the server's ``--max-batch`` (the batch limit of models without config.pbtxt).
         statistics: per model version, Triton's figures (the batchers' model calls record their
-            executions into it: :meth:`Statistics.timed`).
+            executions into it: :meth:`Statistics.executed`, from :mod:`serve.model_control`).
         batch_timeout_s: the batchers' wait for a batch to fill (``--batch-timeout-ms``).
         model_control: Triton's ``--model-control-mode`` (:class:`serve.model_control.ModelControl`,
             ``models`` here, loads, unloads and retires versions and owns their batchers).
@@ -104,8 +104,8 @@ class ServingCore:
                  model_control: str = "none") -> None:
         self.repo, self.metrics = repository, metrics
         self.statistics = statistics if statistics is not None else Statistics()
-        self.models = ModelControl(repository, metrics, self.statistics, model_control, max_batch, batch_timeout_s,
-                                   max_queue=max_concurrency * stream_window)
+        self.models = ModelControl(repository, metrics, self.statistics, mode=model_control, max_batch=max_batch,
+                                   batch_timeout_s=batch_timeout_s, max_queue=max_concurrency * stream_window)
         self.default_model = default_model
         self.max_concurrency, self.stream_window = max_concurrency, stream_window
         self.max_image_pixels = max_image_pixels

@@ -54,10 +54,10 @@ class ModelControl:
         max_queue: rows a batcher holds waiting.
     """
 
-    def __init__(self, repository: Repository, metrics: Metrics, statistics: Statistics, mode: str = "none",
-                 max_batch: int = 1, batch_timeout_s: float = 0.0, max_queue: int = 1) -> None:
+    def __init__(self, repository: Repository, metrics: Metrics, statistics: Statistics, *, mode: str,
+                 max_batch: int, batch_timeout_s: float, max_queue: int) -> None:
         if mode not in MODEL_CONTROL_MODES:
-            raise ValueError(f"unknown model control mode {mode!r}; choose from {', '.join(MODEL_CONTROL_MODES)}")
+            raise ValueError(f"Invalid model_control: {mode!r} (one of {', '.join(MODEL_CONTROL_MODES)})")
         self.repo, self.metrics, self.statistics, self.mode = repository, metrics, statistics, mode
         self.max_batch, self.batch_timeout_s, self.max_queue = max_batch, batch_timeout_s, max_queue
         self.batchers: dict[tuple[str, int], Batcher] = {}  # the served (name, version)s' batchers

@@ -2,7 +2,8 @@
 
 It serves ``zoo.serving.v1.Classifier`` (:mod:`serve.classifier`) and the Open Inference
 Protocol (``inference.GRPCInferenceService``, :mod:`serve.kserve`) on one port, both over one
-:class:`serve.core.ServingCore` (models, batchers, metrics, limits); with ``http_port``, the same
+:class:`serve.core.ServingCore` (names, limits, metrics; its ``models`` the served versions and their
+batchers); with ``http_port``, the same
 core answers HTTP/REST and the web page on a second port (:mod:`serve.http`).
 
 Tests and ``python -m serve`` build it the same way::
@@ -34,7 +35,6 @@ from grpc_reflection.v1alpha import reflection
 
 from serve import classifier, kserve, preprocess
 from serve.core import ServingCore
-from serve.model_control import MODEL_CONTROL_MODES
 from serve.statistics import Statistics
 from serve.http import HttpServer
 from serve.metrics import Metrics
@@ -313,8 +313,6 @@ def create_server(repository: Repository, address: str = "127.0.0.1:0", *, max_b
             raise ValueError(f"Invalid {flag}: {value} (at least {low})")
     if batch_timeout_ms < 0:
         raise ValueError(f"Invalid batch_timeout_ms: {batch_timeout_ms} (at least 0)")
-    if model_control not in MODEL_CONTROL_MODES:
-        raise ValueError(f"Invalid model_control: {model_control!r} (one of {', '.join(MODEL_CONTROL_MODES)})")
     if not poll_secs > 0:
         raise ValueError(f"Invalid poll_secs: {poll_secs} (more than 0)")
     names = repository.names()

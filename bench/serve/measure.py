@@ -79,7 +79,7 @@ class Setting:
     errors: collections.Counter = field(default_factory=collections.Counter)
     data: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
     per_round: list[dict[str, float | None]] = field(default_factory=list)  # qps, p50_ms, p99_ms of each window
-    worker_connections: list[list[int]] = field(default_factory=list)  # each window's, with --workers
+    worker_connections: list[list[int] | None] = field(default_factory=list)  # each window's, with --workers
 
     @property
     def label(self) -> str:
@@ -102,9 +102,8 @@ def measure_setting(s: Setting, pool: ClientPool, seconds: float, max_requests: 
     if s.server is not None:
         time.sleep(max(0.0, start_at - time.time()))
         cpu0 = s.server.cpu_seconds()
-        split = s.server.worker_connections(int(s.target.rpartition(":")[2]))  # the clients connected in the warm-up
-        if split is not None:
-            s.worker_connections.append(split)
+        if s.workers > 1:  # the clients connected in the warm-up; None where /proc cannot say
+            s.worker_connections.append(s.server.worker_connections(int(s.target.rpartition(":")[2])))
         time.sleep(max(0.0, end_at - time.time()))
         cpu1 = s.server.cpu_seconds()
     results = pool.collect(used, end_at)

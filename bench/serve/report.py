@@ -407,7 +407,8 @@ def report(cfg: Config, model: Any, rows: list[dict[str, Any]], processes: int, 
         lines.append("connections held by each worker at each window's start (SO_REUSEPORT spreads connections, "
                      "not requests, over the workers):")
         lines += [f"  {server_label(r['batching'], r['workers'])}, {r['protocol']}, {r['concurrency']} clients: "
-                  + ", ".join("+".join(map(str, w)) for w in r["worker_connections"]) for r in split]
+                  + ", ".join("?" if w is None else "+".join(map(str, w)) for w in r["worker_connections"])
+                  for r in split]
     if targets:
         lines.append("targets (measured, not asserted):")
         for t in targets:

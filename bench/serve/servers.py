@@ -116,7 +116,10 @@ class ServerProcess:
         if self.workers < 2:
             return None
         try:
-            return sorted(connections_by_process(_children(self.proc.pid), port).values())
+            workers = _children(self.proc.pid)
+            if len(workers) != self.workers:  # one exited or restarts, or /proc lists no children
+                return None
+            return sorted(connections_by_process(workers, port).values())
         except OSError:
             return None
 
@@ -144,18 +147,18 @@ def cpu_seconds(pid: int, children: bool = True) -> float | None:
 
 def connections_by_process(pids: list[int], port: int) -> dict[int, int]:
     """For each of ``pids``, its established TCP connections whose local port is ``port``
-    (Linux /proc: the sockets of /proc/net/tcp and tcp6, matched to the processes' descriptors)."""
+    (Linux /proc: the sockets of /proc/net/tcp and tcp6, matched to the processes' descriptors).
+    Raises OSError where /proc cannot say (no /proc/net/tcp, a process gone)."""
     sockets = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table, encoding="ascii") as f:
-                next(f)  # the header
-                for line in f:
-                    fields = line.split()
-                    if int(fields[1].rpartition(":")[2], 16) == port and fields[3] == TCP_ESTABLISHED:
-                        sockets.add(f"socket:[{fields[9]}]")
-        except FileNotFoundError:  # no IPv6
+        if table.endswith("6") and not os.path.exists(table):  # a kernel without IPv6
             continue
+        with open(table, encoding="ascii") as f:
+            next(f)  # the header
+            for line in f:
+                fields = line.split()
+                if int(fields[1].rpartition(":")[2], 16) == port and fields[3] == TCP_ESTABLISHED:
+                    sockets.add(f"socket:[{fields[9]}]")
     out = {}
     for pid in pids:
         fd_dir = f"/proc/{pid}/fd"
@@ -163,7 +166,7 @@ def connections_by_process(pids: list[int], port: int) -> dict[int, int]:
         for fd in os.listdir(fd_dir):
             try:
                 count += os.readlink(os.path.join(fd_dir, fd)) in sockets
-            except FileNotFoundError:  # closed meanwhile
+            except FileNotFoundError:  # that descriptor closed meanwhile
                 continue
         out[pid] = count
     return out

@@ -40,6 +40,7 @@ def _error(call) -> grpc.RpcError:
 
 @pytest.mark.parametrize("module, forbidden", [
     ("serve.core", ("serve.server", "serve.classifier", "serve.kserve")),
+    ("serve.model_control", ("serve.core", "serve.server", "serve.classifier", "serve.kserve")),
     ("serve.classifier", ("serve.server", "serve.kserve")),
     ("serve.kserve", ("serve.server", "serve.classifier")),
     ("serve.ready", ("grpc", "serve.server", "serve.core", "onnxruntime")),
@@ -169,3 +170,10 @@ def test_an_internal_error_shows_the_client_a_request_id_and_the_log_the_traceba
     for request_id in ids:
         assert f"request id {request_id}" in log
     assert "Traceback" in log and "other" in log  # onnxruntime's own complaint, for the operator
+
+
+def test_an_unknown_model_control_mode_is_one_clear_error(repo):
+    from serve.server import create_server
+
+    with pytest.raises(ValueError, match=r"Invalid model_control: 'bogus' \(one of none, poll, explicit\)"):
+        create_server(repo, "127.0.0.1:0", model_control="bogus")
