@@ -22,6 +22,7 @@ from serve._proto.inference import grpc_predict_v2_pb2_grpc as kpb_grpc
 from serve._proto.zoo.serving.v1 import classifier_pb2 as pb
 from serve._proto.zoo.serving.v1 import classifier_pb2_grpc as pb_grpc
 from serve.ready import parse_ready_line
+from serve.__main__ import core_shares
 from tests.serve.conftest import INPUT_SIZE, REPO_ROOT, png_bytes, random_image, running
 
 MODEL = "resnext_mini"
@@ -205,6 +206,40 @@ def test_workers_share_one_port_and_stop_on_sigterm(exported):
     for pid in pids:  # the workers are gone, not orphaned
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("pin", [True, False])
+def test_each_worker_runs_on_cores_of_its_own(exported, pin):
+    """--pin-workers (the default): every thread of worker I (gRPC's, onnxruntime's) runs on share I
+    of the cores the parent may use, the shares disjoint; --no-pin-workers leaves them all to each."""
+    proc, _, pids, lines = start_workers("--model-dir", exported.root, "--model", MODEL, "--port", "0",
+                                         "--workers", "2", *([] if pin else ["--no-pin-workers"]))
+    try:
+        mine = os.sched_getaffinity(0)
+        threads = {pid: {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir(f"/proc/{pid}/task")}
+                   for pid in pids}
+        if pin:
+            shares = sorted(map(sorted, core_shares(mine, 2)))
+            assert all(len(held) == 1 for held in threads.values()), threads
+            assert sorted(sorted(next(iter(held))) for held in threads.values()) == shares, threads
+            assert f"cores {','.join(map(str, shares[0]))} | " in lines[-1] or len(mine) < 2
+        else:
+            assert all(held == {frozenset(mine)} for held in threads.values()), threads
+            assert "cores" not in lines[-1]
+    finally:
+        stop_workers(proc, lambda: proc.send_signal(signal.SIGTERM))
+
+
+@pytest.mark.parametrize("cores, n, want", [
+    ([0, 1], 2, [[0], [1]]),
+    ([3, 1, 2, 0], 2, [[0, 1], [2, 3]]),
+    ([0, 1, 2, 3, 4], 2, [[0, 1, 2], [3, 4]]),
+    ([0, 1, 2, 3, 4, 5, 6], 3, [[0, 1, 2], [3, 4], [5, 6]]),
+    ([5], 3, [[5], [5], [5]]),
+    ([0, 1], 3, [[0], [1], [0]]),
+])
+def test_core_shares_are_contiguous_and_as_even_as_they_can_be(cores, n, want):
+    assert core_shares(cores, n) == want
 
 
 def test_workers_fail_once_with_one_message(tmp_path):
