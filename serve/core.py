@@ -182,7 +182,7 @@ class ServingCore:
         way ``max_batch_size``, the input's format and dims are what this server accepts."""
         labels = os.path.join(self.repo.root, model.name, layout.LABELS_FILE)
         delay_us = round(self.models.batch_timeout_s * 1e6)
-        auto = layout.triton_config(model.name, model.input_size, len(model.labels), self.batch_limit(model),
+        auto = layout.triton_config(model.name, model.input_size, len(model.labels), self.models.batch_limit(model),
                                     delay_us, label_file=layout.LABELS_FILE if os.path.isfile(labels) else "")
         auto.backend = "onnxruntime"
         group = auto.instance_group.add(name=model.name, count=len(model.sessions))
@@ -305,10 +305,6 @@ class ServingCore:
             self.metrics.count(self.label(name), result.code.name)
             context.abort(result.code, result.message)
         return result
-
-    def batch_limit(self, model: Model) -> int:
-        """Rows one request may carry: config.pbtxt's max_batch_size, else ``--max-batch``."""
-        return self.models.batch_limit(model)
 
     # ------------------------------------------------------------------ running
 

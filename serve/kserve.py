@@ -349,7 +349,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise RequestError(_INVALID, f"input {INPUT_NAME!r} datatype {shown(datatype)} is not supported: expected "
                                          "FP32 [N, C, H, W] (also FP16, or UINT8 [N, H, W, C] pixels)")
         shape = list(tensor.shape)  # int64s: Python ints already
-        limit = self.core.batch_limit(model)
+        limit = self.core.models.batch_limit(model)
         c, h, w = model.input_size
         if datatype == "UINT8":
             fits = len(shape) == 4 and shape[3] in (1, 3, 4) and min(shape) >= 1
